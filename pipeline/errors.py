@@ -1,0 +1,69 @@
+"""Typed errors: every failure a user or an operator can act on has its own class.
+
+Workers catch the data-plane errors (``DecodeError``, ``PayloadError``) per record and route
+the record to the dead-letter queue with the reason; everything else stops the process.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "SpecstreamError",
+    "ConfigError",
+    "DecodeError",
+    "PayloadError",
+    "IntegrityError",
+    "ConfinementError",
+    "BrokerError",
+    "StreamError",
+    "RunMismatchError",
+    "CaptureContractError",
+)
+
+
+class SpecstreamError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(SpecstreamError):
+    """A setting is missing or wrong; the message names the key and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str = "") -> None:
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        message = f"config `{key}`: {problem}"
+        if fix:
+            message += f" (fix: {fix})"
+        super().__init__(message)
+
+
+class DecodeError(SpecstreamError):
+    """A record is not a valid message of a known schema; it goes to the DLQ with this reason."""
+
+
+class PayloadError(SpecstreamError):
+    """A feature file cannot be trusted for its ref; the ref goes to the DLQ with this reason."""
+
+
+class IntegrityError(PayloadError):
+    """The file is missing, or its size, checksum or header disagrees with its ref."""
+
+
+class ConfinementError(PayloadError):
+    """The ref's uri resolves outside the run's storage root: refused, never opened."""
+
+
+class BrokerError(SpecstreamError):
+    """The Kafka broker cannot be reached, started or installed."""
+
+
+class StreamError(SpecstreamError):
+    """The stream is incomplete or inconsistent (count mismatch, failed end-of-stream)."""
+
+
+class RunMismatchError(SpecstreamError):
+    """A topic, manifest or checkpoint belongs to another run or another configuration."""
+
+
+class CaptureContractError(SpecstreamError):
+    """A target backend's capture broke the EAGLE3 contract (layer ids, widths, lengths)."""

@@ -1,0 +1,507 @@
+"""Kafka, behind one small typed surface: the only module that imports kafka-python.
+
+- ``RunTopics``: the per-run topic names (prompts, samples, ledger, dlq, manifest).
+- ``KafkaAdmin``: create and check a run's topics, end offsets, group offsets and lag.
+- ``TransactionalProducer``: begin, send, commit *with consumed offsets* (consume-transform-
+  produce, exactly once), abort. A restart with the same transactional id fences the old one.
+- ``PlainProducer``: idempotent, for records that need no transaction (ledger, trainer DLQ).
+- ``PartitionReader``: a ``read_committed`` consumer with manual assignment (trainer ranks,
+  replay, status) or group subscription (generator workers); seek, pause, resume, commit with
+  metadata.
+
+Callers see ``Record`` and plain ints; kafka-python's types never leak out of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import OffsetSpec
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.errors import BrokerError, RunMismatchError
+
+__all__ = (
+    "KafkaSettings",
+    "RunTopics",
+    "Record",
+    "PartitionLag",
+    "KafkaAdmin",
+    "TransactionalProducer",
+    "PlainProducer",
+    "PartitionReader",
+    "Committed",
+    "KafkaError",
+)
+
+logger = logging.getLogger(__name__)
+
+# Refs are ~1 KB; 8 MiB leaves room for long prompts (token ids) without ever carrying tensors.
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Where the broker is, plus pass-through client options (security: SASL/SSL settings)."""
+
+    bootstrap_servers: str
+    client_options: Mapping[str, Any] = field(default_factory=dict)
+    request_timeout_ms: int = 30_000
+    bootstrap_timeout_ms: int = 15_000
+
+    def common(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "request_timeout_ms": self.request_timeout_ms,
+            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
+            **dict(self.client_options),
+        }
+
+
+@dataclass(frozen=True)
+class RunTopics:
+    """Every run owns its topics, named after the run id."""
+
+    run_id: str
+
+    @property
+    def prompts(self) -> str:
+        return f"{self.run_id}.prompts"
+
+    @property
+    def samples(self) -> str:
+        return f"{self.run_id}.samples"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.run_id}.ledger"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.run_id}.dlq"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.run_id}.manifest"
+
+    @property
+    def generator_group(self) -> str:
+        return f"{self.run_id}.generators"
+
+    @property
+    def trainer_group(self) -> str:
+        return f"{self.run_id}.trainers"
+
+    def data_topics(self) -> tuple[str, str]:
+        return (self.prompts, self.samples)
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Committed:
+    offset: int
+    metadata: str
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    end_offset: int
+    committed: int | None
+
+    @property
+    def lag(self) -> int:
+        return self.end_offset - (self.committed or 0)
+
+
+def _connect(factory: Callable[[], Any], settings: KafkaSettings) -> Any:
+    try:
+        return factory()
+    except KafkaTimeoutError as exc:
+        if "bootstrap" not in str(exc):
+            raise
+        raise BrokerError(
+            f"no Kafka broker answers at {settings.bootstrap_servers}: start one with "
+            "`specstream broker start` or set KAFKA_BOOTSTRAP_SERVERS to a running broker"
+        ) from None
+
+
+class KafkaAdmin:
+    """Topic administration and offset queries for one run."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._admin: KafkaAdminClient = _connect(
+            lambda: KafkaAdminClient(**settings.common()), settings
+        )
+
+    def __enter__(self) -> KafkaAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._admin.close()
+
+    def topics(self) -> set[str]:
+        return set(self._admin.list_topics())
+
+    def partition_count(self, topic: str) -> int | None:
+        described = self._admin.describe_topics([topic])
+        for entry in described:
+            if entry.get("error_code", 0) == 0 and entry.get("name") == topic:
+                return len(entry.get("partitions", []))
+        return None
+
+    def ensure_topics(
+        self,
+        specs: Mapping[str, int],
+        *,
+        configs: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> list[str]:
+        """Create missing topics; refuse existing ones whose partition count differs.
+
+        Returns the topics that were created (an empty list means they all existed).
+        """
+        configs = configs or {}
+        existing = self.topics()
+        missing = {name: n for name, n in specs.items() if name not in existing}
+        for name, n in specs.items():
+            if name in existing:
+                have = self.partition_count(name)
+                if have != n:
+                    raise RunMismatchError(
+                        f"topic {name} exists with {have} partitions, this run needs {n}: "
+                        "use another run id, or delete the old run's topics"
+                    )
+        if missing:
+            request = {
+                name: {
+                    "num_partitions": n,
+                    "replication_factor": -1,  # the broker's default.replication.factor
+                    "configs": dict(configs.get(name, {})),
+                }
+                for name, n in missing.items()
+            }
+            try:
+                self._admin.create_topics(request, wait_for_metadata=True)
+            except TopicAlreadyExistsError:  # a concurrent creator won the race: re-check
+                return self.ensure_topics(specs, configs=configs)
+        return sorted(missing)
+
+    def ensure_run_topics(self, topics: RunTopics, partitions: int) -> list[str]:
+        """The run's data topics keep everything (replay); the manifest topic is compacted."""
+        keep = {"retention.ms": "-1", "max.message.bytes": str(MAX_RECORD_BYTES)}
+        return self.ensure_topics(
+            {
+                topics.prompts: partitions,
+                topics.samples: partitions,
+                topics.ledger: 1,
+                topics.dlq: 1,
+                topics.manifest: 1,
+            },
+            configs={
+                topics.prompts: keep,
+                topics.samples: keep,
+                topics.ledger: keep,
+                topics.dlq: keep,
+                topics.manifest: {"cleanup.policy": "compact", **keep},
+            },
+        )
+
+    def delete_topics(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n in self.topics()]
+        if names:
+            self._admin.delete_topics(names)
+
+    def end_offsets(
+        self, topic: str, partitions: Iterable[int], *, committed_only: bool = True
+    ) -> dict[int, int]:
+        """Per partition, the offset after the last record (``read_committed``: the LSO)."""
+        from kafka.protocol.consumer.offsets import IsolationLevel  # noqa: PLC0415
+
+        isolation = IsolationLevel.READ_COMMITTED if committed_only else IsolationLevel.READ_UNCOMMITTED
+        specs = {TopicPartition(topic, p): OffsetSpec.LATEST for p in partitions}
+        result = self._admin.list_partition_offsets(specs, isolation_level=isolation)
+        return {tp.partition: _offset_of(value) for tp, value in result.items()}
+
+    def group_offsets(self, group_id: str, topic: str) -> dict[int, Committed]:
+        result = self._admin.list_group_offsets({group_id: None}).get(group_id, {})
+        return {
+            tp.partition: Committed(om.offset, om.metadata or "")
+            for tp, om in result.items()
+            if tp.topic == topic and om.offset >= 0
+        }
+
+    def lag(self, group_id: str, topic: str, partitions: Iterable[int]) -> list[PartitionLag]:
+        partitions = list(partitions)
+        ends = self.end_offsets(topic, partitions)
+        committed = self.group_offsets(group_id, topic)
+        return [
+            PartitionLag(p, ends[p], committed[p].offset if p in committed else None)
+            for p in partitions
+        ]
+
+
+def _offset_of(value: Any) -> int:
+    """``list_partition_offsets`` answers with a struct or a dict depending on the version."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return int(value["offset"])
+    return int(value.offset)
+
+
+class TransactionalProducer:
+    """Exactly-once publishing: records and consumed offsets commit together or not at all."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        transactional_id: str,
+        *,
+        linger_ms: int = 5,
+        transaction_timeout_ms: int = 60_000,
+    ) -> None:
+        self.transactional_id = transactional_id
+        self._producer: KafkaProducer = _connect(
+            lambda: KafkaProducer(
+                transactional_id=transactional_id,
+                transaction_timeout_ms=transaction_timeout_ms,
+                linger_ms=linger_ms,
+                max_request_size=MAX_RECORD_BYTES,
+                allow_auto_create_topics=False,
+                **settings.common(),
+            ),
+            settings,
+        )
+        # Fences any earlier instance with this id and aborts its open transaction.
+        self._producer.init_transactions()
+        self.in_transaction = False
+
+    def begin(self) -> None:
+        self._producer.begin_transaction()
+        self.in_transaction = True
+
+    def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> Any:
+        return self._producer.send(topic, value=value, key=key, partition=partition)
+
+    def commit(
+        self,
+        offsets: Mapping[tuple[str, int], Committed] | None = None,
+        group: Any = None,
+    ) -> None:
+        """Commit the open transaction, with the consumed offsets (next offset + metadata)."""
+        if offsets:
+            self._producer.send_offsets_to_transaction(
+                {
+                    TopicPartition(t, p): OffsetAndMetadata(c.offset, c.metadata, -1)
+                    for (t, p), c in offsets.items()
+                },
+                group,
+            )
+        self._producer.commit_transaction()
+        self.in_transaction = False
+
+    def abort(self) -> None:
+        if self.in_transaction:
+            self.in_transaction = False
+            self._producer.abort_transaction()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        try:
+            self.abort()
+        except KafkaError as exc:  # closing anyway: the broker aborts it on timeout
+            logger.warning("abort on close failed: %s", exc)
+        self._producer.close(timeout=timeout_s)
+
+
+class PlainProducer:
+    """Idempotent producer for records that need no transaction."""
+
+    def __init__(self, settings: KafkaSettings, *, linger_ms: int = 5) -> None:
+        self._producer: KafkaProducer = _connect(
+            lambda: KafkaProducer(
+                linger_ms=linger_ms,
+                max_request_size=MAX_RECORD_BYTES,
+                allow_auto_create_topics=False,
+                **settings.common(),
+            ),
+            settings,
+        )
+
+    def send(self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None) -> Any:
+        return self._producer.send(topic, value=value, key=key, partition=partition)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+Start = Literal["committed", "earliest", "latest"]
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(
+        self,
+        on_assigned: Callable[[list[int]], None] | None,
+        on_revoked: Callable[[list[int]], None] | None,
+    ) -> None:
+        self._assigned = on_assigned
+        self._revoked = on_revoked
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if self._revoked:
+            self._revoked(sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        if self._assigned:
+            self._assigned(sorted(tp.partition for tp in assigned))
+
+
+class PartitionReader:
+    """A ``read_committed`` consumer of one topic.
+
+    With ``partitions`` it reads exactly those (manual assignment: no rebalance can move data
+    between trainer ranks mid-step). Without, it joins ``group_id`` and Kafka balances the
+    partitions among members (generator workers).
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: str,
+        *,
+        partitions: Iterable[int] | None = None,
+        group_id: str | None = None,
+        start: Start | Mapping[int, int] = "committed",
+        max_poll_records: int = 500,
+        max_poll_interval_ms: int = 300_000,
+        session_timeout_ms: int = 45_000,
+        on_assigned: Callable[[list[int]], None] | None = None,
+        on_revoked: Callable[[list[int]], None] | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.topic = topic
+        self.group_id = group_id
+        options: dict[str, Any] = {
+            "group_id": group_id,
+            "isolation_level": "read_committed",
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest" if start != "latest" else "latest",
+            "max_poll_records": max_poll_records,
+            "max_poll_interval_ms": max_poll_interval_ms,
+            "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": max(1000, session_timeout_ms // 10),
+            "allow_auto_create_topics": False,
+            **settings.common(),
+        }
+        if client_id:
+            options["client_id"] = client_id
+        self._consumer: KafkaConsumer = _connect(lambda: KafkaConsumer(**options), settings)
+        if partitions is None:
+            if group_id is None:
+                raise ValueError("a reader without partitions needs a group_id to subscribe")
+            self._consumer.subscribe([topic], listener=_Listener(on_assigned, on_revoked))
+        else:
+            tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]
+            self._consumer.assign(tps)
+            self._position_at(tps, start)
+
+    def _position_at(self, tps: list[TopicPartition], start: Start | Mapping[int, int]) -> None:
+        if isinstance(start, Mapping):
+            for tp in tps:
+                if tp.partition in start:
+                    self._consumer.seek(tp, int(start[tp.partition]))
+                else:
+                    self._consumer.seek_to_beginning(tp)
+        elif start == "earliest":
+            self._consumer.seek_to_beginning(*tps)
+        elif start == "latest":
+            self._consumer.seek_to_end(*tps)
+        elif start == "committed":
+            committed = self.committed()
+            for tp in tps:
+                if tp.partition in committed:
+                    self._consumer.seek(tp, committed[tp.partition].offset)
+                else:
+                    self._consumer.seek_to_beginning(tp)
+
+    def assignment(self) -> list[int]:
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
+    def poll(self, timeout_s: float, max_records: int | None = None) -> list[Record]:
+        """Records in offset order per partition, partitions interleaved as fetched."""
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        out: list[Record] = []
+        for tp, records in batches.items():
+            for r in records:
+                out.append(Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp))
+        return out
+
+    def seek(self, partition: int, offset: int) -> None:
+        self._consumer.seek(TopicPartition(self.topic, partition), offset)
+
+    def position(self, partition: int) -> int:
+        return int(self._consumer.position(TopicPartition(self.topic, partition)))
+
+    def pause(self, partitions: Iterable[int]) -> None:
+        self._consumer.pause(*(TopicPartition(self.topic, p) for p in partitions))
+
+    def resume(self, partitions: Iterable[int]) -> None:
+        self._consumer.resume(*(TopicPartition(self.topic, p) for p in partitions))
+
+    def paused(self) -> list[int]:
+        return sorted(tp.partition for tp in self._consumer.paused())
+
+    def committed(self, partitions: Iterable[int] | None = None) -> dict[int, Committed]:
+        """The group's committed offsets (with metadata) for the given or assigned partitions."""
+        if self.group_id is None:
+            return {}
+        if partitions is None:
+            partitions = self.assignment()
+        out: dict[int, Committed] = {}
+        for p in partitions:
+            om = self._consumer.committed(TopicPartition(self.topic, p), metadata=True)
+            if om is not None and om.offset >= 0:
+                out[p] = Committed(om.offset, om.metadata or "")
+        return out
+
+    def commit(self, offsets: Mapping[int, int], metadata: str = "") -> None:
+        """Advisory commit (monitoring, lag); correctness lives in the checkpoint."""
+        self._consumer.commit(
+            {TopicPartition(self.topic, p): OffsetAndMetadata(o, metadata, -1) for p, o in offsets.items()}
+        )
+
+    def group_metadata(self) -> Any:
+        """Opaque token for ``TransactionalProducer.commit(group=...)`` (KIP-447 fencing)."""
+        if self._consumer.assignment() and self._consumer.subscription():
+            return self._consumer.group_metadata()
+        return self.group_id
+
+    def end_offsets(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        if partitions is None:
+            partitions = self.assignment()
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        return {tp.partition: int(o) for tp, o in self._consumer.end_offsets(tps).items()}
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
