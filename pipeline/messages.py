@@ -154,8 +154,11 @@ class EndOfStream(Message):
 
 
 class PartitionOffset(_Strict):
+    """Where a reader stands in one partition: next offset, and records consumed before it."""
+
     partition: NonNegative
     offset: NonNegative
+    records: NonNegative = 0
 
 
 class RankProgress(_Strict):

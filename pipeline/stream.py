@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pipeline.eos import Completeness, CompletenessTracker
@@ -23,7 +24,7 @@ from pipeline.kafka import KafkaSettings, PartitionReader, PlainProducer, Record
 from pipeline.messages import EndOfStream, SampleRef, decode, encode
 from pipeline.storage import FeatureStore
 
-__all__ = ("StreamItem", "SampleStream", "rank_partitions")
+__all__ = ("StreamItem", "StreamState", "SampleStream", "rank_partitions")
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,57 @@ class StreamItem:
     offset: int
 
 
+@dataclass
+class StreamState:
+    """Everything a checkpoint needs to resume a stream exactly (JSON-serialisable)."""
+
+    positions: dict[int, int]
+    used: dict[int, int]
+    rejected: dict[int, int]
+    duplicates: dict[int, int]
+    markers: dict[int, list[str]]
+    cursor: int
+    dead_letters: int = 0
+    dropped_upstream: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "positions": {str(k): v for k, v in self.positions.items()},
+            "used": {str(k): v for k, v in self.used.items()},
+            "rejected": {str(k): v for k, v in self.rejected.items()},
+            "duplicates": {str(k): v for k, v in self.duplicates.items()},
+            "markers": {str(k): v for k, v in self.markers.items()},
+            "cursor": self.cursor,
+            "dead_letters": self.dead_letters,
+            "dropped_upstream": self.dropped_upstream,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> StreamState:
+        def ints(d: dict) -> dict[int, int]:
+            return {int(k): int(v) for k, v in d.items()}
+
+        return cls(
+            positions=ints(data["positions"]),
+            used=ints(data["used"]),
+            rejected=ints(data["rejected"]),
+            duplicates=ints(data["duplicates"]),
+            markers={int(k): list(v) for k, v in data["markers"].items()},
+            cursor=int(data["cursor"]),
+            dead_letters=int(data.get("dead_letters", 0)),
+            dropped_upstream=int(data.get("dropped_upstream", 0)),
+        )
+
+
 class SampleStream:
-    """Verified samples of some partitions, in offset order per partition."""
+    """Verified samples of some partitions, in a deterministic order.
+
+    Samples are taken round-robin over the open partitions in ascending order, one sample per
+    turn (end-of-stream markers, dead letters and duplicates do not use up a turn), whatever
+    order the broker delivers them in: the same topic gives the same sequence on every run,
+    which exact resume and bit-for-bit replay rely on. Records fetched ahead for other
+    partitions wait in small buffers; a partition whose buffer is full is paused.
+    """
 
     def __init__(
         self,
@@ -51,26 +101,32 @@ class SampleStream:
         run_id: str,
         partitions: Iterable[int],
         *,
-        start: Mapping[int, int] | None = None,
+        state: StreamState | None = None,
         dlq: PlainProducer | None = None,
         idle_timeout_s: float | None = 600.0,
         poll_timeout_s: float = 0.5,
         max_poll_records: int = 64,
+        max_buffered: int = 128,
     ) -> None:
         self.run_id = run_id
         self.store = store
         self.topics = RunTopics(run_id)
         self.partitions = sorted(set(partitions))
+        if not self.partitions:
+            raise ValueError("a sample stream needs at least one partition")
         self.tracker = CompletenessTracker(self.partitions)
         self.positions: dict[int, int] = {p: 0 for p in self.partitions}
-        if start:
-            self.positions.update({p: int(o) for p, o in start.items() if p in self.positions})
+        self.cursor = self.partitions[0]
+        self.dead_letters = 0
+        self.dropped_upstream = 0
+        if state is not None:
+            self._restore(state)
         self._dlq = dlq
         self._idle_timeout_s = idle_timeout_s
         self._poll_timeout_s = poll_timeout_s
+        self._max_buffered = max_buffered
+        self._buffers: dict[int, deque[Record]] = {p: deque() for p in self.partitions}
         self._seen: set[str] = set()
-        self.dead_letters = 0
-        self.dropped_upstream = 0
         self._reader = PartitionReader(
             settings,
             self.topics.samples,
@@ -79,28 +135,86 @@ class SampleStream:
             max_poll_records=max_poll_records,
         )
 
+    def _restore(self, state: StreamState) -> None:
+        if sorted(state.positions) != self.partitions:
+            raise StreamError(
+                f"checkpointed stream read partitions {sorted(state.positions)}, this one reads "
+                f"{self.partitions}: resume with the same partitions and world size"
+            )
+        self.positions = dict(state.positions)
+        for p, st in self.tracker.states.items():
+            st.used = state.used.get(p, 0)
+            st.rejected = state.rejected.get(p, 0)
+            st.duplicates = state.duplicates.get(p, 0)
+            for raw in state.markers.get(p, []):
+                marker = decode(raw)
+                assert isinstance(marker, EndOfStream)
+                st.markers[marker.producer_id] = marker
+        self.cursor = state.cursor
+        self.dead_letters = state.dead_letters
+        self.dropped_upstream = state.dropped_upstream
+
+    def state(self) -> StreamState:
+        """The resume point after the last item handed out (buffered records are re-read)."""
+        states = self.tracker.states
+        return StreamState(
+            positions=dict(self.positions),
+            used={p: s.used for p, s in states.items()},
+            rejected={p: s.rejected for p, s in states.items()},
+            duplicates={p: s.duplicates for p, s in states.items()},
+            markers={p: [encode(m).decode() for m in s.markers.values()] for p, s in states.items()},
+            cursor=self.cursor,
+            dead_letters=self.dead_letters,
+            dropped_upstream=self.dropped_upstream,
+        )
+
     def __iter__(self) -> Iterator[StreamItem]:
         return self.items()
 
     def items(self) -> Iterator[StreamItem]:
         """Yield until every partition has ended; raise ``StreamError`` on a broken stream."""
-        last_progress = time.monotonic()
         while not self.tracker.all_ended():
+            p = self._turn()
+            record = self._next_record(p)
+            item = self._handle(record)
+            self.positions[p] = record.offset + 1
+            if item is not None:
+                self.cursor = self._after(p)
+                yield item
+
+    def _turn(self) -> int:
+        """The open partition whose turn it is: the cursor, or the next open one after it."""
+        open_ = [p for p in self.partitions if not self.tracker.ended(p)]
+        for p in open_:
+            if p >= self.cursor:
+                return p
+        return open_[0]
+
+    def _after(self, partition: int) -> int:
+        later = [p for p in self.partitions if p > partition]
+        return later[0] if later else self.partitions[0]
+
+    def _next_record(self, partition: int) -> Record:
+        buffer = self._buffers[partition]
+        deadline = None if self._idle_timeout_s is None else time.monotonic() + self._idle_timeout_s
+        while not buffer:
+            if partition in self._reader.paused():
+                self._reader.resume([partition])
             records = self._reader.poll(self._poll_timeout_s)
-            if not records:
-                idle = time.monotonic() - last_progress
-                if self._idle_timeout_s is not None and idle > self._idle_timeout_s:
-                    raise StreamError(
-                        f"no record for {idle:.0f} s on partitions {self.tracker.open_partitions()} "
-                        f"of {self.topics.samples}; is a generator running?"
-                    )
-                continue
-            last_progress = time.monotonic()
             for record in records:
-                item = self._handle(record)
-                self.positions[record.partition] = record.offset + 1
-                if item is not None:
-                    yield item
+                self._buffers[record.partition].append(record)
+            full = [p for p, b in self._buffers.items() if len(b) >= self._max_buffered and p != partition]
+            if full:
+                self._reader.pause(full)
+            if not buffer and deadline is not None and time.monotonic() > deadline:
+                raise StreamError(
+                    f"no record for {self._idle_timeout_s:.0f} s on partition {partition} of "
+                    f"{self.topics.samples} (open: {self.tracker.open_partitions()}); is a generator running?"
+                )
+        record = buffer.popleft()
+        if len(buffer) < self._max_buffered // 2 and partition in self._reader.paused():
+            self._reader.resume([partition])
+        return record
 
     def _handle(self, record: Record) -> StreamItem | None:
         p = record.partition
