@@ -130,9 +130,11 @@ class FeatureStore:
         """Serialize and store one sample; returns what its ref must say."""
         from safetensors.torch import save  # noqa: PLC0415 - keep torch off the import path
 
+        # One metadata entry: safetensors writes several in hash-map order, and the same sample
+        # must serialise to the same bytes on every attempt.
         data = save(
             {name: t.contiguous() for name, t in tensors.items()},
-            metadata={"sample_id": sample_id, "run_id": self.run_id},
+            metadata={"specstream": f"{self.run_id}/{sample_id}"},
         )
         return self.put_bytes(self.uri_for(partition, sample_id), data)
 

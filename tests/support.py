@@ -1,0 +1,68 @@
+"""Test helpers that several test modules share: read a topic, spawn stage processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from pipeline.kafka import KafkaSettings, PartitionReader
+from pipeline.messages import AnyMessage, Prompt, decode, prompt_id_for
+
+__all__ = ("read_messages", "make_prompts", "spawn", "wait_exit")
+
+
+def read_messages(
+    settings: KafkaSettings,
+    topic: str,
+    partitions: Iterable[int],
+    *,
+    until: Callable[[list[tuple[int, AnyMessage]]], bool],
+    timeout_s: float = 60.0,
+) -> list[tuple[int, AnyMessage]]:
+    """Decoded (partition, message) pairs read from the start until ``until`` holds (bounded)."""
+    reader = PartitionReader(settings, topic, partitions=list(partitions), start="earliest")
+    out: list[tuple[int, AnyMessage]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(out):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: condition not met in {timeout_s} s with {len(out)} records")
+            out.extend((r.partition, decode(r.value or b"")) for r in reader.poll(0.5))
+        return out
+    finally:
+        reader.close()
+
+
+def make_prompts(run_id: str, count: int, *, tokens: int = 16, vocab: int = 512) -> list[Prompt]:
+    prompts = []
+    for i in range(count):
+        ids = [(i * 31 + j * 17 + 3) % vocab for j in range(tokens + i % 5)]
+        mask = [0] * 4 + [1] * (len(ids) - 4)
+        prompts.append(Prompt(run_id=run_id, prompt_id=prompt_id_for(i, ids), input_ids=ids, loss_mask=mask))
+    return prompts
+
+
+def spawn(args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``python -m pipeline.cli ARGS`` as a separate process (a real stage process)."""
+    inherited = {k: v for k, v in os.environ.items() if k != "SPECSTREAM_CRASH_AT"}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_exit(proc: subprocess.Popen[str], timeout_s: float = 180.0) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"process did not exit within {timeout_s} s:\n{out[-4000:]}") from None
+    return proc.returncode, out
