@@ -149,3 +149,25 @@ def test_files_are_safetensors_not_pickle(tmp_path: Path) -> None:
 def test_empty_uri_is_refused(store: FeatureStore) -> None:
     with pytest.raises(ConfinementError):
         store.resolve("")
+
+
+def test_files_are_readable_by_the_safetensors_library(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    store = FeatureStore(str(tmp_path), "run1")
+    tensors = {**sample(), "empty": torch.zeros(0, 3), "flag": torch.tensor([True, False])}
+    stored = store.put(0, "s1", tensors)
+    loaded = load_file(str(tmp_path / "run1" / stored.uri))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+
+
+def test_files_written_by_the_safetensors_library_are_readable(tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    store = FeatureStore(str(tmp_path), "run1")
+    tensors = sample()
+    stored = store.put_bytes("features/0/lib.safetensors", save(tensors))
+    got = store.get(ref_for(store, stored, sample_id="lib"))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
