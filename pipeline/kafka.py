@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import OffsetSpec
@@ -28,6 +28,7 @@ from kafka.structs import OffsetAndMetadata
 from pipeline.errors import BrokerError, RunMismatchError
 
 __all__ = (
+    "Transport",
     "KafkaSettings",
     "RunTopics",
     "Record",
@@ -46,6 +47,20 @@ logger = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 
 
+class Transport(Protocol):
+    """What components need from a broker: Kafka (``KafkaSettings``) or in-process (``MemoryBroker``)."""
+
+    bootstrap_servers: str
+
+    def admin(self) -> Any: ...
+
+    def transactional_producer(self, transactional_id: str, **options: Any) -> Any: ...
+
+    def plain_producer(self, **options: Any) -> Any: ...
+
+    def reader(self, topic: str, **options: Any) -> Any: ...
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     """Where the broker is, plus pass-through client options (security: SASL/SSL settings)."""
@@ -54,6 +69,21 @@ class KafkaSettings:
     client_options: Mapping[str, Any] = field(default_factory=dict)
     request_timeout_ms: int = 30_000
     bootstrap_timeout_ms: int = 15_000
+
+    # The transport factories: components take "a transport" (this, or pipeline.memory.MemoryBroker
+    # for single-process runs without Kafka) and open their clients through these.
+
+    def admin(self) -> KafkaAdmin:
+        return KafkaAdmin(self)
+
+    def transactional_producer(self, transactional_id: str, **options: Any) -> TransactionalProducer:
+        return TransactionalProducer(self, transactional_id, **options)
+
+    def plain_producer(self, **options: Any) -> PlainProducer:
+        return PlainProducer(self, **options)
+
+    def reader(self, topic: str, **options: Any) -> PartitionReader:
+        return PartitionReader(self, topic, **options)
 
     def common(self) -> dict[str, Any]:
         return {
@@ -323,6 +353,10 @@ class TransactionalProducer:
         if self.in_transaction:
             self.in_transaction = False
             self._producer.abort_transaction()
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        """Push sent records to the broker now (they stay invisible until commit)."""
+        self._producer.flush(timeout=timeout)
 
     def close(self, timeout_s: float = 10.0) -> None:
         try:
