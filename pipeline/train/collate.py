@@ -1,0 +1,135 @@
+"""Per-sample EAGLE3 features -> one right-padded training batch.
+
+Samples arrive unshifted and without a batch dimension (see :mod:`pipeline.features`). The batch
+keeps them unshifted: the single left shift belongs to training-time test. ``loss_mask`` of each
+sample's last real token is forced to 0, because its teacher would be the distribution after the
+sequence ends, which was never captured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from pipeline.errors import PayloadError
+from pipeline.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
+
+__all__ = ("Batch", "collate", "validate_sample")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded with zeros; ``attention_mask`` is 1 on real tokens."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    loss_mask: torch.Tensor  # [B, T] int64, 0/1, last real token forced to 0
+    attention_mask: torch.Tensor  # [B, T] int64
+    aux_hidden_states: torch.Tensor  # [B, T, 3H]
+    final_hidden_states: torch.Tensor  # [B, T, H]
+    lengths: torch.Tensor  # [B] int64
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """Move every tensor; ``dtype`` (if given) applies to the hidden states only."""
+        moved = {}
+        for f in fields(self):
+            tensor = getattr(self, f.name)
+            if dtype is not None and f.name in (AUX_HIDDEN, FINAL_HIDDEN):
+                moved[f.name] = tensor.to(device=device, dtype=dtype, non_blocking=True)
+            else:
+                moved[f.name] = tensor.to(device=device, non_blocking=True)
+        return Batch(**moved)
+
+
+def validate_sample(sample: Mapping[str, torch.Tensor], hidden_size: int | None = None) -> int:
+    """Check one sample's names, ranks and widths; return its length. ``PayloadError`` if bad."""
+    missing = [name for name in FEATURE_NAMES if name not in sample]
+    if missing:
+        raise PayloadError(f"sample is missing tensors {missing}")
+    ids, mask = sample[INPUT_IDS], sample[LOSS_MASK]
+    aux, final = sample[AUX_HIDDEN], sample[FINAL_HIDDEN]
+    if ids.dim() != 1 or mask.dim() != 1 or aux.dim() != 2 or final.dim() != 2:
+        raise PayloadError(
+            "expected input_ids (L,), loss_mask (L,), aux_hidden_states (L, 3H), "
+            f"final_hidden_states (L, H); got {tuple(ids.shape)}, {tuple(mask.shape)}, "
+            f"{tuple(aux.shape)}, {tuple(final.shape)}"
+        )
+    length = ids.shape[0]
+    if length == 0:
+        raise PayloadError("sample has no tokens")
+    if {mask.shape[0], aux.shape[0], final.shape[0]} != {length}:
+        raise PayloadError(
+            f"lengths disagree: input_ids {length}, loss_mask {mask.shape[0]}, "
+            f"aux {aux.shape[0]}, final {final.shape[0]}"
+        )
+    width = final.shape[1]
+    if aux.shape[1] != 3 * width:
+        raise PayloadError(f"aux width {aux.shape[1]} != 3 x final width {width}")
+    if hidden_size is not None and width != hidden_size:
+        raise PayloadError(f"hidden size {width} != the target's {hidden_size}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise PayloadError(f"input_ids must be integers, got {ids.dtype}")
+    return length
+
+
+def collate(
+    samples: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    max_length: int | None = None,
+    dtype: torch.dtype | None = None,
+    hidden_size: int | None = None,
+) -> Batch:
+    """Right-pad samples to the longest (after truncation to ``max_length``) with zeros.
+
+    ``dtype`` casts the hidden states (default: as captured, which must agree across samples).
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    lengths = [validate_sample(s, hidden_size) for s in samples]
+    widths = {s[FINAL_HIDDEN].shape[1] for s in samples}
+    if len(widths) != 1:
+        raise PayloadError(f"samples of one batch have different hidden sizes {sorted(widths)}")
+    width = widths.pop()
+    if max_length is not None:
+        if max_length < 1:
+            raise ValueError("max_length must be positive")
+        lengths = [min(n, max_length) for n in lengths]
+    hidden_dtypes = {s[AUX_HIDDEN].dtype for s in samples} | {s[FINAL_HIDDEN].dtype for s in samples}
+    if dtype is None:
+        if len(hidden_dtypes) != 1:
+            raise PayloadError(f"mixed hidden-state dtypes {sorted(map(str, hidden_dtypes))}")
+        dtype = hidden_dtypes.pop()
+    batch, seq = len(samples), max(lengths)
+    input_ids = torch.zeros(batch, seq, dtype=torch.long)
+    loss_mask = torch.zeros(batch, seq, dtype=torch.long)
+    attention_mask = torch.zeros(batch, seq, dtype=torch.long)
+    aux = torch.zeros(batch, seq, 3 * width, dtype=dtype)
+    final = torch.zeros(batch, seq, width, dtype=dtype)
+    for row, (sample, n) in enumerate(zip(samples, lengths)):
+        input_ids[row, :n] = sample[INPUT_IDS][:n].to(torch.long)
+        loss_mask[row, :n] = (sample[LOSS_MASK][:n] != 0).to(torch.long)
+        loss_mask[row, n - 1] = 0
+        attention_mask[row, :n] = 1
+        aux[row, :n] = sample[AUX_HIDDEN][:n].to(dtype)
+        final[row, :n] = sample[FINAL_HIDDEN][:n].to(dtype)
+    return Batch(
+        input_ids=input_ids,
+        loss_mask=loss_mask,
+        attention_mask=attention_mask,
+        aux_hidden_states=aux,
+        final_hidden_states=final,
+        lengths=torch.tensor(lengths, dtype=torch.long),
+    )
