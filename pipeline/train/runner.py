@@ -1,0 +1,197 @@
+"""Wire the trainer loop to the live run: Kafka stream, ledger, group offsets, feature store, model.
+
+:func:`run_trainer` is what ``python -m pipeline.train`` (and the single-process runtime) calls on
+every rank: it reads torchrun's environment, seeds, builds the draft from the target's embedding
+and the frozen vocab map, opens this rank's partitions of the samples topic, and runs
+:class:`~pipeline.train.trainer.Trainer` until the end of the stream, ``max_steps`` or a stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import ConfigError, StreamError
+from pipeline.kafka import KafkaAdmin, KafkaSettings, PartitionReader, PlainProducer, RunTopics
+from pipeline.storage import FeatureStore
+from pipeline.stream import SampleStream, StreamState, rank_partitions
+from pipeline.train.config import TrainConfig
+from pipeline.train.distributed import DistContext, init_distributed
+from pipeline.train.draft import Eagle3Draft
+from pipeline.train.ledger import LedgerWriter
+from pipeline.train.target_head import load_target_head
+from pipeline.train.trainer import Trainer, TrainResult
+from pipeline.train.vocab import VocabMapping
+
+__all__ = ("ModelSpec", "OffsetCommitter", "build_draft", "seed_everything", "run_trainer")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the draft comes from: the target's directory (embedding, lm_head) and the vocab map."""
+
+    target_model_path: str
+    vocab_mapping: str
+    aux_layer_ids: tuple[int, int, int] | None = None
+    head_dtype: str | None = None  # e.g. "bfloat16" to keep the target lm_head small on GPU
+
+
+def seed_everything(seed: int, *, deterministic: bool) -> None:
+    """Seed every RNG the trainer touches; optionally force deterministic kernels."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy  # noqa: PLC0415
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_draft(
+    spec: ModelSpec, *, seed: int, device: torch.device
+) -> tuple[Eagle3Draft, torch.Tensor, VocabMapping]:
+    """Seeded draft with the target's frozen embedding; returns (draft, target lm_head, vocab map)."""
+    dtype = getattr(torch, spec.head_dtype) if spec.head_dtype else None
+    head = load_target_head(spec.target_model_path, dtype=dtype)
+    vocab = VocabMapping.load(spec.vocab_mapping)
+    torch.manual_seed(seed)
+    draft = Eagle3Draft.from_target(head, vocab, aux_layer_ids=spec.aux_layer_ids)
+    return draft.to(device), head.lm_head, vocab
+
+
+class OffsetCommitter:
+    """Rank 0's advisory commit of the trainer group's offsets, with ``step=N`` as metadata.
+
+    The trainers read with manual assignment and never join the group, so the commit is a plain
+    offset commit for a group without members: it feeds lag monitoring, not correctness.
+    """
+
+    def __init__(self, settings: KafkaSettings, topics: RunTopics, partitions: int) -> None:
+        self._reader = PartitionReader(
+            settings,
+            topics.samples,
+            partitions=range(partitions),
+            group_id=topics.trainer_group,
+            start="earliest",
+        )
+
+    def __call__(self, positions: dict[int, int], step: int, ended: frozenset[int] = frozenset()) -> None:
+        """``ended`` partitions are committed at their end offset: the transaction marker after the
+        end-of-stream record is no record a reader sees, but it must not look like lag."""
+        offsets = dict(positions)
+        if ended:
+            ends = self._reader.end_offsets(sorted(ended))
+            offsets.update({p: max(offsets[p], ends[p]) for p in ended})
+        self._reader.commit(offsets, metadata=f"step={step}")
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def _partition_count(settings: KafkaSettings, topics: RunTopics) -> int:
+    with KafkaAdmin(settings) as admin:
+        count = admin.partition_count(topics.samples)
+    if count is None:
+        raise StreamError(f"topic {topics.samples} does not exist: create the run's topics first")
+    return count
+
+
+def run_trainer(
+    config: TrainConfig,
+    *,
+    settings: KafkaSettings,
+    storage_root: str,
+    model: ModelSpec,
+    stop: threading.Event | None = None,
+    dist: DistContext | None = None,
+    device: str | None = None,
+    storage_options: dict[str, object] | None = None,
+) -> TrainResult:
+    """Train one rank of ``config.run_id`` on the live samples topic (call it on every rank)."""
+    own_dist = dist is None
+    dist = dist or init_distributed(timeout_s=config.collective_timeout_s, device=device)
+    closers: list[object] = []
+    try:
+        seed_everything(config.seed, deterministic=config.deterministic)
+        draft, lm_head, vocab = build_draft(model, seed=config.seed, device=dist.device)
+        topics = RunTopics(config.run_id)
+        num_partitions = _partition_count(settings, topics)
+        partitions = rank_partitions(num_partitions, dist.world_size, dist.rank)
+        if not partitions:
+            raise ConfigError(
+                "world_size",
+                f"{dist.world_size} trainer ranks for {num_partitions} samples partitions leave rank "
+                f"{dist.rank} without data",
+                "use at most as many ranks as partitions (ideally partitions = k * ranks)",
+            )
+        if num_partitions % dist.world_size:
+            logger.warning(
+                "%d partitions over %d ranks: ranks read unequal shares; the larger shares end as tail",
+                num_partitions,
+                dist.world_size,
+            )
+        store = FeatureStore(storage_root, config.run_id, storage_options=storage_options)
+        dlq = PlainProducer(settings)
+        closers.append(dlq)
+
+        def open_source(state: StreamState | None) -> SampleStream:
+            return SampleStream(
+                settings,
+                store,
+                config.run_id,
+                partitions,
+                state=state,
+                dlq=dlq,
+                idle_timeout_s=config.idle_timeout_s,
+            )
+
+        ledger = committer = None
+        if dist.is_main:
+            ledger = LedgerWriter(settings, config.run_id)
+            committer = OffsetCommitter(settings, topics, num_partitions)
+            closers.extend([ledger, committer])
+        trainer = Trainer(
+            config,
+            draft=draft,
+            lm_head=lm_head,
+            dist=dist,
+            open_source=open_source,
+            partitions=partitions,
+            num_partitions=num_partitions,
+            ledger=ledger,
+            commit_offsets=committer,
+            delete_feature=store.delete,
+            extra_resume_fields={"draft": draft.config.to_dict(), "vocab": vocab.fingerprint()},
+        )
+        return trainer.run(stop)
+    finally:
+        for closer in reversed(closers):
+            try:
+                closer.close()  # type: ignore[attr-defined]
+            except Exception:  # closing must not mask the run's own error
+                logger.warning("closing %s failed", type(closer).__name__, exc_info=True)
+        if own_dist:
+            dist.close()
+
+
+def parse_layer_ids(text: str | None) -> tuple[int, int, int] | None:
+    if not text:
+        return None
+    parts: Sequence[str] = text.split(",")
+    if len(parts) != 3:
+        raise ConfigError("aux_layer_ids", f"{text!r} must be three comma-separated layer ids")
+    a, b, c = (int(p) for p in parts)
+    return (a, b, c)

@@ -1,0 +1,74 @@
+"""SIGTERM while the trainer waits for data: it finishes the step, checkpoints, commits, exits 0.
+
+The samples topic holds 12 refs and no end-of-stream marker, so after 6 steps (2 samples each)
+the trainer blocks waiting for more. SIGTERM then must not wait for data that never comes.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.ledger import LedgerTail
+from tests.train_support import (
+    publish_open_stream,
+    spawn_train,
+    train_cmd,
+    wait_train,
+    write_tiny_target,
+    write_vocab,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_sigterm_while_waiting_for_data_checkpoints_and_exits_zero(
+    kafka: KafkaSettings, run_topics: RunTopics, storage_root: str, tmp_path: Path
+) -> None:
+    run_id = run_topics.run_id
+    publish_open_stream(kafka, run_id, storage_root, 4, 12)
+    proc = spawn_train(
+        train_cmd(
+            kafka=kafka,
+            run_id=run_id,
+            storage=storage_root,
+            ckpt=tmp_path / "ckpt",
+            target=write_tiny_target(tmp_path / "target"),
+            vocab=write_vocab(tmp_path / "vocab.safetensors"),
+            extra=[
+                "--batch-size",
+                "2",
+                "--ttt-steps",
+                "2",
+                "--schedule",
+                "constant",
+                "--save-interval",
+                "100",
+                "-v",
+            ],
+        )
+    )
+    tail = LedgerTail(kafka, run_id)
+    try:
+        deadline = time.monotonic() + 120
+        while (latest := tail.latest()) is None or latest.step < 6:
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "the trainer did not reach step 6"
+            time.sleep(0.2)  # polling an observable condition, not timing a race
+    finally:
+        tail.close()
+    proc.send_signal(signal.SIGTERM)
+    code, out = wait_train(proc, timeout_s=60)
+    assert code == 0, out[-4000:]
+    assert "stopped at step 6" in out, out[-4000:]
+    latest_ckpt = CheckpointManager(tmp_path / "ckpt").latest()
+    assert latest_ckpt is not None and (latest_ckpt.step, latest_ckpt.end) == (6, False)
+    with KafkaAdmin(kafka) as admin:
+        committed = admin.group_offsets(run_topics.trainer_group, run_topics.samples)
+    assert {p: c.offset for p, c in committed.items()} == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert {c.metadata for c in committed.values()} == {"step=6"}

@@ -1,0 +1,84 @@
+"""Two trainer ranks under torchrun (gloo, CPU) on five uneven partitions end together, without a hang.
+
+23 samples over 5 partitions are 5,5,5,4,4; rank 0 reads partitions 0,2,4 (14 samples), rank 1
+reads 1,3 (9). With 2 x 2 samples per rank per step, rank 1 runs out after 2 steps; both ranks
+must stop at step 2 (one vote per step), drain their streams to the end-of-stream markers and
+report the tail: 6 samples on rank 0, 1 on rank 1. The subprocess has a hard timeout: a hang fails.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.ledger import effective_history, read_ledger
+from tests.train_support import publish_samples, run_train, train_cmd, write_tiny_target, write_vocab
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS, SAMPLES = 5, 23
+
+
+@pytest.fixture
+def five_partitions(kafka: KafkaSettings):
+    topics = RunTopics(f"t{uuid.uuid4().hex[:12]}")
+    with KafkaAdmin(kafka) as admin:
+        admin.ensure_run_topics(topics, PARTITIONS)
+    yield topics
+    with KafkaAdmin(kafka) as admin:
+        admin.delete_topics([topics.prompts, topics.samples, topics.ledger, topics.dlq, topics.manifest])
+
+
+def test_two_ranks_on_uneven_partitions_end_at_the_same_step(
+    kafka: KafkaSettings, tmp_path: Path, five_partitions: RunTopics
+) -> None:
+    run_id = five_partitions.run_id
+    storage = str(tmp_path / "features")
+    publish_samples(kafka, run_id, storage, PARTITIONS, SAMPLES)
+    args = train_cmd(
+        kafka=kafka,
+        run_id=run_id,
+        storage=storage,
+        ckpt=tmp_path / "ckpt",
+        target=write_tiny_target(tmp_path / "target"),
+        vocab=write_vocab(tmp_path / "vocab.safetensors"),
+        extra=[
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--ttt-steps",
+            "2",
+            "--schedule",
+            "constant",
+            "--save-interval",
+            "0",
+            "--retention",
+            "retain",
+            "-v",
+        ],
+    )
+    code, out = run_train(args, torchrun=2, timeout_s=240)
+    assert code == 0, out[-6000:]
+    assert "16 of 23 prompts trained, 0 missing, 0 duplicates dropped, 7 tail samples not stepped" in out, (
+        out[-4000:]
+    )
+    ended = set(re.findall(r"rank (\d) ended at step (\d+) with (\d+) tail samples", out))
+    assert ended == {("0", "2", "6"), ("1", "2", "1")}, out[-4000:]
+
+    history = effective_history(read_ledger(kafka, run_id))
+    assert [r.step for r in history] == [1, 2]
+    for record in history:
+        assert [len(rank.sample_ids) for rank in record.ranks] == [4, 4]
+        assert [sorted(o.partition for o in rank.next_offsets) for rank in record.ranks] == [
+            [0, 2, 4],
+            [1, 3],
+        ]
+
+    latest = CheckpointManager(tmp_path / "ckpt").latest()
+    assert latest is not None and latest.end and latest.step == 2
