@@ -17,6 +17,7 @@ __all__ = (
     "StreamError",
     "RunMismatchError",
     "CaptureContractError",
+    "NonFiniteLossError",
 )
 
 
@@ -67,3 +68,8 @@ class RunMismatchError(SpecstreamError):
 
 class CaptureContractError(SpecstreamError):
     """A target backend's capture broke the EAGLE3 contract (layer ids, widths, lengths)."""
+
+
+class NonFiniteLossError(SpecstreamError):
+    """The loss became NaN or infinite: the run stops at the last good checkpoint instead of
+    training on garbage."""

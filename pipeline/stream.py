@@ -12,10 +12,11 @@ It knows nothing of torch models: the trainer, replay and the benchmarks all rea
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.eos import Completeness, CompletenessTracker
 from pipeline.errors import DecodeError, PayloadError, StreamError
@@ -54,6 +55,7 @@ class StreamState:
     cursor: int
     dead_letters: int = 0
     dropped_upstream: int = 0
+    recent_ids: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -65,6 +67,7 @@ class StreamState:
             "cursor": self.cursor,
             "dead_letters": self.dead_letters,
             "dropped_upstream": self.dropped_upstream,
+            "recent_ids": list(self.recent_ids),
         }
 
     @classmethod
@@ -81,6 +84,7 @@ class StreamState:
             cursor=int(data["cursor"]),
             dead_letters=int(data.get("dead_letters", 0)),
             dropped_upstream=int(data.get("dropped_upstream", 0)),
+            recent_ids=[str(i) for i in data.get("recent_ids", [])],
         )
 
 
@@ -107,6 +111,7 @@ class SampleStream:
         poll_timeout_s: float = 0.5,
         max_poll_records: int = 64,
         max_buffered: int = 128,
+        dedup_window: int = 65536,
     ) -> None:
         self.run_id = run_id
         self.store = store
@@ -119,6 +124,11 @@ class SampleStream:
         self.cursor = self.partitions[0]
         self.dead_letters = 0
         self.dropped_upstream = 0
+        # Dedup by sample_id over a bounded window of recent ids, carried across resumes in the
+        # state: duplicates (at-least-once republishing) sit close together in a partition.
+        self._recent: deque[str] = deque(maxlen=dedup_window)
+        self._seen: set[str] = set()
+        self._interrupted = threading.Event()
         if state is not None:
             self._restore(state)
         self._dlq = dlq
@@ -126,7 +136,6 @@ class SampleStream:
         self._poll_timeout_s = poll_timeout_s
         self._max_buffered = max_buffered
         self._buffers: dict[int, deque[Record]] = {p: deque() for p in self.partitions}
-        self._seen: set[str] = set()
         self._reader = PartitionReader(
             settings,
             self.topics.samples,
@@ -153,6 +162,8 @@ class SampleStream:
         self.cursor = state.cursor
         self.dead_letters = state.dead_letters
         self.dropped_upstream = state.dropped_upstream
+        for sample_id in state.recent_ids:
+            self._remember(sample_id)
 
     def state(self) -> StreamState:
         """The resume point after the last item handed out (buffered records are re-read)."""
@@ -166,7 +177,18 @@ class SampleStream:
             cursor=self.cursor,
             dead_letters=self.dead_letters,
             dropped_upstream=self.dropped_upstream,
+            recent_ids=list(self._recent),
         )
+
+    def interrupt(self) -> None:
+        """Ask a blocked ``items()`` (on another thread) to return at its next poll."""
+        self._interrupted.set()
+
+    def _remember(self, sample_id: str) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._seen.discard(self._recent[0])
+        self._recent.append(sample_id)
+        self._seen.add(sample_id)
 
     def __iter__(self) -> Iterator[StreamItem]:
         return self.items()
@@ -176,6 +198,8 @@ class SampleStream:
         while not self.tracker.all_ended():
             p = self._turn()
             record = self._next_record(p)
+            if record is None:  # interrupted
+                return
             item = self._handle(record)
             self.positions[p] = record.offset + 1
             if item is not None:
@@ -194,10 +218,12 @@ class SampleStream:
         later = [p for p in self.partitions if p > partition]
         return later[0] if later else self.partitions[0]
 
-    def _next_record(self, partition: int) -> Record:
+    def _next_record(self, partition: int) -> Record | None:
         buffer = self._buffers[partition]
         deadline = None if self._idle_timeout_s is None else time.monotonic() + self._idle_timeout_s
         while not buffer:
+            if self._interrupted.is_set():
+                return None
             if partition in self._reader.paused():
                 self._reader.resume([partition])
             records = self._reader.poll(self._poll_timeout_s)
@@ -236,7 +262,7 @@ class SampleStream:
         except (DecodeError, PayloadError) as exc:
             self._reject(record, exc)
             return None
-        self._seen.add(message.sample_id)
+        self._remember(message.sample_id)
         self.tracker.used(p)
         return StreamItem(message, tensors, p, record.offset)
 

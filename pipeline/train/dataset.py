@@ -183,6 +183,9 @@ class Prefetcher:
         if not self._started:
             self.source.close()
             return
+        interrupt = getattr(self.source, "interrupt", None)
+        if interrupt is not None:
+            interrupt()  # unblocks a poll waiting for data that may never come
         self._thread.join(timeout=timeout_s)
         if self._thread.is_alive():
             logger.warning(

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.errors import RunMismatchError, SpecstreamError, StreamError
+from pipeline.errors import NonFiniteLossError, RunMismatchError, StreamError
 from pipeline.faults import crash_point
 from pipeline.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, now
 from pipeline.stream import StreamState
@@ -55,10 +55,6 @@ __all__ = (
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(SpecstreamError):
-    """The loss became NaN or infinite: the run stops (after the last good checkpoint) instead of
-    training on garbage. (Belongs in pipeline/errors.py.)"""
 
 
 class LedgerSink(Protocol):

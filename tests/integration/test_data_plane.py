@@ -213,3 +213,48 @@ def test_source_restart_publishes_nothing_twice(kafka, run_topics) -> None:
         until=lambda m: sum(isinstance(x, EndOfStream) for _, x in m) == 4, timeout_s=30,
     )  # fmt: skip
     assert len(records) == 14
+
+
+def test_stream_state_resumes_exactly_and_keeps_deduplicating(kafka, run_topics, storage_root) -> None:
+    """Stop mid-stream, resume from state(): the rest arrives once, a re-published dup is dropped."""
+    run_id = run_topics.run_id
+    store = FeatureStore(storage_root, run_id)
+    target = SyntheticTarget(hidden_size=8)
+    refs = []
+    for i in range(6):
+        stored = store.put(0, f"s{i}", target.capture([([i, 1, 2], [0, 1, 1])])[0])
+        refs.append(SampleRef(
+            run_id=run_id, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="t", uri=stored.uri,
+            nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=3, tensors=stored.tensors,
+            target=target.info, created_at=now(),
+        ))  # fmt: skip
+    producer = TransactionalProducer(kafka, f"{run_id}.test")
+    producer.begin()
+    for ref in refs[:4] + [refs[1]] + refs[4:]:  # s1 published twice (at-least-once upstream)
+        producer.send(run_topics.samples, 0, encode(ref))
+    producer.send(run_topics.samples, 0, encode(EndOfStream(run_id=run_id, stage="generate", partition=0, count=7)))
+    producer.commit()
+    producer.close()
+
+    first = SampleStream(kafka, store, run_id, [0], idle_timeout_s=30)
+    items = first.items()
+    taken = [next(items).ref.sample_id for _ in range(3)]
+    state = first.state()
+    first.close()
+    resumed = SampleStream(kafka, store, run_id, [0], state=state, idle_timeout_s=30)
+    rest = [i.ref.sample_id for i in resumed]
+    resumed.close()
+    assert taken + rest == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    summary = resumed.summary()
+    assert (summary.used, summary.duplicates, summary.missing) == (6, 1, 0)
+
+
+def test_interrupt_unblocks_a_stream_waiting_for_data(kafka, run_topics, storage_root) -> None:
+    stream = SampleStream(kafka, FeatureStore(storage_root, run_topics.run_id), run_topics.run_id, [0], idle_timeout_s=60)
+    result: list[object] = []
+    reader = threading.Thread(target=lambda: result.extend(stream))
+    reader.start()
+    stream.interrupt()
+    reader.join(timeout=15)
+    assert not reader.is_alive() and result == []
+    stream.close()
