@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pipeline.eos import Completeness, CompletenessTracker
 from pipeline.errors import DecodeError, PayloadError, StreamError
 from pipeline.generate.worker import dead_letter
-from pipeline.kafka import KafkaSettings, PartitionReader, PlainProducer, Record, RunTopics
+from pipeline.kafka import PlainProducer, Record, RunTopics, Transport
 from pipeline.messages import EndOfStream, SampleRef, decode, encode
 from pipeline.storage import FeatureStore
 
@@ -100,7 +100,7 @@ class SampleStream:
 
     def __init__(
         self,
-        settings: KafkaSettings,
+        settings: Transport,
         store: FeatureStore,
         run_id: str,
         partitions: Iterable[int],
@@ -136,9 +136,7 @@ class SampleStream:
         self._poll_timeout_s = poll_timeout_s
         self._max_buffered = max_buffered
         self._buffers: dict[int, deque[Record]] = {p: deque() for p in self.partitions}
-        self._reader = PartitionReader(
-            settings,
-            self.topics.samples,
+        self._reader = settings.reader(self.topics.samples,
             partitions=self.partitions,
             start=dict(self.positions),
             max_poll_records=max_poll_records,

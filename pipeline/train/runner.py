@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import ConfigError, StreamError
-from pipeline.kafka import KafkaAdmin, KafkaSettings, PartitionReader, PlainProducer, RunTopics
+from pipeline.kafka import RunTopics, Transport
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream, StreamState, rank_partitions
 from pipeline.train.config import TrainConfig
@@ -79,10 +79,8 @@ class OffsetCommitter:
     offset commit for a group without members: it feeds lag monitoring, not correctness.
     """
 
-    def __init__(self, settings: KafkaSettings, topics: RunTopics, partitions: int) -> None:
-        self._reader = PartitionReader(
-            settings,
-            topics.samples,
+    def __init__(self, settings: Transport, topics: RunTopics, partitions: int) -> None:
+        self._reader = settings.reader(topics.samples,
             partitions=range(partitions),
             group_id=topics.trainer_group,
             start="earliest",
@@ -101,8 +99,8 @@ class OffsetCommitter:
         self._reader.close()
 
 
-def _partition_count(settings: KafkaSettings, topics: RunTopics) -> int:
-    with KafkaAdmin(settings) as admin:
+def _partition_count(settings: Transport, topics: RunTopics) -> int:
+    with settings.admin() as admin:
         count = admin.partition_count(topics.samples)
     if count is None:
         raise StreamError(f"topic {topics.samples} does not exist: create the run's topics first")
@@ -112,7 +110,7 @@ def _partition_count(settings: KafkaSettings, topics: RunTopics) -> int:
 def run_trainer(
     config: TrainConfig,
     *,
-    settings: KafkaSettings,
+    settings: Transport,
     storage_root: str,
     model: ModelSpec,
     stop: threading.Event | None = None,
@@ -144,7 +142,7 @@ def run_trainer(
                 dist.world_size,
             )
         store = FeatureStore(storage_root, config.run_id, storage_options=storage_options)
-        dlq = PlainProducer(settings)
+        dlq = settings.plain_producer()
         closers.append(dlq)
 
         def open_source(state: StreamState | None) -> SampleStream:
