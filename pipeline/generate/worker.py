@@ -1,19 +1,30 @@
 """The generator worker: prompts in, feature files and sample refs out, exactly once.
 
-Consume-transform-produce in one Kafka transaction per batch:
+Consume-transform-produce, exactly once, in Kafka transactions:
 
-1. poll a batch of prompt records (``read_committed``);
-2. capture the target's hidden states for the prompts;
-3. write each sample's safetensors file to its deterministic path (complete before its ref);
-4. in the transaction: the refs (prompt partition p -> samples partition p), DLQ records for
-   bad input, forwarded end-of-stream markers, and the consumed prompt offsets, whose metadata
-   carries the partition's running counts (refs, dropped, ended);
-5. commit.
+1. poll a batch of prompt records (``read_committed``), trimmed to what each partition's share of
+   the backpressure watermark still allows (:mod:`pipeline.generate.backpressure`);
+2. capture the target's hidden states for the prompts (the main thread: compute);
+3. hand the batch to the writer thread (:mod:`pipeline.generate.pipelined`), which writes each
+   sample's safetensors file to its deterministic path (complete before its ref), then in one
+   transaction produces the refs (prompt partition p -> samples partition p), DLQ records for
+   bad input, forwarded end-of-stream markers and the consumed prompt offsets, whose metadata
+   carries the partition's running counts (refs, dropped, ended), and commits (batches that
+   queued up during a slow commit share the next transaction);
+4. meanwhile the main thread polls and captures the next batch.
 
 A worker killed anywhere loses nothing: its open transaction aborts (or is fenced by its restart,
 which reuses the transactional id), the prompts are re-read from the committed offset by
 whoever owns the partition next, and the same deterministic paths are overwritten. The counts
 travel with the offsets, so the end-of-stream marker is right whichever worker forwards it.
+
+In group mode (no fixed partitions) Kafka balances the prompt partitions over the workers. On
+revocation the worker lets the writer commit what it already queued (bounded), then forgets the
+partitions' counts; the group metadata committed with every batch (KIP-447) fences anything
+that was still in flight. After any assignment change or aborted batch the worker drops what is
+queued and repositions every owned partition at its committed offset, reloading the counts from
+the committed metadata, so a dropped batch is always re-read. A stop (SIGTERM) finishes the
+queued transactions or aborts them at the drain timeout, then leaves the group.
 """
 
 from __future__ import annotations
@@ -24,16 +35,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from pipeline.errors import CaptureContractError, DecodeError
+from pipeline.errors import CaptureContractError, ConfigError, DecodeError, StreamError
 from pipeline.faults import crash_point
 from pipeline.features import check_capture
-from pipeline.kafka import Committed, KafkaSettings, PartitionReader, Record, RunTopics, TransactionalProducer
+from pipeline.generate.backpressure import (
+    Backlog,
+    BacklogMonitor,
+    FlowControl,
+    TrainerWindow,
+    Watermarks,
+    check_watermarks,
+    generator_commits,
+)
+from pipeline.generate.pipelined import BatchWriter, PlannedBatch, Publish, Sample
+from pipeline.kafka import Committed, KafkaSettings, Record, RunTopics, Transport
 from pipeline.messages import (
     DeadLetter,
     EndOfStream,
     Prompt,
-    SampleRef,
     decode,
     encode,
     now,
@@ -46,6 +67,9 @@ __all__ = ("GeneratorConfig", "GeneratorWorker", "GeneratorStats", "PartitionCou
 logger = logging.getLogger(__name__)
 
 _PAYLOAD_LIMIT = 64 * 1024
+
+#: A polled record and what it decoded to (or why it did not).
+Decoded = tuple[Record, "Prompt | EndOfStream | Exception"]
 
 
 @dataclass(frozen=True)
@@ -69,14 +93,40 @@ class PartitionCounters:
 
 @dataclass
 class GeneratorConfig:
+    """One worker's settings. ``partitions=None``: join the generators' consumer group.
+
+    ``backpressure`` needs ``trainer`` (the trainer's step window) so that a watermark that
+    could deadlock is refused at start. ``queue_depth`` batches may be captured ahead of the
+    one being written and committed. ``exit_when_done``: in group mode, leave once every prompt
+    partition of the run has ended (fixed partitions always end with their own).
+    """
+
     run_id: str
     worker_id: str
-    partitions: list[int] | None = None  # None: join the generators' consumer group
+    partitions: list[int] | None = None
     batch_size: int = 8
     epoch: int = 0
     poll_timeout_s: float = 0.5
     transaction_timeout_ms: int = 60_000
     session_timeout_ms: int = 45_000
+    backpressure: Watermarks | None = None
+    trainer: TrainerWindow | None = None
+    queue_depth: int = 2
+    drain_timeout_s: float = 30.0
+    exit_when_done: bool = True
+    done_check_interval_s: float = 1.0
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("generate.batch_size", f"must be at least 1, got {self.batch_size}")
+        if self.backpressure is not None:
+            if self.trainer is None:
+                raise ConfigError(
+                    "backpressure.trainer",
+                    "a watermark needs the trainer window (world size, batch size, grad accum, "
+                    "prefetch) to be checked against",
+                )
+            check_watermarks(self.backpressure, self.trainer)
 
 
 @dataclass
@@ -89,6 +139,24 @@ class GeneratorStats:
     write_s: float = 0.0
     commit_s: float = 0.0
     tokens: int = 0
+    nbytes: int = 0
+    stale_batches: int = 0
+    aborted_batches: int = 0
+    rebalances: int = 0
+    pauses: int = 0
+    paused_s: float = 0.0
+    max_backlog: int = 0
+    trimmed: int = 0  # polled records left for later because their partition was at its cap
+    wall_s: float = 0.0
+    busy_s: float = 0.0  # from the first polled prompt to the last commit: steady-state time
+
+    @property
+    def tokens_per_busy_s(self) -> float:
+        return self.tokens / self.busy_s if self.busy_s else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
 
 
 def dead_letter(run_id: str, record: Record, error: Exception, sample_id: str | None = None) -> DeadLetter:
@@ -113,13 +181,14 @@ class GeneratorWorker:
 
     def __init__(
         self,
-        settings: KafkaSettings,
+        settings: Transport,
         store: FeatureStore,
         backend: object,
         config: GeneratorConfig,
         *,
         should_pause: Callable[[], bool] | None = None,
     ) -> None:
+        config.validate()  # refuse a deadlocking watermark before touching anything
         self.settings = settings
         self.store = store
         self.backend = backend
@@ -127,9 +196,23 @@ class GeneratorWorker:
         self.topics = RunTopics(config.run_id)
         self.stats = GeneratorStats()
         self._should_pause = should_pause
-        self._counters: dict[int, PartitionCounters] = {}
-        self._reader: PartitionReader | None = None
-        self._producer: TransactionalProducer | None = None
+        self._lock = threading.Lock()
+        self._epoch = 0  # bumped on every assignment change and rewind
+        self._synced_epoch = -1  # the epoch our positions and counters were last resynced at
+        self._counters: dict[int, PartitionCounters] = {}  # optimistic: includes queued batches
+        self._reader: Any = None  # the transport's reader (PartitionReader on Kafka)
+        self._writer: BatchWriter | None = None
+        self._admin: Any = None
+        # In-process transports run rebalance callbacks under their own lock, where the writer
+        # could not make progress; only Kafka's (on its IO thread) can wait for it.
+        self._drain_on_revoke = isinstance(settings, KafkaSettings)
+        self._monitor: BacklogMonitor | None = None
+        self._flow: FlowControl | None = None
+        self._partition_count = 0
+        self._done_checked_at = 0.0
+        self._paused_since: float | None = None
+        self._first_records_at: float | None = None
+        self._bytes_per_sample = 0.0
 
     @property
     def transactional_id(self) -> str:
@@ -138,90 +221,330 @@ class GeneratorWorker:
     # --- lifecycle -----------------------------------------------------------------------
 
     def run(self, stop: threading.Event | None = None) -> GeneratorStats:
-        """Process until every owned partition has ended (fixed partitions) or ``stop`` is set."""
+        """Process until every owned partition has ended (fixed partitions), every partition
+        of the run has ended (group mode, ``exit_when_done``), or ``stop`` is set."""
         stop = stop or threading.Event()
+        started = time.perf_counter()
+        try:
+            self._open()
+            self._loop(stop)
+            self._finish()
+        finally:
+            self.close()
+            self.stats.wall_s = time.perf_counter() - started
+        return self.stats
+
+    def _open(self) -> None:
         cfg = self.config
-        self._producer = TransactionalProducer(
-            self.settings, self.transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms
+        self._admin = self.settings.admin()
+        self._partition_count = self._admin.partition_count(self.topics.prompts) or 0
+        if self._partition_count == 0:
+            raise ConfigError("run_id", f"topic {self.topics.prompts} does not exist", "run the source first")
+        if cfg.backpressure is not None:
+            assert cfg.trainer is not None
+            self._flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
+            self._monitor = BacklogMonitor(
+                self.settings, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin
+            )
+        producer = self.settings.transactional_producer(
+            self.transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms
         )
-        self._reader = PartitionReader(
-            self.settings,
+        self._writer = BatchWriter(
+            producer,
+            self.store,
+            run_id=cfg.run_id,
+            producer_id=cfg.worker_id,
+            epoch=cfg.epoch,
+            target=self.backend.info,  # type: ignore[attr-defined]
+            samples_topic=self.topics.samples,
+            is_stale=lambda epoch: epoch != self._epoch,
+            on_committed=self._on_committed,
+            depth=cfg.queue_depth,
+        )
+        self._writer.start()
+        self._reader = self.settings.reader(
             self.topics.prompts,
             partitions=cfg.partitions,
             group_id=self.topics.generator_group,
             start="committed",
             max_poll_records=cfg.batch_size,
             session_timeout_ms=cfg.session_timeout_ms,
-            on_revoked=self._forget,
+            on_assigned=self._on_assigned,
+            on_revoked=self._on_revoked,
             client_id=self.transactional_id,
         )
-        try:
-            while not stop.is_set() and not self._finished():
-                if self._should_pause is not None and self._pause_if_needed(stop):
+
+    def _loop(self, stop: threading.Event) -> None:
+        cfg = self.config
+        assert self._reader is not None and self._writer is not None
+        while not stop.is_set():
+            self._writer.raise_if_failed()
+            if self._writer.take_reset() or self._epoch != self._synced_epoch:
+                self._resync()
+            if self._finished():
+                # Finished on our optimistic counts: make sure the last batches really commit.
+                self._drain_or_fail()
+                if not self._writer.take_reset():
+                    return
+                continue
+            self._apply_backpressure()
+            records = self._reader.poll(cfg.poll_timeout_s, max_records=cfg.batch_size)
+            if records and self._first_records_at is None:
+                self._first_records_at = time.perf_counter()
+            with self._lock:
+                epoch = self._epoch
+            if not records or epoch != self._synced_epoch:
+                continue  # records of a changed assignment: the resync re-reads them
+            decoded = self._trim(self._decode(records))
+            if not decoded:
+                continue
+            group = self._reader.group_metadata()
+            batch = self._plan(decoded, epoch, group)
+            with self._lock:
+                if epoch != self._epoch:  # the assignment changed during the capture
+                    self.stats.stale_batches += 1
                     continue
-                records = self._reader.poll(cfg.poll_timeout_s, max_records=cfg.batch_size)
-                if records:
-                    self.process(records)
-        finally:
-            self.close()
-        return self.stats
+                self._counters.update(batch.counters)
+            crash_point("generate.after_capture")
+            if cfg.queue_depth > 0:
+                self._writer.submit(batch)
+            else:  # no overlap: the capture waits for the write and the commit (baseline)
+                self._writer.write_now(batch)
+
+    def _drain_or_fail(self) -> None:
+        """Wait for the writer to be idle; a writer stuck past the drain timeout is fatal (a
+        restart resumes exactly; repositioning under a batch that may still commit would not)."""
+        assert self._writer is not None
+        if not self._writer.drain(self.config.drain_timeout_s):
+            raise StreamError(
+                f"the writer did not finish {self._writer.pending} batches in "
+                f"{self.config.drain_timeout_s:.0f} s (storage or broker stuck)"
+            )
+        self._writer.raise_if_failed()
+
+    def _finish(self) -> None:
+        """Stop or end: let the queued transactions commit (bounded), abort what is left."""
+        if self._writer is None:
+            return
+        if not self._writer.drain(self.config.drain_timeout_s):
+            logger.warning(
+                "%s: %d batches still queued after %.0f s; aborting them",
+                self.config.worker_id,
+                self._writer.pending,
+                self.config.drain_timeout_s,
+            )
+        if self._first_records_at is not None:
+            self.stats.busy_s = time.perf_counter() - self._first_records_at
+        self._writer.raise_if_failed()
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close()  # aborts an open transaction: nothing half-published
-            self._producer = None
+        """Abort anything open, leave the group, close the clients (idempotent)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with self._lock:
+                self._epoch += 1  # anything still queued is dropped, not committed
+            writer.stop(timeout_s=self.config.drain_timeout_s)
+            self._collect(writer)
+            writer.producer.close()  # aborts an open transaction: nothing half-published
         if self._reader is not None:
-            self._reader.close()
+            self._reader.close()  # leaves the group: the partitions move now, not at session timeout
             self._reader = None
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
 
+    def _on_committed(self, batch: PlannedBatch) -> None:
+        """Live stats, from the writer thread, once a batch's transaction has committed."""
+        s = self.stats
+        s.batches += 1
+        s.refs += batch.samples
+        s.dropped += sum(batch.dropped.values())
+        s.tokens += batch.tokens
+        s.ended_partitions.extend(batch.ended)
+
+    def _collect(self, writer: BatchWriter) -> None:
+        w = writer.stats
+        s = self.stats
+        s.nbytes, s.write_s, s.commit_s = w.nbytes, w.write_s, w.commit_s
+        s.stale_batches += w.stale_batches
+        s.aborted_batches = w.aborted_batches
+
+    # --- group membership ----------------------------------------------------------------
+
+    def _on_revoked(self, partitions: list[int]) -> None:
+        """Let the writer commit what it queued while we still own the partitions (bounded:
+        fencing covers the rest), then forget their counts: they belong to the next owner."""
+        writer = self._writer
+        if writer is not None and self._drain_on_revoke:
+            budget = min(self.config.drain_timeout_s, self.config.session_timeout_ms / 3000)
+            if not writer.drain(budget):
+                logger.warning("revocation: writer not drained in %.1f s; fencing will abort the rest", budget)
+        with self._lock:
+            self._epoch += 1
+            for p in partitions:
+                self._counters.pop(p, None)
+        self.stats.rebalances += 1
+        logger.info("%s: partitions %s revoked", self.config.worker_id, partitions)
+
+    def _on_assigned(self, partitions: list[int]) -> None:
+        with self._lock:
+            self._epoch += 1
+            for p in partitions:
+                self._counters.pop(p, None)  # reloaded from the committed metadata on first use
+        logger.info("%s: partitions %s assigned", self.config.worker_id, partitions)
+
+    def _resync(self) -> None:
+        """After an assignment change or an aborted batch: drop what is queued, reposition
+        every owned partition at its committed offset and reload its counts from there.
+
+        Seeking explicitly (not trusting the client's own reset) keeps this right whatever the
+        assignor: a batch dropped as stale is always re-read, by us or by the next owner.
+        """
+        assert self._reader is not None and self._writer is not None
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+            self._counters.clear()
+        self._drain_or_fail()  # queued batches are stale now: dropped without writing
+        self._writer.take_reset()
+        assigned = self._reader.assignment()
+        committed = self._reader.committed(assigned)
+        for p in assigned:
+            self._reader.seek(p, committed[p].offset if p in committed else 0)
+        self._synced_epoch = epoch
+        logger.info(
+            "%s: at the committed offsets of partitions %s: %s",
+            self.config.worker_id,
+            assigned,
+            {p: committed[p].offset if p in committed else 0 for p in assigned},
+        )
+
+    # --- progress --------------------------------------------------------------------------
+
+    def _counters_for(self, partitions: list[int]) -> dict[int, PartitionCounters]:
+        """Our view of these partitions' counts, loading missing ones from the group's commits."""
+        assert self._reader is not None
+        with self._lock:
+            epoch = self._epoch
+            have = {p: self._counters[p] for p in partitions if p in self._counters}
+        missing = [p for p in partitions if p not in have]
+        if missing:
+            committed = self._reader.committed(missing)
+            loaded = {
+                p: PartitionCounters.from_metadata(committed[p].metadata) if p in committed else PartitionCounters()
+                for p in missing
+            }
+            logger.info(
+                "%s: resuming partitions %s from committed %s",
+                self.config.worker_id,
+                missing,
+                {p: (committed[p].offset if p in committed else None, loaded[p].refs) for p in missing},
+            )
+            with self._lock:
+                if epoch == self._epoch:
+                    for p, c in loaded.items():
+                        self._counters.setdefault(p, c)
+            have.update(loaded)
+        return have
+
     def _finished(self) -> bool:
         owned = self.config.partitions
-        if owned is None:
+        if owned is not None:
+            return all(c.ended for c in self._counters_for(owned).values())
+        if not self.config.exit_when_done:
             return False
-        if any(p not in self._counters for p in owned):
-            self._load_counters(owned)
-        return all(self._counters[p].ended for p in owned)
-
-    def _pause_if_needed(self, stop: threading.Event) -> bool:
-        """Backpressure: keep the prompt partitions paused while the samples backlog is high."""
-        assert self._reader is not None and self._should_pause is not None
-        if not self._should_pause():
-            if self._reader.paused():
-                self._reader.resume(self._reader.paused())
+        now_ = time.monotonic()
+        if now_ - self._done_checked_at < self.config.done_check_interval_s:
             return False
-        assignment = self._reader.assignment()
-        if assignment and not self._reader.paused():
-            self._reader.pause(assignment)
-        self._reader.poll(0.05)  # stays in the group (heartbeats, rebalances) while paused
-        stop.wait(self.config.poll_timeout_s)
-        return True
+        self._done_checked_at = now_
+        assert self._admin is not None
+        committed = generator_commits(self._admin, self.topics)
+        ended = [p for p, c in committed.items() if PartitionCounters.from_metadata(c.metadata).ended]
+        return len(ended) == self._partition_count and self._writer is not None and self._writer.pending == 0
 
-    def _forget(self, partitions: list[int]) -> None:
-        """Revoked partitions: their counts now belong to the next owner's committed offsets."""
-        for p in partitions:
-            self._counters.pop(p, None)
+    # --- backpressure ----------------------------------------------------------------------
 
-    def _load_counters(self, partitions: list[int]) -> None:
+    def _backlog(self, assigned: list[int]) -> dict[int, Backlog]:
+        """Per partition: produced (ours exact, with queued batches; others' as committed)
+        minus the trainer's newest reported progress."""
+        assert self._monitor is not None
+        with self._lock:
+            local = {p: c.refs for p, c in self._counters.items() if p in assigned}
+        return self._monitor.backlog(range(self._partition_count), local)
+
+    def _ended(self) -> set[int]:
+        assert self._monitor is not None
+        with self._lock:
+            own = {p for p, c in self._counters.items() if c.ended}
+        return own | self._monitor.ended
+
+    def _apply_backpressure(self) -> None:
+        """Pause the owned partitions whose backlog reached their cap, resume those below low."""
         assert self._reader is not None
-        committed = self._reader.committed(partitions)
-        for p in partitions:
-            c = committed.get(p)
-            self._counters[p] = PartitionCounters.from_metadata(c.metadata) if c else PartitionCounters()
+        assigned = self._reader.assignment()
+        want: set[int] = set()
+        if self._should_pause is not None and self._should_pause():
+            want = set(assigned)
+        elif self._flow is not None and self._monitor is not None and assigned:
+            self._monitor.refresh()
+            backlog = self._backlog(assigned)
+            self.stats.max_backlog = max(self.stats.max_backlog, sum(b.samples for b in backlog.values()))
+            want = self._flow.update(backlog, self._bytes_per_sample, self._ended()) & set(assigned)
+        have = set(self._reader.paused())
+        if want - have:
+            self._reader.pause(sorted(want - have))
+            self.stats.pauses += 1
+            logger.info("%s: backlog high, pausing prompt partitions %s", self.config.worker_id, sorted(want - have))
+        if have - want:
+            self._reader.resume(sorted(have - want))
+            logger.info("%s: backlog low, resuming prompt partitions %s", self.config.worker_id, sorted(have - want))
+        now_ = time.monotonic()
+        if want and assigned and want >= set(assigned):
+            if self._paused_since is None:
+                self._paused_since = now_
+        elif self._paused_since is not None:
+            self.stats.paused_s += now_ - self._paused_since
+            self._paused_since = None
 
-    # --- one batch -----------------------------------------------------------------------
+    def _trim(self, decoded: list[Decoded]) -> list[Decoded]:
+        """Keep, per partition, only the prompts its cap still allows; rewind past the cut.
 
-    def process(self, records: list[Record]) -> None:
-        """Capture, store and publish one polled batch in one transaction."""
-        assert self._producer is not None and self._reader is not None
+        Markers and bad records cost nothing and pass (an end-of-stream marker must never wait
+        on the trainer), but nothing after a cut does: the partition resumes exactly there.
+        """
+        if self._flow is None or self._monitor is None or self._reader is None:
+            return decoded
+        backlog = self._backlog(self._reader.assignment())
+        allowance: dict[int, int] = {}
+        cut: dict[int, int] = {}
+        kept: list[Decoded] = []
+        for record, item in decoded:
+            p = record.partition
+            if p in cut:
+                continue
+            if isinstance(item, Prompt):
+                if p not in allowance:
+                    allowance[p] = self._flow.allowance(p, backlog[p].samples, self._bytes_per_sample)
+                if allowance[p] <= 0:
+                    cut[p] = record.offset
+                    continue
+                allowance[p] -= 1
+            kept.append((record, item))
+        for p, offset in cut.items():
+            self._reader.seek(p, offset)
+        if cut:
+            self.stats.trimmed += len(decoded) - len(kept)
+        return kept
+
+    def _decode(self, records: list[Record]) -> list[Decoded]:
         cfg = self.config
-        missing = sorted({r.partition for r in records} - set(self._counters))
-        if missing:
-            self._load_counters(missing)
-
-        decoded: list[tuple[Record, Prompt | EndOfStream | Exception]] = []
+        decoded: list[Decoded] = []
         for record in records:
             try:
                 message = decode(record.value or b"")
@@ -232,89 +555,97 @@ class GeneratorWorker:
                 decoded.append((record, message))
             except DecodeError as exc:
                 decoded.append((record, exc))
+        return decoded
 
+    # --- one batch -----------------------------------------------------------------------
+
+    def process(self, records: list[Record]) -> None:
+        """Capture, store and publish one polled batch synchronously (no overlap)."""
+        assert self._reader is not None and self._writer is not None
+        with self._lock:
+            epoch = self._epoch
+        batch = self._plan(self._decode(records), epoch, self._reader.group_metadata())
+        with self._lock:
+            self._counters.update(batch.counters)
+        self._writer.write_now(batch)
+
+    def _plan(self, decoded: list[Decoded], epoch: int, group: object) -> PlannedBatch:
+        """Decide, in record order, what the batch's transaction will hold; run the capture."""
+        cfg = self.config
+        records = [r for r, _ in decoded]
         prompts = [m for _, m in decoded if isinstance(m, Prompt)]
         started = time.perf_counter()
-        captured = self.backend.capture([(p.input_ids, p.loss_mask) for p in prompts]) if prompts else []  # type: ignore[attr-defined]
+        features = self._capture(prompts)
         self.stats.capture_s += time.perf_counter() - started
-        features = dict(zip((id(p) for p in prompts), captured, strict=True))
 
-        counters = dict(self._counters)
-        last_offset: dict[int, int] = {}
-        self._producer.begin()
-        try:
-            for record, item in decoded:
-                p = record.partition
-                last_offset[p] = record.offset
-                c = counters[p]
-                if isinstance(item, Prompt):
-                    counters[p] = self._publish_sample(record, item, features[id(item)], c)
-                elif isinstance(item, EndOfStream):
-                    counters[p] = self._forward_eos(item, p, c)
-                else:
-                    self._producer.send(self.topics.dlq, 0, encode(dead_letter(cfg.run_id, record, item)))
-                    counters[p] = replace(c, dropped=c.dropped + 1)
-                crash_point("generate.after_send", self._producer_flush)
-            offsets = {
-                (self.topics.prompts, p): Committed(o + 1, counters[p].to_metadata())
-                for p, o in last_offset.items()
-            }
-            crash_point("generate.before_commit", self._producer_flush)
-            started = time.perf_counter()
-            self._producer.commit(offsets, self._reader.group_metadata())
-            self.stats.commit_s += time.perf_counter() - started
-        except BaseException:
-            self._producer.abort()
-            raise
-        for p in last_offset:
-            before = self._counters.get(p, PartitionCounters())
-            self.stats.refs += counters[p].refs - before.refs
-            self.stats.dropped += counters[p].dropped - before.dropped
-            if counters[p].ended and not before.ended:
-                self.stats.ended_partitions.append(p)
-        self._counters.update(counters)
-        self.stats.batches += 1
-
-    def _producer_flush(self) -> None:
-        if self._producer is not None:
-            self._producer._producer.flush(timeout=10)
-
-    def _publish_sample(
-        self, record: Record, prompt: Prompt, tensors: dict, c: PartitionCounters
-    ) -> PartitionCounters:
-        assert self._producer is not None
-        cfg = self.config
+        counters = self._counters_for(sorted({r.partition for r in records}))
         info = self.backend.info  # type: ignore[attr-defined]
-        sample_id = sample_id_for(cfg.run_id, cfg.epoch, prompt.prompt_id)
-        try:
-            check_capture(tensors, info, len(prompt.input_ids))
-        except CaptureContractError as exc:
-            self._producer.send(self.topics.dlq, 0, encode(dead_letter(cfg.run_id, record, exc, sample_id)))
-            return replace(c, dropped=c.dropped + 1)
-        started = time.perf_counter()
-        stored = self.store.put(record.partition, sample_id, tensors)
-        self.stats.write_s += time.perf_counter() - started
-        self.stats.tokens += len(prompt.input_ids)
-        ref = SampleRef(
-            run_id=cfg.run_id,
-            sample_id=sample_id,
-            prompt_id=prompt.prompt_id,
-            epoch=cfg.epoch,
-            producer_id=cfg.worker_id,
-            uri=stored.uri,
-            nbytes=stored.nbytes,
-            checksum=stored.checksum,
-            num_tokens=len(prompt.input_ids),
-            tensors=stored.tensors,
-            target=info,
-            created_at=now(),
-        )
-        self._producer.send(self.topics.samples, record.partition, encode(ref), key=sample_id.encode())
-        return replace(c, refs=c.refs + 1)
+        batch = PlannedBatch(epoch=epoch, group=group, items=[], offsets={})
+        last_offset: dict[int, int] = {}
+        nbytes = 0
+        for record, item in decoded:
+            p = record.partition
+            last_offset[p] = record.offset
+            c = counters[p]
+            if isinstance(item, Prompt):
+                sample_id = sample_id_for(cfg.run_id, cfg.epoch, item.prompt_id)
+                tensors = features[id(item)]
+                try:
+                    if isinstance(tensors, Exception):
+                        raise tensors
+                    check_capture(tensors, info, len(item.input_ids))
+                except CaptureContractError as exc:
+                    batch.items.append(self._letter(record, exc, sample_id))
+                    counters[p] = replace(c, dropped=c.dropped + 1)
+                    batch.dropped[p] = batch.dropped.get(p, 0) + 1
+                    continue
+                batch.items.append(Sample(p, item, sample_id, tensors))
+                counters[p] = replace(c, refs=c.refs + 1)
+                batch.refs[p] = batch.refs.get(p, 0) + 1
+                batch.tokens += len(item.input_ids)
+                nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            elif isinstance(item, EndOfStream):
+                batch.items.append(self._forward_eos(item, p, c))
+                counters[p] = replace(c, ended=True)
+                batch.ended.append(p)
+            else:
+                batch.items.append(self._letter(record, item))
+                counters[p] = replace(c, dropped=c.dropped + 1)
+                batch.dropped[p] = batch.dropped.get(p, 0) + 1
+        batch.offsets = {
+            (self.topics.prompts, p): Committed(o + 1, counters[p].to_metadata()) for p, o in last_offset.items()
+        }
+        batch.counters = {p: counters[p] for p in last_offset}
+        if batch.samples:
+            per_sample = nbytes / batch.samples
+            self._bytes_per_sample = per_sample if not self._bytes_per_sample else 0.9 * self._bytes_per_sample + 0.1 * per_sample
+        return batch
 
-    def _forward_eos(self, marker: EndOfStream, partition: int, c: PartitionCounters) -> PartitionCounters:
+    def _capture(self, prompts: list[Prompt]) -> dict[int, object]:
+        """Features per prompt (by identity); a prompt the backend refuses gets its error."""
+        if not prompts:
+            return {}
+        capture = self.backend.capture  # type: ignore[attr-defined]
+        try:
+            out = capture([(p.input_ids, p.loss_mask) for p in prompts])
+            return dict(zip((id(p) for p in prompts), out, strict=True))
+        except CaptureContractError:
+            if len(prompts) == 1:
+                raise
+        # One bad prompt must not sink the batch: capture one by one to find it.
+        result: dict[int, object] = {}
+        for p in prompts:
+            try:
+                result[id(p)] = capture([(p.input_ids, p.loss_mask)])[0]
+            except CaptureContractError as exc:
+                result[id(p)] = exc
+        return result
+
+    def _letter(self, record: Record, error: Exception, sample_id: str | None = None) -> Publish:
+        return Publish(self.topics.dlq, 0, encode(dead_letter(self.config.run_id, record, error, sample_id)))
+
+    def _forward_eos(self, marker: EndOfStream, partition: int, c: PartitionCounters) -> Publish:
         """Close the samples partition; a count that does not add up closes it as failed."""
-        assert self._producer is not None
         seen = c.refs + c.dropped
         status, reason = marker.status, marker.reason
         if status == "complete" and seen != marker.count:
@@ -330,5 +661,5 @@ class GeneratorWorker:
             reason=reason,
             producer_id="generate",
         )
-        self._producer.send(self.topics.samples, partition, encode(out))
-        return replace(c, ended=True)
+        return Publish(self.topics.samples, partition, encode(out))
+
