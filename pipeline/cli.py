@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -113,15 +113,21 @@ def broker_status() -> None:
 
 @app.command()
 def generate(
-    run_id: Annotated[str, typer.Option(help="The run whose prompts to consume.")],
-    storage: Annotated[str, typer.Option(help="Feature storage root (path or fsspec URL).")],
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="The run's YAML config (run, storage, target, watermarks).")
+    ] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Without --config: the run whose prompts to consume.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Without --config: feature storage root (path or URL).")] = None,
     bootstrap: BootstrapOption = None,
     worker_id: Annotated[str, typer.Option(help="Stable id: a restart with the same id fences the old one.")] = "gen-0",
     partitions: Annotated[
         Optional[str], typer.Option(help="Comma-separated prompt partitions to own; default: join the group.")
     ] = None,
-    backend: Annotated[str, typer.Option(help="synthetic | hf")] = "synthetic",
+    backend: Annotated[str, typer.Option(help="Without --config: synthetic | hf")] = "synthetic",
     model: Annotated[Optional[Path], typer.Option(help="Local HF model directory (backend hf).")] = None,
+    aux_layer_ids: Annotated[
+        Optional[str], typer.Option(help="Comma-separated aux layer ids (backend hf); default EAGLE3's.")
+    ] = None,
     batch_size: int = 8,
     hidden_size: Annotated[int, typer.Option(help="Hidden size (backend synthetic).")] = 64,
     dtype: str = "float32",
@@ -129,28 +135,43 @@ def generate(
     session_timeout_ms: int = 45_000,
     verbose: bool = False,
 ) -> None:
-    """Run one generator worker until its partitions end (or SIGTERM)."""
+    """Run one generator worker until the prompts end (or SIGTERM).
+
+    Start several, on one machine or many: with the same config and different --worker-id they
+    share the prompt partitions through the generators' consumer group.
+    """
     _setup_logging(verbose)
     from pipeline.generate.worker import GeneratorConfig, GeneratorWorker  # noqa: PLC0415
     from pipeline.kafka import KafkaSettings  # noqa: PLC0415
     from pipeline.storage import FeatureStore  # noqa: PLC0415
 
-    target = _backend(backend, model, hidden_size, dtype)
+    owned = [int(p) for p in partitions.split(",")] if partitions else None
     stop = threading.Event()
     _stop_on_signals(stop)
-    worker = GeneratorWorker(
-        KafkaSettings(_bootstrap_or_local(bootstrap)),
-        FeatureStore(storage, run_id),
-        target,
-        GeneratorConfig(
-            run_id=run_id,
-            worker_id=worker_id,
-            partitions=[int(p) for p in partitions.split(",")] if partitions else None,
-            batch_size=batch_size,
-            transaction_timeout_ms=transaction_timeout_ms,
-            session_timeout_ms=session_timeout_ms,
-        ),
-    )
+    if config is not None:
+        from pipeline.runtime import build_online_run, preflight  # noqa: PLC0415
+
+        cfg = _load(config)
+        online = build_online_run(cfg)
+        preflight(cfg, online.transport, stages=("generate",))
+        worker = online.generator(worker_id, owned)
+    else:
+        if not run_id or not storage:
+            raise SpecstreamError("generate needs --config, or --run-id and --storage")
+        aux = [int(i) for i in aux_layer_ids.split(",")] if aux_layer_ids else None
+        worker = GeneratorWorker(
+            KafkaSettings(_bootstrap_or_local(bootstrap)),
+            FeatureStore(storage, run_id),
+            _backend(backend, model, hidden_size, dtype, aux),
+            GeneratorConfig(
+                run_id=run_id,
+                worker_id=worker_id,
+                partitions=owned,
+                batch_size=batch_size,
+                transaction_timeout_ms=transaction_timeout_ms,
+                session_timeout_ms=session_timeout_ms,
+            ),
+        )
     stats = worker.run(stop)
     console.print(
         f"generator {worker_id}: {stats.refs} samples, {stats.dropped} to the DLQ, "
@@ -158,7 +179,7 @@ def generate(
     )
 
 
-def _backend(name: str, model: Path | None, hidden_size: int, dtype: str) -> object:
+def _backend(name: str, model: Path | None, hidden_size: int, dtype: str, aux: list[int] | None = None) -> object:
     if name == "synthetic":
         from pipeline.generate.synthetic import SyntheticTarget  # noqa: PLC0415
 
@@ -168,7 +189,7 @@ def _backend(name: str, model: Path | None, hidden_size: int, dtype: str) -> obj
             raise SpecstreamError("backend hf needs --model pointing at a local Hugging Face model directory")
         from pipeline.generate.hf import HFTarget  # noqa: PLC0415
 
-        return HFTarget(model)
+        return HFTarget(model, aux_layer_ids=aux)
     raise SpecstreamError(f"unknown backend {name!r}: use synthetic or hf")
 
 
@@ -197,6 +218,165 @@ def demo(
     console.print(f"{time.perf_counter() - started:.1f} s")
     if not summary.ok:
         raise typer.Exit(1)
+
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The run's YAML config (see examples/).")]
+
+
+def _load(config_path: Path) -> Any:
+    from pipeline.config import load_config  # noqa: PLC0415
+
+    return load_config(config_path)
+
+
+@app.command()
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="Where the target, data, features and outputs go.")] = Path(
+        "./specstream-quickstart"
+    ),
+    conversations: Annotated[int, typer.Option(help="Synthetic conversations to train on.")] = 768,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    bootstrap: BootstrapOption = None,
+    verbose: bool = False,
+) -> None:
+    """The main job on a fresh machine: local broker, tiny target, online EAGLE3 training, export.
+
+    Builds a tiny Llama target and synthetic chats locally, then runs source, generator and
+    trainer interleaved on the local Kafka broker (started if needed) and prints the
+    completeness summary. The config it ran is saved as WORKDIR/config.yaml.
+    """
+    _setup_logging(verbose)
+    from pipeline.quickstart import quickstart_config  # noqa: PLC0415
+    from pipeline.runtime import build_online_run  # noqa: PLC0415
+
+    if bootstrap is None:
+        state = local_broker.start_detached()
+        bootstrap = state.bootstrap
+        console.print(f"local Kafka broker at {bootstrap} (stop it with `specstream broker stop`)")
+    console.print("building the tiny target and synthetic data (cached after the first run)...")
+    config = quickstart_config(workdir, conversations=conversations, bootstrap=bootstrap, max_steps=max_steps)
+    _run_and_report(build_online_run(config))
+
+
+@app.command()
+def run(config: ConfigOption, verbose: bool = False) -> None:
+    """Run every stage in this process: source, generators and trainer, interleaved."""
+    _setup_logging(verbose)
+    from pipeline.runtime import build_online_run  # noqa: PLC0415
+
+    _run_and_report(build_online_run(_load(config)))
+
+
+def _run_and_report(online: Any) -> None:
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    result = online.run(stop)
+    typer.echo(result.summary)
+    console.print(
+        f"{result.steps} optimizer steps ({result.reason}) in {result.wall_s:.1f} s"
+        + (f"; curves: {result.plot_path}" if result.plot_path else "")
+        + (f"; SGLang draft: {result.export_dir}" if result.export_dir else "")
+    )
+
+
+@app.command()
+def source(config: ConfigOption, verbose: bool = False) -> None:
+    """Tokenize the conversations, store the draft vocabulary and publish the prompts (once)."""
+    _setup_logging(verbose)
+    from pipeline.runtime import build_online_run, claim_run, preflight  # noqa: PLC0415
+
+    cfg = _load(config)
+    online = build_online_run(cfg)
+    preflight(cfg, online.transport, stages=("source",))
+    claim_run(online.transport, cfg)
+    result = online.source_stage().run()
+    typer.echo(
+        f"{result.prompts} prompts published over {cfg.data.partitions} partitions "
+        f"({result.malformed} malformed lines, {result.truncated} truncated); vocab: {result.vocab_mapping_url}"
+    )
+
+
+@app.command()
+def train(
+    config: ConfigOption,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Train the draft on the samples topic; run it under torchrun for several ranks.
+
+    torchrun --nproc-per-node N -m pipeline.cli train --config run.yaml
+    """
+    _setup_logging(verbose)
+    from pipeline.runtime import build_online_run, preflight, train_config_for  # noqa: PLC0415
+    from pipeline.train.runner import run_trainer  # noqa: PLC0415
+
+    cfg = _load(config)
+    online = build_online_run(cfg)
+    preflight(cfg, online.transport, stages=("train",))
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    result = run_trainer(
+        train_config_for(cfg, schedule_steps=cfg.train.max_steps),
+        settings=online.transport,
+        storage_root=cfg.storage.root,
+        model=online.model_spec(),
+        stop=stop,
+        device=device,
+        storage_options=dict(cfg.storage.options),
+    )
+    if result.completeness is not None:
+        typer.echo(result.completeness.line())
+    console.print(f"{result.step} optimizer steps ({result.reason}); checkpoint {result.checkpoint}")
+
+
+@app.command()
+def status(
+    run_id: Annotated[Optional[str], typer.Option(help="The run to inspect.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Or take run and broker from a config.")] = None,
+    bootstrap: BootstrapOption = None,
+) -> None:
+    """Per partition: produced, dropped, consumed, lag and end-of-stream state; DLQ; samples/s."""
+    from pipeline.kafka import KafkaSettings  # noqa: PLC0415
+    from pipeline.status import render_status, run_status  # noqa: PLC0415
+
+    if config is not None:
+        cfg = _load(config)
+        run_id = run_id or cfg.run_id
+        bootstrap = bootstrap or cfg.broker.bootstrap_servers
+    if not run_id:
+        raise SpecstreamError("status needs --run-id or --config")
+    typer.echo(render_status(run_status(KafkaSettings(_bootstrap_or_local(bootstrap)), run_id)))
+
+
+@app.command()
+def export(
+    config: ConfigOption,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory; default the newest.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory; default OUTPUT_DIR/export.")] = None,
+) -> None:
+    """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
+    from pipeline.runtime import build_online_run  # noqa: PLC0415
+    from pipeline.train.checkpoint import CheckpointManager  # noqa: PLC0415
+    from pipeline.train.exporting import export_checkpoint  # noqa: PLC0415
+
+    cfg = _load(config)
+    if checkpoint is None:
+        latest = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints").latest()
+        if latest is None:
+            raise SpecstreamError(f"no checkpoint under {cfg.train.output_dir}/checkpoints: train first")
+        checkpoint = latest.path
+    online = build_online_run(cfg, transport=_NoBroker())
+    target = export_checkpoint(checkpoint, online.model_spec(), str(out or Path(cfg.train.output_dir) / "export"))
+    typer.echo(target)
+
+
+class _NoBroker:
+    """Export needs no broker; anything that tries to reach one is a bug."""
+
+    bootstrap_servers = "none"
+
+    def __getattr__(self, name: str) -> Any:
+        raise SpecstreamError(f"export does not talk to Kafka (asked for {name})")
 
 
 def main() -> None:

@@ -95,3 +95,11 @@ def run_topics(kafka: KafkaSettings, run_id: str) -> Iterator[RunTopics]:
 @pytest.fixture
 def storage_root(tmp_path: Path) -> str:
     return str(tmp_path / "features")
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir() -> Path:
+    """The tiny trained Llama target (built once per machine, cached under SPECSTREAM_HOME)."""
+    from pipeline.generate.tiny import build_tiny_target  # noqa: PLC0415
+
+    return build_tiny_target()

@@ -13,13 +13,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
-def tiny_target_dir() -> Path:
-    from pipeline.generate.tiny import build_tiny_target  # noqa: PLC0415
-
-    return build_tiny_target()
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One intra-op thread, seeded: two OpenMP threads on a shared 2-core box run far slower."""

@@ -1,0 +1,199 @@
+"""The single-process runtime and the CLI on a real broker: endings, signals, bad configs, processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.kafka import KafkaSettings, RunTopics
+from pipeline.runtime import build_online_run
+from tests.support import spawn, wait_exit
+
+pytestmark = pytest.mark.integration
+
+
+def write_config(
+    tmp_path: Path, kafka: KafkaSettings, run_id: str, target: Path, *, conversations: int = 48, **sections: Any
+) -> Path:
+    from pipeline.generate.tiny import TINY_AUX_LAYER_IDS, markov_conversations, write_jsonl
+
+    data = tmp_path / "data.jsonl"
+    if not data.exists():
+        write_jsonl(markov_conversations(conversations, seed=1), str(data))
+    raw: dict[str, Any] = {
+        "run_id": run_id,
+        "broker": {"bootstrap_servers": kafka.bootstrap_servers, "transaction_timeout_ms": 15000,
+                   "session_timeout_ms": 6000},
+        "storage": {"root": str(tmp_path / "features"), "retention": "retain"},
+        "data": {"path": str(data), "max_length": 128, "partitions": 4},
+        "target": {"backend": "hf", "model": str(target), "aux_layer_ids": list(TINY_AUX_LAYER_IDS), "batch_size": 4},
+        "generate": {"high_watermark": 24, "low_watermark": 16},
+        "train": {"batch_size": 2, "lr": 3e-3, "ttt_steps": 2, "draft_vocab_size": 128, "save_interval": 4,
+                  "prefetch": 2, "output_dir": str(tmp_path / "out")},
+    }  # fmt: skip
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def no_open_transactions(kafka: KafkaSettings, topics: RunTopics) -> bool:
+    with kafka.admin() as admin:
+        for topic in (topics.prompts, topics.samples):
+            if admin.end_offsets(topic, range(4)) != admin.end_offsets(topic, range(4), committed_only=False):
+                return False
+    return True
+
+
+def test_producer_first_the_trainer_drains_to_end_of_stream(kafka, run_id, tmp_path, tiny_target_dir) -> None:
+    from pipeline.train.export import load_exported
+
+    config = load_config(write_config(tmp_path, kafka, run_id, tiny_target_dir))
+    result = build_online_run(config).run()
+    assert result.reason == "end_of_stream"
+    assert result.summary.startswith("48 of 48 prompts trained, 0 missing, 0 duplicates dropped")
+    assert result.export_dir and load_exported(result.export_dir, tiny_target_dir) is not None
+    assert Path(result.plot_path or "").is_file()
+    assert no_open_transactions(kafka, RunTopics(run_id))
+
+
+def test_trainer_first_winds_the_generators_down(kafka, run_id, tmp_path, tiny_target_dir) -> None:
+    config = load_config(
+        write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=160, train={"max_steps": 3})
+    )
+    started = time.monotonic()
+    result = build_online_run(config).run()
+    assert result.reason == "max_steps" and result.steps == 3
+    assert time.monotonic() - started < 120
+    produced = sum(s.refs for s in result.generators)
+    assert produced < 160, "backpressure should have held the generators well short of the whole input"
+    assert no_open_transactions(kafka, RunTopics(run_id))
+
+
+class ExplodingTarget:
+    """Delegates to the real backend, then fails on the eighth batch, like a GPU running out of memory."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.info, self.calls = inner, inner.info, 0
+
+    def capture(self, prompts: Any) -> Any:
+        self.calls += 1
+        if self.calls == 8:
+            raise RuntimeError("capture exploded: CUDA out of memory")
+        return self.inner.capture(prompts)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_producer_error_stops_the_trainer_and_is_reraised_here(kafka, run_id, tmp_path, tiny_target_dir) -> None:
+    config = load_config(write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=120))
+    online = build_online_run(config)
+    real = online.make_backend
+    online.make_backend = lambda: ExplodingTarget(real())  # type: ignore[method-assign]
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            online.run()
+        except RuntimeError as exc:
+            run.error = exc  # type: ignore[attr-defined]
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert finished.wait(180), "the run hung after a producer failure"
+    error = run.error  # type: ignore[attr-defined]
+    assert "capture exploded" in str(error)
+    assert "capture" in "".join(traceback.format_tb(error.__traceback__))
+    assert list((tmp_path / "out" / "checkpoints").glob("step-*")), "the trainer should checkpoint on the way out"
+
+
+def test_sigterm_checkpoints_and_exits_zero(kafka, run_id, tmp_path, tiny_target_dir) -> None:
+    path = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=400)
+    proc = spawn(["run", "--config", str(path)])
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no training step within 120 s"
+        time.sleep(0.2)  # polling another process's output file, bounded by the deadline
+    proc.send_signal(signal.SIGTERM)
+    code, out = wait_exit(proc, timeout_s=120)
+    assert code == 0, out
+    assert list((tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert no_open_transactions(kafka, RunTopics(run_id))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (lambda c: c["train"].update(lrate=1), "train.lrate"),
+        (lambda c: c["target"].update(model="/nonexistent/model"), "target.model"),
+        (lambda c: c["broker"].update(bootstrap_servers="127.0.0.1:1", client_options={"bootstrap_timeout_ms": 3000}),
+         "127.0.0.1:1"),
+        (lambda c: c["storage"].update(root="/proc/specstream/features"), "storage.root"),
+    ],
+    ids=["typo", "missing-model", "unreachable-broker", "unwritable-storage"],
+)
+def test_bad_config_stops_at_start_with_one_message_and_writes_nothing(
+    kafka, run_id, tmp_path, tiny_target_dir, mutate, key
+) -> None:
+    path = write_config(tmp_path, kafka, run_id, tiny_target_dir)
+    raw = yaml.safe_load(path.read_text())
+    mutate(raw)
+    path.write_text(yaml.safe_dump(raw))
+    code, out = wait_exit(spawn(["run", "--config", str(path)]), timeout_s=120)
+    assert code != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and key in errors[0], out
+    assert "Traceback" not in out
+    with kafka.admin() as admin:
+        assert not {t for t in admin.topics() if t.startswith(run_id)}
+    assert not (tmp_path / "features").exists() and not (tmp_path / "out").exists()
+
+
+def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp_path, tiny_target_dir) -> None:
+    from pipeline.train.export import load_exported
+
+    path = write_config(
+        tmp_path, kafka, run_id, tiny_target_dir, conversations=64,
+        train={"world_size": 2}, generate={"high_watermark": 48, "low_watermark": 32},
+    )  # fmt: skip
+    code, out = wait_exit(spawn(["source", "--config", str(path)]), timeout_s=120)
+    assert code == 0 and "64 prompts published" in out, out
+    generators = [spawn(["generate", "--config", str(path), "--worker-id", f"gen-{i}"]) for i in range(2)]
+    code = -1
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "pipeline.cli", "train", "--config", str(path), "--device", "cpu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        code, out = wait_exit(trainer, timeout_s=240)
+    finally:
+        for proc in generators:
+            if proc.poll() is None and code != 0:
+                proc.kill()
+    assert code == 0, out
+    assert "64 of 64 prompts trained, 0 missing" in out
+    for proc in generators:
+        gcode, gout = wait_exit(proc, timeout_s=120)
+        assert gcode == 0, gout
+    code, out = wait_exit(spawn(["export", "--config", str(path)]), timeout_s=120)
+    assert code == 0, out
+    assert load_exported(out.strip().splitlines()[-1], tiny_target_dir) is not None

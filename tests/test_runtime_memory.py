@@ -1,0 +1,29 @@
+"""The single-process runtime on the in-process transport: the whole job without a Kafka broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import parse_config
+from pipeline.generate.tiny import TINY_AUX_LAYER_IDS, markov_conversations, write_jsonl
+from pipeline.runtime import build_online_run
+
+
+def test_online_run_on_the_memory_transport(tmp_path: Path, tiny_target_dir: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    write_jsonl(markov_conversations(32, seed=2), str(data))
+    config = parse_config(
+        {
+            "run_id": "memory-run",
+            "broker": {"bootstrap_servers": "memory"},
+            "storage": {"root": str(tmp_path / "features")},
+            "data": {"path": str(data), "max_length": 128, "partitions": 2},
+            "target": {"backend": "hf", "model": str(tiny_target_dir), "aux_layer_ids": list(TINY_AUX_LAYER_IDS)},
+            "generate": {"high_watermark": 16, "low_watermark": 8},
+            "train": {"batch_size": 2, "ttt_steps": 2, "draft_vocab_size": 64, "prefetch": 2,
+                      "output_dir": str(tmp_path / "out")},
+        }  # fmt: skip
+    )
+    result = build_online_run(config).run()
+    assert result.reason == "end_of_stream" and result.steps == 16
+    assert result.summary.startswith("32 of 32 prompts trained, 0 missing, 0 duplicates dropped, 0 tail")
