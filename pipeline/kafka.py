@@ -452,6 +452,7 @@ class PartitionReader:
         on_assigned: Callable[[list[int]], None] | None = None,
         on_revoked: Callable[[list[int]], None] | None = None,
         client_id: str | None = None,
+        max_partition_fetch_bytes: int = 1024 * 1024,
     ) -> None:
         self.topic = topic
         self.group_id = group_id
@@ -465,6 +466,7 @@ class PartitionReader:
             "session_timeout_ms": session_timeout_ms,
             "heartbeat_interval_ms": max(1000, session_timeout_ms // 10),
             "allow_auto_create_topics": False,
+            "max_partition_fetch_bytes": max_partition_fetch_bytes,
             **settings.common(),
         }
         if client_id:

@@ -299,20 +299,30 @@ class _Reader:
             while True:
                 if self._subscribed:
                     self._rebalance()
-                out: list[Record] = []
-                log = self._b._topic(self.topic).partitions
-                for p in sorted(self._positions):
-                    if p in self._paused:
-                        continue
-                    take = log[p][self._positions[p] : self._positions[p] + (limit - len(out))]
-                    out.extend(take)
-                    self._positions[p] += len(take)
-                    if len(out) >= limit:
-                        break
+                out = self._take(limit)
                 remaining = deadline - time.monotonic()
                 if out or remaining <= 0:
                     return out
                 self._b._lock.wait(remaining)
+
+    def _take(self, limit: int) -> list[Record]:
+        """Round-robin over the unpaused partitions, a few records each, like small fetches."""
+        log = self._b._topic(self.topic).partitions
+        active = [p for p in sorted(self._positions) if p not in self._paused]
+        out: list[Record] = []
+        share = max(1, limit // max(1, len(active)))
+        progress = True
+        while len(out) < limit and progress:
+            progress = False
+            for p in active:
+                take = log[p][self._positions[p] : self._positions[p] + min(share, limit - len(out))]
+                if take:
+                    out.extend(take)
+                    self._positions[p] += len(take)
+                    progress = True
+                if len(out) >= limit:
+                    break
+        return out
 
     def seek(self, partition: int, offset: int) -> None:
         self._positions[partition] = offset

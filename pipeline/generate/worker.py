@@ -268,6 +268,11 @@ class GeneratorWorker:
             group_id=self.topics.generator_group,
             start="committed",
             max_poll_records=cfg.batch_size,
+            # Small fetches per partition: the consumer hands out one partition's fetched records
+            # until they are used up, so with the 1 MiB default a worker would turn a whole prompt
+            # partition into samples before starting the next, and a trainer rank (which takes its
+            # partitions round-robin) would wait for the last one. 16 KiB is ~10 prompts a turn.
+            max_partition_fetch_bytes=16 * 1024,
             session_timeout_ms=cfg.session_timeout_ms,
             on_assigned=self._on_assigned,
             on_revoked=self._on_revoked,
