@@ -16,21 +16,18 @@ are reported separately. Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts the lo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from pipeline.broker import LocalKafka
+from pipeline.broker import env_or_local_broker as broker
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
 from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
@@ -43,13 +40,6 @@ from pipeline.train.runner import ModelSpec, run_trainer
 from pipeline.train.vocab import build_vocab_mapping
 
 
-@contextlib.contextmanager
-def broker() -> Iterator[str]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
-    with LocalKafka(Path(tempfile.mkdtemp(prefix="bench-kafka-"))) as k:
-        yield k.bootstrap
 
 
 def write_target(directory: Path, hidden: int, vocab: int, heads: int) -> None:

@@ -15,19 +15,17 @@ and broker. Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts the local broker.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # the raw baseline only
 
-from pipeline.broker import LocalKafka
+from pipeline.broker import env_or_local_broker as broker
 from pipeline.kafka import KafkaAdmin, KafkaSettings, PartitionReader, RunTopics, TransactionalProducer
 from pipeline.messages import EndOfStream, SampleRef, TargetInfo, decode, encode, now
 from pipeline.storage import FeatureStore
@@ -39,13 +37,6 @@ TARGET = TargetInfo(
 )  # fmt: skip
 
 
-@contextlib.contextmanager
-def broker() -> Iterator[str]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
-    with LocalKafka(Path(tempfile.mkdtemp(prefix="bench-kafka-"))) as k:
-        yield k.bootstrap
 
 
 def make_sample(tokens: int, hidden: int, seed: int) -> dict[str, torch.Tensor]:

@@ -21,19 +21,17 @@ local broker.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.broker import LocalKafka
+from pipeline.broker import env_or_local_broker as broker
 from pipeline.generate.hf import HFTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
 from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
@@ -51,13 +49,6 @@ SHAPES: dict[str, dict] = {
 }  # fmt: skip
 
 
-@contextlib.contextmanager
-def broker() -> Iterator[str]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
-    with LocalKafka(Path(tempfile.mkdtemp(prefix="bench-kafka-"))) as k:
-        yield k.bootstrap
 
 
 def model_dir(shape: str, scratch: Path) -> Path:

@@ -12,31 +12,21 @@ wall time, and their ratios (goal: total <= 0.7x, first step after about one tra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from pipeline.broker import LocalKafka
+from pipeline.broker import env_or_local_broker as broker
 from pipeline.config import RunConfig, parse_config
 from pipeline.generate.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
 from pipeline.runtime import build_online_run, claim_run, train_config_for
 
 
-@contextlib.contextmanager
-def broker() -> Iterator[str]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
-    with LocalKafka(Path(tempfile.mkdtemp(prefix="bench-kafka-"))) as k:
-        yield k.bootstrap
 
 
 def wide_target(tiny: Path, hidden: int, scratch: Path) -> Path:

@@ -13,6 +13,7 @@ and by ``specstream quickstart``. Anyone with a broker already can skip all of t
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import json
 import logging
@@ -24,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +42,7 @@ __all__ = (
     "stop_detached",
     "detached_status",
     "DetachedBroker",
+    "env_or_local_broker",
 )
 
 logger = logging.getLogger(__name__)
@@ -314,6 +317,16 @@ class LocalKafka:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def env_or_local_broker() -> Iterator[str]:
+    """``KAFKA_BOOTSTRAP_SERVERS`` if set, else a throwaway local broker for the block."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    with LocalKafka(Path(tempfile.mkdtemp(prefix="specstream-kafka-"))) as local:
+        yield local.bootstrap
 
 
 # --- a broker that outlives the CLI command that started it -------------------------------

@@ -7,7 +7,6 @@ the first session on a machine pays for the training (~15-35 s on 2 cores); late
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch

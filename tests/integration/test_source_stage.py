@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.conversations import ConversationError
-from pipeline.generate.tiny import build_tiny_target, markov_conversations, write_jsonl
+from pipeline.generate.tiny import build_tiny_target, markov_conversations
 from pipeline.kafka import KafkaSettings, RunTopics
 from pipeline.messages import DeadLetter, EndOfStream, Prompt, prompt_id_for
 from pipeline.source import SourceConfig, SourceStage, read_vocab_mapping
