@@ -111,7 +111,6 @@ def broker_status() -> None:
 # --- stages ---------------------------------------------------------------------------------
 
 
-@app.command()
 def generate(
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="The run's YAML config (run, storage, target, watermarks).")
@@ -193,7 +192,6 @@ def _backend(name: str, model: Path | None, hidden_size: int, dtype: str, aux: l
     raise SpecstreamError(f"unknown backend {name!r}: use synthetic or hf")
 
 
-@app.command()
 def demo(
     samples: Annotated[int, typer.Option(help="How many samples to move.")] = 64,
     partitions: int = 4,
@@ -229,7 +227,6 @@ def _load(config_path: Path) -> Any:
     return load_config(config_path)
 
 
-@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="Where the target, data, features and outputs go.")] = Path(
         "./specstream-quickstart"
@@ -258,7 +255,6 @@ def quickstart(
     _run_and_report(build_online_run(config))
 
 
-@app.command()
 def run(config: ConfigOption, verbose: bool = False) -> None:
     """Run every stage in this process: source, generators and trainer, interleaved."""
     _setup_logging(verbose)
@@ -279,7 +275,6 @@ def _run_and_report(online: Any) -> None:
     )
 
 
-@app.command()
 def source(config: ConfigOption, verbose: bool = False) -> None:
     """Tokenize the conversations, store the draft vocabulary and publish the prompts (once)."""
     _setup_logging(verbose)
@@ -296,7 +291,6 @@ def source(config: ConfigOption, verbose: bool = False) -> None:
     )
 
 
-@app.command()
 def train(
     config: ConfigOption,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
@@ -329,7 +323,6 @@ def train(
     console.print(f"{result.step} optimizer steps ({result.reason}); checkpoint {result.checkpoint}")
 
 
-@app.command()
 def status(
     run_id: Annotated[Optional[str], typer.Option(help="The run to inspect.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Or take run and broker from a config.")] = None,
@@ -348,7 +341,6 @@ def status(
     typer.echo(render_status(run_status(KafkaSettings(_bootstrap_or_local(bootstrap)), run_id)))
 
 
-@app.command()
 def export(
     config: ConfigOption,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory; default the newest.")] = None,
@@ -377,6 +369,17 @@ class _NoBroker:
 
     def __getattr__(self, name: str) -> Any:
         raise SpecstreamError(f"export does not talk to Kafka (asked for {name})")
+
+
+# Commands in the order --help shows them: the main job first, then the stages, then tools.
+app.command()(quickstart)
+app.command()(run)
+app.command()(source)
+app.command()(generate)
+app.command()(train)
+app.command()(status)
+app.command()(export)
+app.command()(demo)
 
 
 def main() -> None:
