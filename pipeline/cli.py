@@ -266,8 +266,7 @@ def run(config: ConfigOption, verbose: bool = False) -> None:
 def _run_and_report(online: Any) -> None:
     stop = threading.Event()
     _stop_on_signals(stop)
-    result = online.run(stop)
-    typer.echo(result.summary)
+    result = online.run(stop, announce=console.print)  # the trainer prints the completeness line (rank 0)
     console.print(
         f"{result.steps} optimizer steps ({result.reason}) in {result.wall_s:.1f} s"
         + (f"; curves: {result.plot_path}" if result.plot_path else "")
@@ -318,8 +317,6 @@ def train(
         device=device,
         storage_options=dict(cfg.storage.options),
     )
-    if result.completeness is not None:
-        typer.echo(result.completeness.line())
     console.print(f"{result.step} optimizer steps ({result.reason}); checkpoint {result.checkpoint}")
 
 

@@ -43,9 +43,9 @@ def quickstart_config(
             "aux_layer_ids": list(TINY_AUX_LAYER_IDS),
             "batch_size": 8,
         },
-        "generate": {"workers": 1, "high_watermark": 96, "low_watermark": 64},
+        "generate": {"workers": 1, "high_watermark": 64, "low_watermark": 32},
         "train": {
-            "batch_size": 8,
+            "batch_size": 4,
             "lr": 3e-3,
             "warmup_ratio": 0.05,
             "ttt_steps": 3,

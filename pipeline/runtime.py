@@ -282,8 +282,37 @@ class OnlineRun:
             aux_layer_ids=ids,  # type: ignore[arg-type]
         )
 
-    def run(self, stop: threading.Event | None = None) -> RunResult:
-        """Source, then generators (threads) and trainer (here) interleaved, then export."""
+    def projected_storage(self, avg_tokens: float) -> str:
+        """DESIGN 4.4: exact resume keeps one checkpoint interval of features on storage."""
+        import json  # noqa: PLC0415
+
+        c = self.config
+        hidden, dtype_bytes = 0, 2
+        config_file = Path(str(c.target.model)) / "config.json"
+        if config_file.is_file():
+            target = json.loads(config_file.read_text())
+            hidden = int(target.get("hidden_size") or target.get("text_config", {}).get("hidden_size", 0))
+            dtype_bytes = 4 if (c.target.dtype or target.get("torch_dtype") or target.get("dtype")) == "float32" else 2
+        if not hidden:
+            return "projected peak feature storage: unknown (no hidden size in the target config)"
+        per_sample = avg_tokens * (4 * hidden * dtype_bytes + 9)  # aux 3H + final H, ids int64, mask uint8
+        window = c.train.save_interval * c.global_batch if c.storage.retention == "delete" else None
+        if window is None:
+            return (
+                f"feature storage grows with the run (retention: retain): ~{per_sample / 1e6:.2f} MB per sample"
+            )
+        peak = (window + c.generate.high_watermark) * per_sample
+        return (
+            f"projected peak feature storage: ({c.train.save_interval} x {c.global_batch} + "
+            f"{c.generate.high_watermark}) samples x {per_sample / 1e6:.2f} MB = {peak / 1e9:.2f} GB"
+        )
+
+    def run(self, stop: threading.Event | None = None, announce: Any = None) -> RunResult:
+        """Source, then generators (threads) and trainer (here) interleaved, then export.
+
+        ``announce`` receives the start-up facts a person should see (e.g. projected storage).
+        """
+        announce = announce or logger.info
         from pipeline.train.distributed import DistContext  # noqa: PLC0415
         from pipeline.train.runner import run_trainer  # noqa: PLC0415
 
@@ -298,6 +327,7 @@ class OnlineRun:
         preflight(c, self.transport)
         claim_run(self.transport, c)
         source = self.source_stage().run()
+        announce(self.projected_storage(source.tokens / max(1, source.prompts)))
         schedule = c.train.max_steps or max(1, source.prompts // c.global_batch)
         train_config = train_config_for(c, schedule_steps=schedule)
         workers = [
