@@ -359,6 +359,27 @@ def export(
     typer.echo(target)
 
 
+def replay(
+    config: ConfigOption,
+    out: Annotated[Path, typer.Option(help="Where the replay's checkpoints and metrics go.")] = Path("./replay"),
+    verbose: bool = False,
+) -> None:
+    """Train again from the retained samples and features; compare every step's loss with the ledger.
+
+    Needs the run's features retained (storage.retention: retain). With train.deterministic: true
+    on CPU the losses are bit-identical to the live run's.
+    """
+    _setup_logging(verbose)
+    from pipeline.replay import replay_run  # noqa: PLC0415
+
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    report = replay_run(_load(config), str(out), stop=stop)
+    typer.echo(report.line())
+    if report.first_difference is not None:
+        raise typer.Exit(1)
+
+
 class _NoBroker:
     """Export needs no broker; anything that tries to reach one is a bug."""
 
@@ -376,6 +397,7 @@ app.command()(generate)
 app.command()(train)
 app.command()(status)
 app.command()(export)
+app.command()(replay)
 app.command()(demo)
 
 

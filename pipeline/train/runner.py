@@ -117,8 +117,13 @@ def run_trainer(
     dist: DistContext | None = None,
     device: str | None = None,
     storage_options: dict[str, object] | None = None,
+    record: bool = True,
 ) -> TrainResult:
-    """Train one rank of ``config.run_id`` on the live samples topic (call it on every rank)."""
+    """Train one rank of ``config.run_id`` on the live samples topic (call it on every rank).
+
+    ``record=False`` (replay) writes no ledger records and commits no group offsets: the run's
+    own history stays the live run's.
+    """
     own_dist = dist is None
     dist = dist or init_distributed(timeout_s=config.collective_timeout_s, device=device)
     closers: list[object] = []
@@ -157,7 +162,7 @@ def run_trainer(
             )
 
         ledger = committer = None
-        if dist.is_main:
+        if dist.is_main and record:
             ledger = LedgerWriter(settings, config.run_id)
             committer = OffsetCommitter(settings, topics, num_partitions)
             closers.extend([ledger, committer])

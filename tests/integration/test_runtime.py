@@ -197,3 +197,18 @@ def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp
     code, out = wait_exit(spawn(["export", "--config", str(path)]), timeout_s=120)
     assert code == 0, out
     assert load_exported(out.strip().splitlines()[-1], tiny_target_dir) is not None
+
+
+def test_replay_reproduces_the_ledger_bit_for_bit(kafka, run_id, tmp_path, tiny_target_dir) -> None:
+    from pipeline.replay import replay_run
+
+    config = load_config(
+        write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=40, train={"deterministic": True})
+    )
+    live = build_online_run(config).run()
+    assert live.reason == "end_of_stream" and live.steps == 20
+    report = replay_run(config, str(tmp_path / "replay"))
+    assert report.line() == "20 of 20 replayed steps bit-identical to the ledger"
+    from pipeline.train.ledger import read_ledger
+
+    assert len(read_ledger(kafka, run_id)) == 20, "the replay must not write to the run's ledger"
