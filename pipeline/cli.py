@@ -309,7 +309,7 @@ def train(
     stop = threading.Event()
     _stop_on_signals(stop)
     result = run_trainer(
-        train_config_for(cfg, schedule_steps=cfg.train.max_steps),
+        train_config_for(cfg, schedule_steps=cfg.train.max_steps or _planned_steps(online.transport, cfg)),
         settings=online.transport,
         storage_root=cfg.storage.root,
         model=online.model_spec(),
@@ -318,6 +318,19 @@ def train(
         storage_options=dict(cfg.storage.options),
     )
     console.print(f"{result.step} optimizer steps ({result.reason}); checkpoint {result.checkpoint}")
+
+
+def _planned_steps(transport: Any, cfg: Any) -> int | None:
+    """Steps of one pass when the source has closed every partition (the cosine schedule's
+    length, as in the single-process runtime); None (constant schedule) while it still runs."""
+    from pipeline.kafka import RunTopics  # noqa: PLC0415
+    from pipeline.source import committed_prompt_counts  # noqa: PLC0415
+
+    counts, closed = committed_prompt_counts(transport, RunTopics(cfg.run_id), cfg.data.partitions)
+    if len(closed) < cfg.data.partitions:
+        console.print("[yellow]the source has not finished: constant learning rate (set train.max_steps for cosine)")
+        return None
+    return max(1, sum(counts.values()) // cfg.global_batch)
 
 
 def status(
