@@ -306,26 +306,44 @@ def train(
     cfg = _load(config)
     online = build_online_run(cfg)
     preflight(cfg, online.transport, stages=("train",))
+    from pipeline.train.distributed import init_distributed  # noqa: PLC0415
+
     stop = threading.Event()
     _stop_on_signals(stop)
-    result = run_trainer(
-        train_config_for(cfg, schedule_steps=cfg.train.max_steps or _planned_steps(online.transport, cfg)),
-        settings=online.transport,
-        storage_root=cfg.storage.root,
-        model=online.model_spec(),
-        stop=stop,
-        device=device,
-        storage_options=dict(cfg.storage.options),
-    )
+    dist = init_distributed(device=device)
+    try:
+        # One schedule for every rank and every attempt: rank 0 decides, the others follow.
+        steps = dist.broadcast_object(_schedule_steps(online.transport, cfg) if dist.is_main else None)
+        result = run_trainer(
+            train_config_for(cfg, schedule_steps=steps),
+            settings=online.transport,
+            storage_root=cfg.storage.root,
+            model=online.model_spec(),
+            stop=stop,
+            dist=dist,
+            device=device,
+            storage_options=dict(cfg.storage.options),
+        )
+    finally:
+        dist.close()
     console.print(f"{result.step} optimizer steps ({result.reason}); checkpoint {result.checkpoint}")
 
 
-def _planned_steps(transport: Any, cfg: Any) -> int | None:
-    """Steps of one pass when the source has closed every partition (the cosine schedule's
-    length, as in the single-process runtime); None (constant schedule) while it still runs."""
+def _schedule_steps(transport: Any, cfg: Any) -> int | None:
+    """The cosine schedule's length: max_steps; else, when resuming, the one the checkpoint was
+    trained with (a schedule is part of what a resume must match); else one pass over the
+    prompts once the source has closed every partition; else None (constant rate)."""
     from pipeline.kafka import RunTopics  # noqa: PLC0415
     from pipeline.source import committed_prompt_counts  # noqa: PLC0415
+    from pipeline.train.checkpoint import CheckpointManager  # noqa: PLC0415
 
+    if cfg.train.max_steps:
+        return int(cfg.train.max_steps)
+    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints")
+    latest = manager.latest()
+    if latest is not None:
+        schedule = manager.read_meta(latest).get("config", {}).get("lr_schedule", {})
+        return schedule.get("total_steps")
     counts, closed = committed_prompt_counts(transport, RunTopics(cfg.run_id), cfg.data.partitions)
     if len(closed) < cfg.data.partitions:
         console.print("[yellow]the source has not finished: constant learning rate (set train.max_steps for cosine)")
@@ -415,11 +433,18 @@ app.command()(demo)
 
 
 def main() -> None:
+    """Exit 0: done or cleanly stopped; 2: a setting or the broker is wrong (fix and rerun);
+    1: the run failed while running (look at the message, then restart or resume)."""
+    from pipeline.errors import BrokerError, ConfigError, RunMismatchError  # noqa: PLC0415
+
     try:
         app()
-    except SpecstreamError as exc:
+    except (ConfigError, BrokerError, RunMismatchError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise SystemExit(2) from None
+    except SpecstreamError as exc:
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

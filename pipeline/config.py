@@ -138,6 +138,39 @@ class RunConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _backpressure_cannot_deadlock(self) -> RunConfig:
+        """The generators' own watermark checks, at start, under this file's key names."""
+        from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks  # noqa: PLC0415
+
+        t, g = self.train, self.generate
+        if self.data.partitions % t.world_size:
+            raise ValueError(
+                f"data.partitions|{self.data.partitions} partitions do not divide over train.world_size "
+                f"{t.world_size} ranks: a rank with more partitions would still be draining them after "
+                "the others end, while backpressure waits for training progress|"
+                f"use a multiple of {t.world_size} partitions"
+            )
+        try:
+            check_watermarks(
+                Watermarks(high=g.high_watermark, low=g.low_watermark, high_bytes=g.high_watermark_bytes,
+                           low_bytes=g.low_watermark_bytes),
+                TrainerWindow(world_size=t.world_size, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                              prefetch=t.prefetch * t.batch_size),
+                self.data.partitions,
+            )  # fmt: skip
+        except ConfigError as exc:
+            key = {"partitions": "data.partitions"}.get(exc.key, exc.key.replace("backpressure.", "generate."))
+            problem = exc.problem.replace("backpressure.", "generate.")
+            fix = exc.fix.replace("backpressure.", "generate.") or "see examples/tiny-cpu.yaml"
+            raise ValueError(f"{key}|{problem}|{fix}") from None
+        if "://" in t.output_dir:
+            raise ValueError(
+                f"train.output_dir|{t.output_dir} is a URL, but checkpoints are written with POSIX "
+                "renames and fsyncs|use a local or shared filesystem path (NFS, Lustre, a mounted bucket)"
+            )
+        return self
+
     @property
     def global_batch(self) -> int:
         return self.train.world_size * self.train.batch_size * self.train.grad_accum

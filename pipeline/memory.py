@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import BrokerError, RunMismatchError
-from pipeline.kafka import Committed, PartitionLag, Record, RunTopics, Start
+from pipeline.kafka import Committed, KafkaError, PartitionLag, Record, RunTopics, Start
 
-__all__ = ("MemoryBroker",)
+__all__ = ("MemoryBroker", "StaleGeneration")
+
+
+class StaleGeneration(KafkaError):
+    """A consume-transform-produce commit from before a rebalance (Kafka: ILLEGAL_GENERATION)."""
 
 
 @dataclass
@@ -181,6 +185,7 @@ class _TxProducer:
     def commit(self, offsets: Mapping[tuple[str, int], Committed] | None = None, group: Any = None) -> None:
         with self._b._lock:
             self._check_fenced()
+            self._check_generation(offsets, group)
             self._b._append(self._pending)
             if offsets:
                 group_id = group if isinstance(group, str) else getattr(group, "group_id", None)
@@ -190,6 +195,19 @@ class _TxProducer:
                     self._b._offsets[(group_id, topic, partition)] = committed
         self._pending = []
         self.in_transaction = False
+
+    def _check_generation(self, offsets: Mapping[tuple[str, int], Committed] | None, group: Any) -> None:
+        """KIP-447: offsets committed with a group generation that has since changed are refused."""
+        if not offsets or not isinstance(group, _GroupToken) or group.generation < 0:
+            return
+        for topic in {t for t, _ in offsets}:
+            current = self._b._groups.get((group.group_id, topic))
+            if current is not None and current.generation != group.generation:
+                self.abort()
+                raise StaleGeneration(
+                    f"group {group.group_id} is at generation {current.generation}, this batch was "
+                    f"planned at {group.generation}: its partitions moved; the transaction is aborted"
+                )
 
     def abort(self) -> None:
         self._pending = []

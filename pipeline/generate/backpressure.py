@@ -254,7 +254,11 @@ class FlowControl:
                 continue
             if p in self.latched:
                 nbytes = b.samples * bytes_per_sample
-                if b.samples <= self.low[p] and (self.low_bytes is None or nbytes <= self.low_bytes[p]):
+                below_low = b.samples <= self.low[p] and (self.low_bytes is None or nbytes <= self.low_bytes[p])
+                # Whatever the low share says, a partition holding less than its rank needs for
+                # one step must flow again: the trainer may be waiting on exactly this partition,
+                # and it reports progress (which lowers the backlog) only after a whole step.
+                if below_low or b.samples < self.needs[p]:
                     self.latched.discard(p)
             elif self.allowance(p, b.samples, bytes_per_sample) <= 0:
                 self.latched.add(p)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.errors import StreamError
 from pipeline.faults import crash_point
 from pipeline.kafka import Committed, KafkaError
 from pipeline.messages import Prompt, SampleRef, TargetInfo, encode, now
@@ -152,11 +153,17 @@ class BatchWriter:
         self._thread = threading.Thread(target=self._loop, name=f"writer-{self.producer_id}", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: PlannedBatch) -> None:
-        """Queue a batch; blocks while the queue is full (the capture is far enough ahead)."""
+    def submit(self, batch: PlannedBatch, *, stop: threading.Event | None = None, stop_grace_s: float = 30.0) -> None:
+        """Queue a batch; blocks while the queue is full (the capture is far enough ahead).
+
+        Once ``stop`` is set it waits at most ``stop_grace_s`` more: a writer stuck in storage or
+        in a commit must not keep a SIGTERMed worker alive. Giving up loses nothing: the batch was
+        never committed, so its prompts are redone by whoever owns the partition next.
+        """
         self.raise_if_failed()
         with self._cond:
             self._pending += 1
+        give_up_at: float | None = None
         while True:
             try:
                 self._queue.put(batch, timeout=0.5)
@@ -166,7 +173,16 @@ class BatchWriter:
                     with self._cond:
                         self._pending -= 1
                     self.raise_if_failed()
-                    raise RuntimeError("the writer thread is gone")
+                    raise RuntimeError("the writer thread is gone") from None
+                if stop is not None and stop.is_set():
+                    give_up_at = give_up_at or time.monotonic() + stop_grace_s
+                    if time.monotonic() > give_up_at:
+                        with self._cond:
+                            self._pending -= 1
+                        raise StreamError(
+                            f"the writer took no batch for {stop_grace_s:.0f} s after the stop request "
+                            "(storage or broker stuck); exiting without committing it"
+                        ) from None
 
     def write_now(self, batch: PlannedBatch) -> None:
         """Synchronous variant (no thread): write and commit one batch on the caller's thread."""

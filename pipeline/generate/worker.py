@@ -312,7 +312,7 @@ class GeneratorWorker:
                 self._counters.update(batch.counters)
             crash_point("generate.after_capture")
             if cfg.queue_depth > 0:
-                self._writer.submit(batch)
+                self._writer.submit(batch, stop=stop, stop_grace_s=cfg.drain_timeout_s)
             else:  # no overlap: the capture waits for the write and the commit (baseline)
                 self._writer.write_now(batch)
 

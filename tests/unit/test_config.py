@@ -30,6 +30,11 @@ def test_examples_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         ({"generate": {"high_watermark": 2, "low_watermark": 1}}, "generate.high_watermark", "at least 5"),
         ({"generate": {"high_watermark": 10, "low_watermark": 20}}, "generate.low_watermark", "below"),
         ({"run_id": "no spaces"}, "run_id", ""),
+        ({"generate": {"high_watermark": 64, "low_watermark": 64}}, "generate.low_watermark", ""),
+        ({"data": {"path": "x", "partitions": 5}, "train": {"world_size": 2}}, "data.partitions", "multiple of 2"),
+        ({"data": {"path": "x", "partitions": 3}, "train": {"batch_size": 4},
+          "generate": {"high_watermark": 20, "low_watermark": 10}}, "generate.high_watermark", ">= 21"),
+        ({"train": {"output_dir": "s3://bucket/out"}}, "train.output_dir", "filesystem path"),
     ],
 )
 def test_bad_settings_name_the_key_and_the_fix(override: dict, key: str, fix: str) -> None:

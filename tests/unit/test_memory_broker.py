@@ -89,3 +89,19 @@ def test_pause_holds_records_back_and_poll_wakes_on_commit(broker: MemoryBroker)
     assert [(r.partition, r.value) for r in got] == [(1, b"free")]
     reader.resume([0])
     assert [r.value for r in reader.poll(0)] == [b"held"]
+
+
+def test_a_commit_planned_before_a_rebalance_is_fenced(broker: MemoryBroker) -> None:
+    from pipeline.memory import StaleGeneration
+
+    a = broker.reader("r.prompts", group_id="g")
+    a.poll(0)
+    token = a.group_metadata()
+    broker.reader("r.prompts", group_id="g").poll(0)  # a second member joins: generation moves on
+    tx = broker.transactional_producer("t")
+    tx.begin()
+    tx.send("r.samples", 0, b"stale")
+    with pytest.raises(StaleGeneration, match="moved"):
+        tx.commit({("r.prompts", 0): Committed(1, "")}, token)
+    assert broker.admin().end_offsets("r.samples", [0]) == {0: 0}
+    assert broker.admin().group_offsets("g", "r.prompts") == {}
