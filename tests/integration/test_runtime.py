@@ -68,6 +68,13 @@ def test_producer_first_the_trainer_drains_to_end_of_stream(kafka, run_id, tmp_p
     assert Path(result.plot_path or "").is_file()
     assert no_open_transactions(kafka, RunTopics(run_id))
 
+    from pipeline.status import render_status, run_status
+
+    status = run_status(kafka, run_id)
+    assert status.step == result.steps and status.produced == status.consumed == 48 and status.dead_letters == 0
+    assert all(p.generator_ended and p.backlog == 0 for p in status.partitions)
+    assert "48 of 48 produced samples trained" in render_status(status)
+
 
 def test_trainer_first_winds_the_generators_down(kafka, run_id, tmp_path, tiny_target_dir) -> None:
     config = load_config(
