@@ -148,11 +148,12 @@ def generate(
     stop = threading.Event()
     _stop_on_signals(stop)
     if config is not None:
-        from pipeline.runtime import build_online_run, preflight  # noqa: PLC0415
+        from pipeline.runtime import build_online_run, preflight, verify_run  # noqa: PLC0415
 
         cfg = _load(config)
         online = build_online_run(cfg)
         preflight(cfg, online.transport, stages=("generate",))
+        verify_run(online.transport, cfg)
         worker = online.generator(worker_id, owned)
     else:
         if not run_id or not storage:
@@ -300,12 +301,13 @@ def train(
     torchrun --nproc-per-node N -m pipeline.cli train --config run.yaml
     """
     _setup_logging(verbose)
-    from pipeline.runtime import build_online_run, preflight, train_config_for  # noqa: PLC0415
+    from pipeline.runtime import build_online_run, preflight, train_config_for, verify_run  # noqa: PLC0415
     from pipeline.train.runner import run_trainer  # noqa: PLC0415
 
     cfg = _load(config)
     online = build_online_run(cfg)
     preflight(cfg, online.transport, stages=("train",))
+    verify_run(online.transport, cfg)
     from pipeline.train.distributed import init_distributed  # noqa: PLC0415
 
     stop = threading.Event()

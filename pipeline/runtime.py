@@ -38,6 +38,7 @@ __all__ = (
     "resolve_transport",
     "preflight",
     "claim_run",
+    "verify_run",
     "train_config_for",
 )
 
@@ -152,7 +153,20 @@ def claim_run(transport: Transport, config: RunConfig) -> RunManifest:
     return manifest
 
 
+def verify_run(transport: Transport, config: RunConfig) -> None:
+    """A stage joining a run (generate, train) refuses a run whose manifest has another config."""
+    existing = _read_manifest(transport, RunTopics(config.run_id))
+    if existing is not None and existing.config_hash != config.fingerprint():
+        raise RunMismatchError(
+            f"run {config.run_id} was started with another configuration (manifest {existing.config_hash}, "
+            f"this config {config.fingerprint()}): give every stage the same config file"
+        )
+
+
 def _read_manifest(transport: Transport, topics: RunTopics) -> RunManifest | None:
+    with transport.admin() as admin:
+        if topics.manifest not in admin.topics():
+            return None
     reader = transport.reader(topics.manifest, partitions=[0], start="earliest")
     try:
         end = reader.end_offsets([0])[0]

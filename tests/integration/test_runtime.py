@@ -182,6 +182,10 @@ def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp
     )  # fmt: skip
     code, out = wait_exit(spawn(["source", "--config", str(path)]), timeout_s=120)
     assert code == 0 and "64 prompts published" in out, out
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(path.read_text().replace("lr: 0.003", "lr: 0.001"))
+    code, out = wait_exit(spawn(["generate", "--config", str(changed), "--worker-id", "stray"]), timeout_s=120)
+    assert code == 2 and "another configuration" in out, out  # a stage with another config is refused
     generators = [spawn(["generate", "--config", str(path), "--worker-id", f"gen-{i}"]) for i in range(2)]
     code = -1
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
