@@ -15,7 +15,8 @@ Callers see ``Record`` and plain ints; kafka-python's types never leak out of th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -25,7 +26,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.errors import BrokerError, RunMismatchError
+from pipeline.errors import BrokerError, RunMismatchError, StreamError
 
 __all__ = (
     "Transport",
@@ -39,6 +40,7 @@ __all__ = (
     "PartitionReader",
     "Committed",
     "KafkaError",
+    "read_to_end",
 )
 
 logger = logging.getLogger(__name__)
@@ -561,3 +563,27 @@ class PartitionReader:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def read_to_end(
+    transport: Transport,
+    topic: str,
+    partitions: Iterable[int],
+    *,
+    start: Start | Mapping[int, int] = "earliest",
+    timeout_s: float = 60.0,
+) -> Iterator[Record]:
+    """Committed records from ``start`` up to the end offsets taken now: reading back a run's
+    small topics (prompts count, ledger, manifest, DLQ). Bounded: a read that cannot reach the
+    end within ``timeout_s`` raises ``StreamError`` rather than returning part of the topic."""
+    partitions = sorted(set(partitions))
+    reader = transport.reader(topic, partitions=partitions, start=start)
+    try:
+        ends = reader.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_s
+        while any(reader.position(p) < ends[p] for p in partitions):
+            if time.monotonic() > deadline:
+                raise StreamError(f"reading {topic} to its end took longer than {timeout_s:.0f} s")
+            yield from reader.poll(0.2)
+    finally:
+        reader.close()

@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, RunMismatchError
 from pipeline.interleave import run_interleaved
-from pipeline.kafka import KafkaSettings, RunTopics, Transport
+from pipeline.kafka import KafkaSettings, RunTopics, Transport, read_to_end
 from pipeline.messages import RunManifest, decode, encode, now
 from pipeline.storage import FeatureStore
 
@@ -167,19 +167,12 @@ def _read_manifest(transport: Transport, topics: RunTopics) -> RunManifest | Non
     with transport.admin() as admin:
         if topics.manifest not in admin.topics():
             return None
-    reader = transport.reader(topics.manifest, partitions=[0], start="earliest")
-    try:
-        end = reader.end_offsets([0])[0]
-        found = None
-        deadline = time.monotonic() + 30
-        while reader.position(0) < end and time.monotonic() < deadline:
-            for record in reader.poll(0.2):
-                message = decode(record.value or b"")
-                if isinstance(message, RunManifest):
-                    found = message
-        return found
-    finally:
-        reader.close()
+    found = None
+    for record in read_to_end(transport, topics.manifest, [0], timeout_s=30):
+        message = decode(record.value or b"")
+        if isinstance(message, RunManifest):
+            found = message  # compacted topic: the newest manifest counts
+    return found
 
 
 def train_config_for(config: RunConfig, *, schedule_steps: int | None) -> Any:

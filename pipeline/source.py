@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import DecodeError, RunMismatchError, StreamError
-from pipeline.kafka import RunTopics, Transport
+from pipeline.errors import DecodeError, RunMismatchError
+from pipeline.kafka import RunTopics, Transport, read_to_end
 from pipeline.messages import DeadLetter, EndOfStream, Prompt, decode, encode, now
 from pipeline.storage import FeatureStore
 
@@ -64,24 +64,15 @@ def committed_prompt_counts(
     settings: Transport, topics: RunTopics, partitions: int, *, timeout_s: float = 120.0
 ) -> tuple[dict[int, int], set[int]]:
     """Per partition: prompts already committed, and which partitions are already closed."""
-    reader = settings.reader(topics.prompts, partitions=range(partitions), start="earliest")
-    try:
-        ends = reader.end_offsets()
-        counts = {p: 0 for p in range(partitions)}
-        closed: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while any(reader.position(p) < ends[p] for p in ends):
-            if time.monotonic() > deadline:
-                raise StreamError(f"reading back {topics.prompts} took longer than {timeout_s:.0f} s")
-            for record in reader.poll(0.5):
-                message = decode(record.value or b"")
-                if isinstance(message, Prompt):
-                    counts[record.partition] += 1
-                elif isinstance(message, EndOfStream):
-                    closed.add(record.partition)
-        return counts, closed
-    finally:
-        reader.close()
+    counts = {p: 0 for p in range(partitions)}
+    closed: set[int] = set()
+    for record in read_to_end(settings, topics.prompts, range(partitions), timeout_s=timeout_s):
+        message = decode(record.value or b"")
+        if isinstance(message, Prompt):
+            counts[record.partition] += 1
+        elif isinstance(message, EndOfStream):
+            closed.add(record.partition)
+    return counts, closed
 
 
 class PromptPublisher:

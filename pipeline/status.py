@@ -8,12 +8,11 @@ writes anything.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from pipeline.errors import StreamError
 from pipeline.generate.worker import PartitionCounters
-from pipeline.kafka import RunTopics, Transport
+from pipeline.kafka import RunTopics, Transport, read_to_end
 from pipeline.messages import DeadLetter, LedgerStep, decode
 
 __all__ = ("PartitionStatus", "RunStatus", "run_status", "render_status")
@@ -50,18 +49,7 @@ class RunStatus:
 
 
 def _read_all(transport: Transport, topic: str, partition: int, start: int, timeout_s: float) -> list[bytes]:
-    reader = transport.reader(topic, partitions=[partition], start={partition: start})
-    try:
-        end = reader.end_offsets([partition])[partition]
-        values: list[bytes] = []
-        deadline = time.monotonic() + timeout_s
-        while reader.position(partition) < end:
-            if time.monotonic() > deadline:
-                raise StreamError(f"reading {topic} took longer than {timeout_s:.0f} s")
-            values.extend(r.value or b"" for r in reader.poll(0.2))
-        return values
-    finally:
-        reader.close()
+    return [r.value or b"" for r in read_to_end(transport, topic, [partition], start={partition: start}, timeout_s=timeout_s)]
 
 
 def _recent_steps(transport: Transport, topics: RunTopics, lookback: int, timeout_s: float) -> list[LedgerStep]:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 
 from pipeline.errors import StreamError
-from pipeline.kafka import RunTopics, Transport
+from pipeline.kafka import RunTopics, Transport, read_to_end
 from pipeline.messages import LedgerStep, decode, encode
 
 __all__ = ("LedgerWriter", "LedgerTail", "read_ledger", "effective_history", "latest_ledger_step")
@@ -61,21 +61,12 @@ def _decode_step(value: bytes | None, run_id: str, where: str) -> LedgerStep | N
 def read_ledger(settings: Transport, run_id: str, *, timeout_s: float = 60.0) -> list[LedgerStep]:
     """Every ledger record of the run in log order (dead attempts included)."""
     topic = RunTopics(run_id).ledger
-    reader = settings.reader(topic, partitions=[_PARTITION], start="earliest")
-    try:
-        end = reader.end_offsets()[_PARTITION]
-        out: list[LedgerStep] = []
-        deadline = time.monotonic() + timeout_s
-        while reader.position(_PARTITION) < end:
-            if time.monotonic() > deadline:
-                raise StreamError(f"reading {topic} took longer than {timeout_s:.0f} s")
-            for record in reader.poll(0.5):
-                step = _decode_step(record.value, run_id, f"{topic}:{record.offset}")
-                if step is not None:
-                    out.append(step)
-        return out
-    finally:
-        reader.close()
+    out: list[LedgerStep] = []
+    for record in read_to_end(settings, topic, [_PARTITION], timeout_s=timeout_s):
+        step = _decode_step(record.value, run_id, f"{topic}:{record.offset}")
+        if step is not None:
+            out.append(step)
+    return out
 
 
 def effective_history(records: Iterable[LedgerStep]) -> list[LedgerStep]:
