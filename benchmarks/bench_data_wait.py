@@ -27,19 +27,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.broker import env_or_local_broker as broker
+from pipeline.core.messages import Prompt, prompt_id_for
+from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
-from pipeline.messages import Prompt, prompt_id_for
-from pipeline.source import PromptPublisher
+from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import DistContext
 from pipeline.train.runner import ModelSpec, run_trainer
-from pipeline.train.vocab import build_vocab_mapping
-
-
+from pipeline.transport.broker import env_or_local_broker as broker
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
+from pipeline.vocab import build_vocab_mapping
 
 
 def write_target(directory: Path, hidden: int, vocab: int, heads: int) -> None:

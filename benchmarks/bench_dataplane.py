@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # the raw baseline only
 
-from pipeline.broker import env_or_local_broker as broker
-from pipeline.kafka import KafkaAdmin, KafkaSettings, PartitionReader, RunTopics, TransactionalProducer
-from pipeline.messages import EndOfStream, SampleRef, TargetInfo, decode, encode, now
+from pipeline.core.messages import EndOfStream, SampleRef, TargetInfo, decode, encode, now
+from pipeline.core.topics import RunTopics
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
+from pipeline.transport.broker import env_or_local_broker as broker
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PartitionReader, TransactionalProducer
 
 TARGET = TargetInfo(
     model_id="llama-3.1-8b-shape", revision="bench", num_layers=32, aux_layer_ids=[1, 15, 28],

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.broker import env_or_local_broker as broker
-from pipeline.config import RunConfig, parse_config
-from pipeline.generate.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
-from pipeline.runtime import build_online_run, claim_run, train_config_for
-
-
+from pipeline.app.config import RunConfig, parse_config
+from pipeline.app.runtime import build_online_run, claim_run, train_config_for
+from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
+from pipeline.transport.broker import env_or_local_broker as broker
 
 
 def wide_target(tiny: Path, hidden: int, scratch: Path) -> Path:

@@ -27,8 +27,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import ConfinementError, IntegrityError
-from pipeline.messages import SampleRef, TensorSpec
+from pipeline.core.errors import ConfinementError, IntegrityError
+from pipeline.core.messages import SampleRef, TensorSpec
 
 if TYPE_CHECKING:
     import torch

@@ -16,76 +16,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
-from pipeline.eos import Completeness, CompletenessTracker
-from pipeline.errors import DecodeError, PayloadError, StreamError
-from pipeline.generate.worker import dead_letter
-from pipeline.kafka import PlainProducer, Record, RunTopics, Transport
-from pipeline.messages import EndOfStream, SampleRef, decode, encode
+from pipeline.core.deadletter import dead_letter
+from pipeline.core.eos import Completeness, CompletenessTracker
+from pipeline.core.errors import DecodeError, PayloadError, StreamError
+from pipeline.core.messages import EndOfStream, SampleRef, decode, encode
+from pipeline.core.progress import StreamItem, StreamState
+from pipeline.core.topics import Producer, Record, RunTopics, Transport
 from pipeline.storage import FeatureStore
 
-__all__ = ("StreamItem", "StreamState", "SampleStream", "rank_partitions")
+__all__ = ("SampleStream",)
 
 logger = logging.getLogger(__name__)
-
-
-def rank_partitions(partitions: int, world_size: int, rank: int) -> list[int]:
-    """Rank r reads partitions p with p % world_size == r."""
-    return [p for p in range(partitions) if p % world_size == rank]
-
-
-@dataclass(frozen=True)
-class StreamItem:
-    ref: SampleRef
-    tensors: dict
-    partition: int
-    offset: int
-
-
-@dataclass
-class StreamState:
-    """Everything a checkpoint needs to resume a stream exactly (JSON-serialisable)."""
-
-    positions: dict[int, int]
-    used: dict[int, int]
-    rejected: dict[int, int]
-    duplicates: dict[int, int]
-    markers: dict[int, list[str]]
-    cursor: int
-    dead_letters: int = 0
-    dropped_upstream: int = 0
-    recent_ids: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "positions": {str(k): v for k, v in self.positions.items()},
-            "used": {str(k): v for k, v in self.used.items()},
-            "rejected": {str(k): v for k, v in self.rejected.items()},
-            "duplicates": {str(k): v for k, v in self.duplicates.items()},
-            "markers": {str(k): v for k, v in self.markers.items()},
-            "cursor": self.cursor,
-            "dead_letters": self.dead_letters,
-            "dropped_upstream": self.dropped_upstream,
-            "recent_ids": list(self.recent_ids),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> StreamState:
-        def ints(d: dict) -> dict[int, int]:
-            return {int(k): int(v) for k, v in d.items()}
-
-        return cls(
-            positions=ints(data["positions"]),
-            used=ints(data["used"]),
-            rejected=ints(data["rejected"]),
-            duplicates=ints(data["duplicates"]),
-            markers={int(k): list(v) for k, v in data["markers"].items()},
-            cursor=int(data["cursor"]),
-            dead_letters=int(data.get("dead_letters", 0)),
-            dropped_upstream=int(data.get("dropped_upstream", 0)),
-            recent_ids=[str(i) for i in data.get("recent_ids", [])],
-        )
 
 
 class SampleStream:
@@ -106,7 +48,7 @@ class SampleStream:
         partitions: Iterable[int],
         *,
         state: StreamState | None = None,
-        dlq: PlainProducer | None = None,
+        dlq: Producer | None = None,
         idle_timeout_s: float | None = 600.0,
         poll_timeout_s: float = 0.5,
         max_poll_records: int = 64,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
+from pipeline.core.topics import RunTopics
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    from pipeline import broker  # noqa: PLC0415
+    from pipeline.transport import broker  # noqa: PLC0415
 
     if shutil.which("java") and (broker.libs_dir().is_dir() or shutil.which("mvn")):
         with broker.LocalKafka(tmp_path_factory.mktemp("kafka")) as local:
@@ -100,6 +101,6 @@ def storage_root(tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_target_dir() -> Path:
     """The tiny trained Llama target (built once per machine, cached under SPECSTREAM_HOME)."""
-    from pipeline.generate.tiny import build_tiny_target  # noqa: PLC0415
+    from pipeline.devkit.tiny import build_tiny_target  # noqa: PLC0415
 
     return build_tiny_target()

@@ -8,8 +8,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from pipeline.kafka import KafkaSettings, PartitionReader
-from pipeline.messages import AnyMessage, Prompt, decode, prompt_id_for
+from pipeline.core.messages import AnyMessage, Prompt, decode, prompt_id_for
+from pipeline.transport.kafka import KafkaSettings, PartitionReader
 
 __all__ = ("read_messages", "make_prompts", "spawn", "wait_exit")
 
@@ -46,11 +46,11 @@ def make_prompts(run_id: str, count: int, *, tokens: int = 16, vocab: int = 512)
 
 
 def spawn(args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``python -m pipeline.cli ARGS`` as a separate process (a real stage process)."""
+    """``python -m pipeline.app.cli ARGS`` as a separate process (a real stage process)."""
     inherited = {k: v for k, v in os.environ.items() if k != "SPECSTREAM_CRASH_AT"}
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.app.cli", *args],
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -23,11 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.eos import Completeness
-from pipeline.generate.synthetic import SyntheticTarget
-from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.kafka import KafkaSettings, PlainProducer, RunTopics
-from pipeline.messages import (
+from pipeline.core.eos import Completeness
+from pipeline.core.messages import (
     EndOfStream,
     Prompt,
     SampleRef,
@@ -38,10 +35,14 @@ from pipeline.messages import (
     prompt_id_for,
     sample_id_for,
 )
-from pipeline.source import PromptPublisher
+from pipeline.core.progress import StreamItem, StreamState
+from pipeline.core.topics import RunTopics
+from pipeline.generate.synthetic import SyntheticTarget
+from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
+from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
-from pipeline.stream import StreamItem, StreamState
-from pipeline.train.vocab import build_vocab_mapping
+from pipeline.transport.kafka import KafkaSettings, PlainProducer
+from pipeline.vocab import build_vocab_mapping
 
 HIDDEN, VOCAB, DRAFT_VOCAB = 64, 512, 128
 TARGET_INFO = TargetInfo(

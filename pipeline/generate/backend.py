@@ -1,7 +1,7 @@
 """The target-backend contract: what a generator worker needs from a target model.
 
 A backend runs the frozen target LLM over tokenized prompts and returns, per prompt, the four
-EAGLE3 feature tensors of :mod:`pipeline.features` (no batch dimension, on the CPU, unshifted).
+EAGLE3 feature tensors of :mod:`pipeline.core.features` (no batch dimension, on the CPU, unshifted).
 Backends differ only in how they run the model (Hugging Face eager on CPU/GPU, SGLang on GPU);
 the checks and the assembly of the payload are shared and live here, so every backend fails in
 the same words when a capture breaks the contract.
@@ -19,8 +19,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pipeline.errors import CaptureContractError, ConfigError
-from pipeline.features import (
+from pipeline.core.errors import CaptureContractError, ConfigError
+from pipeline.core.features import (
     AUX_HIDDEN,
     FINAL_HIDDEN,
     INPUT_IDS,
@@ -28,7 +28,7 @@ from pipeline.features import (
     check_capture,
     default_aux_layer_ids,
 )
-from pipeline.messages import TargetInfo
+from pipeline.core.messages import TargetInfo
 
 __all__ = (
     "PromptTokens",
@@ -44,7 +44,7 @@ __all__ = (
 
 #: One prompt as the backends take it: ``(input_ids, loss_mask)``, equal lengths, mask in {0, 1}.
 PromptTokens = tuple[Sequence[int], Sequence[int]]
-#: One captured sample: tensor name -> tensor (see :data:`pipeline.features.FEATURE_NAMES`).
+#: One captured sample: tensor name -> tensor (see :data:`pipeline.core.features.FEATURE_NAMES`).
 Capture = dict[str, torch.Tensor]
 
 
@@ -55,7 +55,7 @@ class TargetBackend(Protocol):
     ``capture`` returns one dict per prompt, in the order given, each holding
     ``input_ids`` (L,) int64, ``loss_mask`` (L,) uint8, ``aux_hidden_states`` (L, 3H) and
     ``final_hidden_states`` (L, H) in the backend's dtype, all on the CPU and contiguous.
-    A backend raises :class:`~pipeline.errors.CaptureContractError` rather than return a
+    A backend raises :class:`~pipeline.core.errors.CaptureContractError` rather than return a
     capture that breaks the contract.
     """
 

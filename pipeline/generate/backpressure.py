@@ -39,10 +39,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import ConfigError, StreamError
-from pipeline.kafka import Committed, KafkaError, RunTopics, Transport
-from pipeline.messages import LedgerStep
-from pipeline.train.ledger import LedgerTail
+from pipeline.core.errors import ConfigError, StreamError
+from pipeline.core.messages import LedgerStep
+from pipeline.core.topics import Committed, RunTopics, Transport, TransportError
+from pipeline.ledger import LedgerTail
 
 __all__ = (
     "TrainerWindow",
@@ -309,7 +309,7 @@ def generator_commits(
     while True:
         try:
             return admin.group_offsets(topics.generator_group, topics.prompts)
-        except KafkaError as exc:
+        except TransportError as exc:
             if not getattr(exc, "retriable", False) or time.monotonic() + delay > deadline:
                 raise
             logger.debug("group offsets not available yet (%s); retrying", exc)

@@ -41,7 +41,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.errors import CaptureContractError, ConfigError
+from pipeline.core.errors import CaptureContractError, ConfigError
+from pipeline.core.messages import TargetInfo
 from pipeline.generate.backend import (
     BaseTarget,
     Capture,
@@ -52,7 +53,6 @@ from pipeline.generate.backend import (
     resolve_aux_layer_ids,
     weights_fingerprint,
 )
-from pipeline.messages import TargetInfo
 
 __all__ = ("HFTarget", "plan_batches", "padded_width")
 
@@ -101,7 +101,7 @@ class HFTarget(BaseTarget):
     ``model_dir``: a local directory with ``config.json`` and ``*.safetensors`` (nothing is
     downloaded, pickled weights are refused). ``dtype``: ``None`` = float32 on CPU, the
     checkpoint's own half precision (else bfloat16) on GPU. ``aux_layer_ids``: output-of-layer
-    ids, default :func:`pipeline.features.default_aux_layer_ids`. ``batch_tokens``: padded
+    ids, default :func:`pipeline.core.features.default_aux_layer_ids`. ``batch_tokens``: padded
     tokens per forward pass. ``pad_to_multiple_of``: round every batch's padded width up to
     a multiple of this; set it to at least the longest prompt (the source's ``max_length``)
     and every forward pass has the same width, which makes a prompt's features independent of

@@ -31,7 +31,7 @@ aux first, ascending layers): a small patch of SGLang (enable ``set_eagle3_layer
 with our ``aux_layer_ids`` at load, and in the logits processor's FULL capture store
 ``cat(aux, hidden_states)``), or any object passed as ``engine=`` with the same ``generate``
 signature. A stock engine answers with width H (final only) or 3H (aux only) and is refused with
-a :class:`~pipeline.errors.CaptureContractError` that says so, never silently misread.
+a :class:`~pipeline.core.errors.CaptureContractError` that says so, never silently misread.
 
 Not verified here (no GPU, SGLang not installable): that the Engine keyword arguments below are
 accepted by a given SGLang release; the exact container type of the rows; that ``max_new_tokens=1``
@@ -49,7 +49,8 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.errors import CaptureContractError, ConfigError
+from pipeline.core.errors import CaptureContractError, ConfigError
+from pipeline.core.messages import TargetInfo
 from pipeline.generate.backend import (
     BaseTarget,
     Capture,
@@ -61,7 +62,6 @@ from pipeline.generate.backend import (
     resolve_aux_layer_ids,
     weights_fingerprint,
 )
-from pipeline.messages import TargetInfo
 
 __all__ = (
     "SGLangTarget",

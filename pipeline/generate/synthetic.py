@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.features import AUX_HIDDEN, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
-from pipeline.messages import TargetInfo
+from pipeline.core.features import AUX_HIDDEN, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
+from pipeline.core.messages import TargetInfo
 
 __all__ = ("SyntheticTarget",)
 

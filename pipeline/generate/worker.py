@@ -5,7 +5,7 @@ Consume-transform-produce, exactly once, in Kafka transactions:
 1. poll a batch of prompt records (``read_committed``), trimmed to what each partition's share of
    the backpressure watermark still allows (:mod:`pipeline.generate.backpressure`);
 2. capture the target's hidden states for the prompts (the main thread: compute);
-3. hand the batch to the writer thread (:mod:`pipeline.generate.pipelined`), which writes each
+3. hand the batch to the writer thread (:mod:`pipeline.generate.writer`), which writes each
    sample's safetensors file to its deterministic path (complete before its ref), then in one
    transaction produces the refs (prompt partition p -> samples partition p), DLQ records for
    bad input, forwarded end-of-stream markers and the consumed prompt offsets, whose metadata
@@ -29,7 +29,6 @@ queued transactions or aborts them at the drain timeout, then leaves the group.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -37,9 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipeline.errors import CaptureContractError, ConfigError, DecodeError, StreamError
-from pipeline.faults import crash_point
-from pipeline.features import check_capture
+from pipeline.core.deadletter import dead_letter
+from pipeline.core.errors import CaptureContractError, ConfigError, DecodeError, StreamError
+from pipeline.core.faults import crash_point
+from pipeline.core.features import check_capture
+from pipeline.core.messages import EndOfStream, Prompt, decode, encode, sample_id_for
+from pipeline.core.progress import PartitionCounters
+from pipeline.core.topics import Committed, Record, RunTopics, Transport
 from pipeline.generate.backpressure import (
     Backlog,
     BacklogMonitor,
@@ -49,46 +52,15 @@ from pipeline.generate.backpressure import (
     check_watermarks,
     generator_commits,
 )
-from pipeline.generate.pipelined import BatchWriter, PlannedBatch, Publish, Sample
-from pipeline.kafka import Committed, KafkaSettings, Record, RunTopics, Transport
-from pipeline.messages import (
-    DeadLetter,
-    EndOfStream,
-    Prompt,
-    decode,
-    encode,
-    now,
-    sample_id_for,
-)
+from pipeline.generate.writer import BatchWriter, PlannedBatch, Publish, Sample
 from pipeline.storage import FeatureStore
 
-__all__ = ("GeneratorConfig", "GeneratorWorker", "GeneratorStats", "PartitionCounters", "dead_letter")
+__all__ = ("GeneratorConfig", "GeneratorWorker", "GeneratorStats")
 
 logger = logging.getLogger(__name__)
 
-_PAYLOAD_LIMIT = 64 * 1024
-
 #: A polled record and what it decoded to (or why it did not).
 Decoded = tuple[Record, "Prompt | EndOfStream | Exception"]
-
-
-@dataclass(frozen=True)
-class PartitionCounters:
-    """Running counts of one samples partition, committed with the prompt offsets."""
-
-    refs: int = 0
-    dropped: int = 0
-    ended: bool = False
-
-    def to_metadata(self) -> str:
-        return json.dumps({"refs": self.refs, "dropped": self.dropped, "ended": self.ended})
-
-    @classmethod
-    def from_metadata(cls, text: str) -> PartitionCounters:
-        if not text:
-            return cls()
-        data = json.loads(text)
-        return cls(int(data["refs"]), int(data["dropped"]), bool(data["ended"]))
 
 
 @dataclass
@@ -159,23 +131,6 @@ class GeneratorStats:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
 
-def dead_letter(run_id: str, record: Record, error: Exception, sample_id: str | None = None) -> DeadLetter:
-    payload = record.value or b""
-    text = payload[:_PAYLOAD_LIMIT].decode("utf-8", errors="replace")
-    return DeadLetter(
-        run_id=run_id,
-        source_topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        error=type(error).__name__,
-        reason=str(error) or type(error).__name__,
-        payload=text,
-        payload_truncated=len(payload) > _PAYLOAD_LIMIT,
-        sample_id=sample_id,
-        created_at=now(),
-    )
-
-
 class GeneratorWorker:
     """One target replica: a member of the generators' group (or a fixed set of partitions)."""
 
@@ -205,7 +160,7 @@ class GeneratorWorker:
         self._admin: Any = None
         # In-process transports run rebalance callbacks under their own lock, where the writer
         # could not make progress; only Kafka's (on its IO thread) can wait for it.
-        self._drain_on_revoke = isinstance(settings, KafkaSettings)
+        self._drain_on_revoke = settings.rebalance_callbacks_may_wait
         self._monitor: BacklogMonitor | None = None
         self._flow: FlowControl | None = None
         self._partition_count = 0

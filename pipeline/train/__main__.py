@@ -17,10 +17,10 @@ import signal
 import sys
 import threading
 
-from pipeline.errors import SpecstreamError
-from pipeline.kafka import KafkaSettings
+from pipeline.core.errors import SpecstreamError
 from pipeline.train.config import TrainConfig
 from pipeline.train.runner import ModelSpec, parse_layer_ids, run_trainer
+from pipeline.transport.kafka import KafkaSettings
 
 logger = logging.getLogger("pipeline.train")
 

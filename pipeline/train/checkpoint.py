@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import RunMismatchError, StreamError
+from pipeline.core.errors import RunMismatchError, StreamError
 
 __all__ = (
     "FORMAT",

@@ -1,6 +1,6 @@
 """Per-sample EAGLE3 features -> one right-padded training batch.
 
-Samples arrive unshifted and without a batch dimension (see :mod:`pipeline.features`). The batch
+Samples arrive unshifted and without a batch dimension (see :mod:`pipeline.core.features`). The batch
 keeps them unshifted: the single left shift belongs to training-time test. ``loss_mask`` of each
 sample's last real token is forced to 0, because its teacher would be the distribution after the
 sequence ends, which was never captured.
@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pipeline.errors import PayloadError
-from pipeline.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
+from pipeline.core.errors import PayloadError
+from pipeline.core.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
 
 __all__ = ("Batch", "collate", "validate_sample")
 

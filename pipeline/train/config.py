@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.train.retention import RetentionPolicy
 
 __all__ = ("TrainConfig", "LRSchedule", "Resume")

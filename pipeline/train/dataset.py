@@ -27,9 +27,9 @@ from typing import Protocol
 
 import torch
 
-from pipeline.eos import Completeness
-from pipeline.messages import SampleRef
-from pipeline.stream import StreamItem, StreamState
+from pipeline.core.eos import Completeness
+from pipeline.core.messages import SampleRef
+from pipeline.core.progress import StreamItem, StreamState
 from pipeline.train.collate import Batch, collate
 from pipeline.train.distributed import Vote
 

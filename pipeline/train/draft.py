@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import ConfigError, RunMismatchError
-from pipeline.features import default_aux_layer_ids
+from pipeline.core.errors import ConfigError, RunMismatchError
+from pipeline.core.features import default_aux_layer_ids
 from pipeline.train.attention import AttentionImpl, KVSteps, ttt_attention
 from pipeline.train.target_head import TargetConfig, TargetHead, load_target_head
-from pipeline.train.vocab import VocabMapping
+from pipeline.vocab import VocabMapping
 
 __all__ = ("DraftConfig", "RMSNorm", "RotaryEmbedding", "Eagle3Attention", "Eagle3MLP",
            "Eagle3DecoderLayer", "Eagle3Draft", "apply_rope", "config_from_mapping")

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.errors import ConfigError, PayloadError
-from pipeline.features import default_aux_layer_ids
+from pipeline.core.errors import ConfigError, PayloadError
+from pipeline.core.features import default_aux_layer_ids
 from pipeline.train.draft import DraftConfig, Eagle3Draft
 from pipeline.train.target_head import TargetHead, load_target_head, read_target_config, rope_fields
 

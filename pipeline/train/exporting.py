@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import RunMismatchError
+from pipeline.core.errors import RunMismatchError
 from pipeline.train.checkpoint import MODEL_FILE
 from pipeline.train.export import export_draft
 from pipeline.train.runner import ModelSpec, build_draft

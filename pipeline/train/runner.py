@@ -17,17 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import ConfigError, StreamError
-from pipeline.kafka import RunTopics, Transport
+from pipeline.core.errors import ConfigError, StreamError
+from pipeline.core.progress import StreamState, rank_partitions
+from pipeline.core.topics import RunTopics, Transport
+from pipeline.ledger import LedgerWriter
 from pipeline.storage import FeatureStore
-from pipeline.stream import SampleStream, StreamState, rank_partitions
+from pipeline.stream import SampleStream
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import DistContext, init_distributed
 from pipeline.train.draft import Eagle3Draft
-from pipeline.train.ledger import LedgerWriter
 from pipeline.train.target_head import load_target_head
 from pipeline.train.trainer import Trainer, TrainResult
-from pipeline.train.vocab import VocabMapping
+from pipeline.vocab import VocabMapping
 
 __all__ = ("ModelSpec", "OffsetCommitter", "build_draft", "seed_everything", "run_trainer")
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 __all__ = ("TargetConfig", "TargetHead", "read_target_config", "load_target_head", "rope_fields")
 

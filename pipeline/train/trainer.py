@@ -30,10 +30,10 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.errors import NonFiniteLossError, RunMismatchError, StreamError
-from pipeline.faults import crash_point
-from pipeline.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, now
-from pipeline.stream import StreamState
+from pipeline.core.errors import NonFiniteLossError, RunMismatchError, StreamError
+from pipeline.core.faults import crash_point
+from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, now
+from pipeline.core.progress import StreamState
 from pipeline.train.checkpoint import CheckpointInfo, CheckpointManager, LoadedCheckpoint, config_hash
 from pipeline.train.config import LRSchedule, TrainConfig
 from pipeline.train.dataset import ItemSource, LockstepFeeder, MicroBatch, Prefetcher, SampleInfo

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import CaptureContractError, ConfigError
-from pipeline.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
+from pipeline.core.errors import CaptureContractError, ConfigError
+from pipeline.core.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
 from pipeline.generate.backend import TargetBackend, assemble_features, weights_fingerprint
 from pipeline.generate.hf import HFTarget, padded_width, plan_batches
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import CaptureContractError, ConfigError
-from pipeline.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
+from pipeline.core.errors import CaptureContractError, ConfigError
+from pipeline.core.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
 from pipeline.generate import sglang as sgl_backend
 from pipeline.generate.backend import TargetBackend
 from pipeline.generate.hf import HFTarget

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.generate.backpressure import (
     Backlog,
     FlowControl,
@@ -18,8 +18,8 @@ from pipeline.generate.backpressure import (
 )
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.kafka import KafkaSettings
 from pipeline.storage import FeatureStore
+from pipeline.transport.kafka import KafkaSettings
 
 
 def test_window_is_world_times_batch_times_accum_plus_prefetch() -> None:
@@ -115,7 +115,7 @@ def test_a_window_that_does_not_divide_over_the_partitions_needs_the_rounded_wat
 
 
 def test_trainer_progress_is_the_newest_ledger_records_counts() -> None:
-    from pipeline.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics
+    from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics
 
     step = LedgerStep(
         run_id="r", step=3, epoch=0, lr=0.0, created_at=0.0, metrics=StepMetrics(loss=0.0, ploss=[0.0], acc=[0.0]),

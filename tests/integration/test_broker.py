@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import broker
-from pipeline.errors import BrokerError
-from pipeline.kafka import KafkaSettings
+from pipeline.core.errors import BrokerError
+from pipeline.transport import broker
+from pipeline.transport.kafka import KafkaSettings
 
 
 def test_missing_java_names_what_to_install_and_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,12 +7,14 @@ import threading
 import pytest
 import torch
 
+from pipeline.core.messages import DeadLetter, EndOfStream, SampleRef, encode, now
+from pipeline.core.progress import StreamItem, rank_partitions
+from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
-from pipeline.kafka import KafkaAdmin, KafkaSettings, PlainProducer, RunTopics, TransactionalProducer
-from pipeline.messages import DeadLetter, EndOfStream, SampleRef, encode, now
-from pipeline.source import PromptPublisher
+from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
-from pipeline.stream import SampleStream, StreamItem, rank_partitions
+from pipeline.stream import SampleStream
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PlainProducer, TransactionalProducer
 from tests.support import make_prompts, read_messages, spawn, wait_exit
 
 pytestmark = pytest.mark.integration
@@ -197,7 +199,7 @@ def test_malformed_prompt_goes_to_the_dlq_and_the_eos_counts_it(kafka, run_topic
 
 
 def test_existing_topics_of_another_shape_are_refused(kafka, run_topics) -> None:
-    from pipeline.errors import RunMismatchError
+    from pipeline.core.errors import RunMismatchError
 
     with KafkaAdmin(kafka) as admin, pytest.raises(RunMismatchError, match="partitions"):
         admin.ensure_run_topics(RunTopics(run_topics.run_id), 8)

@@ -13,14 +13,14 @@ import time
 
 import pytest
 
+from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, encode, now
 from pipeline.generate.backpressure import TrainerWindow, Watermarks, generator_commits, refs_from_metadata
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.kafka import KafkaAdmin, KafkaSettings, PlainProducer
-from pipeline.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, encode, now
-from pipeline.source import PromptPublisher
+from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PlainProducer
 from tests.support import make_prompts
 
 pytestmark = pytest.mark.integration

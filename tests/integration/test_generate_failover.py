@@ -1,6 +1,6 @@
 """Generator workers in group mode, in separate processes: SIGKILL and SIGTERM lose nothing.
 
-Two ``python -m pipeline.cli generate`` processes share the 4 prompt partitions through the
+Two ``python -m pipeline.app.cli generate`` processes share the 4 prompt partitions through the
 generators' consumer group. One is killed by SIGKILL in the middle of a batch (its refs are in
 the log, its transaction open); the survivor takes its partitions after the session timeout,
 resumes the per-partition counts from the committed offset metadata, and the samples topic read
@@ -15,12 +15,13 @@ import time
 
 import pytest
 
+from pipeline.core.messages import SampleRef
+from pipeline.core.topics import RunTopics
 from pipeline.generate.backpressure import generator_commits
-from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
-from pipeline.source import PromptPublisher
+from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
-from pipeline.messages import SampleRef
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 from tests.support import make_prompts, read_messages, spawn, wait_exit
 
 pytestmark = pytest.mark.integration

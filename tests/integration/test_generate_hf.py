@@ -1,6 +1,6 @@
 """Source + two HF generator processes over 4 partitions, on the tiny trained target.
 
-The source turns conversations into prompts; two ``python -m pipeline.cli generate --backend hf``
+The source turns conversations into prompts; two ``python -m pipeline.app.cli generate --backend hf``
 processes share the prompt partitions as members of the generators' group. Every prompt must
 yield exactly one visible ref, every file must match its ref (size, checksum, header) and hold
 the hidden states the target really produces, and every samples partition must end with an
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.core.messages import EndOfStream, Prompt
+from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
 from pipeline.generate.hf import HFTarget
-from pipeline.generate.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
-from pipeline.messages import EndOfStream, Prompt
-from pipeline.source import SourceConfig, SourceStage
+from pipeline.source.stage import SourceConfig, SourceStage
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from tests.support import read_messages, spawn, wait_exit

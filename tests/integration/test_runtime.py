@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.kafka import KafkaSettings, RunTopics
-from pipeline.runtime import build_online_run
+from pipeline.app.config import load_config
+from pipeline.app.runtime import build_online_run
+from pipeline.core.topics import RunTopics
+from pipeline.transport.kafka import KafkaSettings
 from tests.support import spawn, wait_exit
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 def write_config(
     tmp_path: Path, kafka: KafkaSettings, run_id: str, target: Path, *, conversations: int = 48, **sections: Any
 ) -> Path:
-    from pipeline.generate.tiny import TINY_AUX_LAYER_IDS, markov_conversations, write_jsonl
+    from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, markov_conversations, write_jsonl
 
     data = tmp_path / "data.jsonl"
     if not data.exists():
@@ -68,7 +69,7 @@ def test_producer_first_the_trainer_drains_to_end_of_stream(kafka, run_id, tmp_p
     assert Path(result.plot_path or "").is_file()
     assert no_open_transactions(kafka, RunTopics(run_id))
 
-    from pipeline.status import render_status, run_status
+    from pipeline.app.status import render_status, run_status
 
     status = run_status(kafka, run_id)
     assert status.step == result.steps and status.produced == status.consumed == 48 and status.dead_letters == 0
@@ -191,7 +192,7 @@ def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     trainer = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "pipeline.cli", "train", "--config", str(path), "--device", "cpu"],
+         "-m", "pipeline.app.cli", "train", "--config", str(path), "--device", "cpu"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -211,7 +212,7 @@ def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp
 
 
 def test_replay_reproduces_the_ledger_bit_for_bit(kafka, run_id, tmp_path, tiny_target_dir) -> None:
-    from pipeline.replay import replay_run
+    from pipeline.app.replay import replay_run
 
     config = load_config(
         write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=40, train={"deterministic": True})
@@ -220,6 +221,6 @@ def test_replay_reproduces_the_ledger_bit_for_bit(kafka, run_id, tmp_path, tiny_
     assert live.reason == "end_of_stream" and live.steps == 20
     report = replay_run(config, str(tmp_path / "replay"))
     assert report.line() == "20 of 20 replayed steps bit-identical to the ledger"
-    from pipeline.train.ledger import read_ledger
+    from pipeline.ledger import read_ledger
 
     assert len(read_ledger(kafka, run_id)) == 20, "the replay must not write to the run's ledger"

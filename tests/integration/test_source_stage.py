@@ -14,13 +14,14 @@ import fsspec
 import pytest
 import torch
 
-from pipeline.conversations import ConversationError
-from pipeline.generate.tiny import build_tiny_target, markov_conversations
-from pipeline.kafka import KafkaSettings, RunTopics
-from pipeline.messages import DeadLetter, EndOfStream, Prompt, prompt_id_for
-from pipeline.source import SourceConfig, SourceStage, read_vocab_mapping
+from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, prompt_id_for
+from pipeline.core.topics import RunTopics
+from pipeline.devkit.tiny import build_tiny_target, markov_conversations
+from pipeline.source.conversations import ConversationError
+from pipeline.source.stage import SourceConfig, SourceStage, read_vocab_mapping
 from pipeline.storage import FeatureStore
-from pipeline.train.vocab import build_vocab_mapping, count_tokens
+from pipeline.transport.kafka import KafkaSettings
+from pipeline.vocab import build_vocab_mapping, count_tokens
 from tests.support import read_messages
 
 pytestmark = pytest.mark.integration

@@ -19,12 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
-from pipeline.messages import SampleRef
+from pipeline.core.messages import SampleRef
+from pipeline.core.topics import RunTopics
+from pipeline.ledger import effective_history, latest_ledger_step, read_ledger
 from pipeline.storage import FeatureStore
 from pipeline.train.checkpoint import CheckpointManager
-from pipeline.train.ledger import effective_history, latest_ledger_step, read_ledger
 from pipeline.train.metrics import read_metrics
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 from tests.support import read_messages
 from tests.train_support import publish_samples, run_train, train_cmd, write_tiny_target, write_vocab
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
+from pipeline.core.topics import RunTopics
+from pipeline.ledger import LedgerTail
 from pipeline.train.checkpoint import CheckpointManager
-from pipeline.train.ledger import LedgerTail
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 from tests.train_support import (
     publish_open_stream,
     spawn_train,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kafka import KafkaAdmin, KafkaSettings, RunTopics
+from pipeline.core.topics import RunTopics
+from pipeline.ledger import effective_history, read_ledger
 from pipeline.train.checkpoint import CheckpointManager
-from pipeline.train.ledger import effective_history, read_ledger
+from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 from tests.train_support import publish_samples, run_train, train_cmd, write_tiny_target, write_vocab
 
 pytestmark = pytest.mark.integration

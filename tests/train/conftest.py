@@ -2,7 +2,7 @@
 
 Everything is CPU, fp32 and seeded. The "fake target" here is only a directory in the Hugging Face
 layout (config.json + safetensors with an embedding and an lm_head) for the loaders; the trained
-tiny target of the learning test comes from ``pipeline.generate.tiny``.
+tiny target of the learning test comes from ``pipeline.devkit.tiny``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.train.draft import DraftConfig, Eagle3Draft
-from pipeline.train.vocab import VocabMapping, build_vocab_mapping
+from pipeline.vocab import VocabMapping, build_vocab_mapping
 
 V, HT, VD = 512, 64, 128
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from pipeline.errors import PayloadError
+from pipeline.core.errors import PayloadError
 from pipeline.train.collate import collate
 
 Sample = dict[str, torch.Tensor]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.train.draft import DraftConfig, Eagle3Draft, RMSNorm, _inv_freq
 
 SGLANG_NAMES = {

@@ -14,7 +14,7 @@ from pipeline.train.draft import DraftConfig, Eagle3Draft
 from pipeline.train.export import export_draft, load_exported
 from pipeline.train.target_head import load_target_head
 from pipeline.train.ttt import ttt_forward
-from pipeline.train.vocab import VocabMapping
+from pipeline.vocab import VocabMapping
 
 MIDLAYER = {
     "midlayer.input_layernorm.weight": (64,),

@@ -9,17 +9,18 @@ held-out conversations.
 from __future__ import annotations
 
 import random
+
 import pytest
 import torch
 
-from pipeline.conversations import load_tokenizer, normalize_messages, tokenize_conversation
+from pipeline.source.conversations import load_tokenizer, normalize_messages, tokenize_conversation
 from pipeline.train.collate import Batch, collate
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.target_head import load_target_head
 from pipeline.train.ttt import Teacher, TTTStats, compute_teacher, step_targets, ttt_loss
-from pipeline.train.vocab import TokenCounter, build_vocab_mapping
+from pipeline.vocab import TokenCounter, build_vocab_mapping
 
-tiny = pytest.importorskip("pipeline.generate.tiny")
+tiny = pytest.importorskip("pipeline.devkit.tiny")
 hf = pytest.importorskip("pipeline.generate.hf")
 
 K, BATCH, MAX_STEPS, EVAL_EVERY = 3, 8, 200, 10

@@ -19,7 +19,7 @@ from pipeline.train.ttt import (
     step_targets,
     ttt_loss,
 )
-from pipeline.train.vocab import VocabMapping, build_vocab_mapping
+from pipeline.vocab import VocabMapping, build_vocab_mapping
 
 Sample = dict[str, torch.Tensor]
 K = 3

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import CaptureContractError, ConfigError, RunMismatchError
+from pipeline.core.errors import CaptureContractError, ConfigError, RunMismatchError
 from pipeline.train.draft import DraftConfig, Eagle3Draft
 from pipeline.train.target_head import TargetConfig, load_target_head, read_target_config
-from pipeline.train.vocab import VocabMapping
+from pipeline.vocab import VocabMapping
 
 MakeTarget = Callable[..., tuple[Path, torch.Tensor, torch.Tensor]]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import RunMismatchError
+from pipeline.core.errors import RunMismatchError
 from pipeline.train.checkpoint import STATE_FILE, CheckpointManager, config_hash
 
 CONFIG = {"batch_size": 2, "grad_accum": 2, "lr": 1e-3, "world_size": 1}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import StreamError
-from pipeline.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics
-from pipeline.train.ledger import effective_history
+from pipeline.core.errors import StreamError
+from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics
+from pipeline.ledger import effective_history
 from pipeline.train.metrics import read_metrics
 from pipeline.train.plot import plot_metrics_file
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pipeline.errors import StreamError
+from pipeline.core.errors import StreamError
 from pipeline.train.dataset import LockstepFeeder, Prefetcher
 from pipeline.train.distributed import DistContext, Vote, decide
 from pipeline.train.trainer import RunCompleteness

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import RunMismatchError
-from pipeline.messages import LedgerStep
+from pipeline.core.errors import RunMismatchError
+from pipeline.core.messages import LedgerStep
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import DistContext
 from pipeline.train.metrics import read_metrics

@@ -10,7 +10,7 @@ import torch
 from pipeline.train.collate import collate
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.ttt import compute_teacher, step_targets, ttt_forward
-from pipeline.train.vocab import build_vocab_mapping
+from pipeline.vocab import build_vocab_mapping
 
 # Hand-built sample: 8 tokens; the target's argmax after token t is TEACHER[t] (15 is not in the
 # draft vocab); assistant tokens from position 2 on.

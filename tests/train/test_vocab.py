@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.errors import ConfigError, PayloadError
-from pipeline.train.vocab import TokenCounter, VocabMapping, build_vocab_mapping, count_tokens
+from pipeline.core.errors import ConfigError, PayloadError
+from pipeline.vocab import TokenCounter, VocabMapping, build_vocab_mapping, count_tokens
 
 
 def _assert_consistent(mapping: VocabMapping, vd: int, v: int) -> None:

@@ -1,0 +1,1 @@
+"""The application: one config, one composition root, and the `specstream` command line."""

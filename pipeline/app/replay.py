@@ -1,0 +1,90 @@
+"""Replay: train again from the retained samples topic and features, and check against the ledger.
+
+The samples topic keeps every ref (retention.ms=-1) and, with ``storage.retention: retain``, the
+features stay on storage. A trainer reading them again from the first offset sees the same samples
+in the same order (``SampleStream`` merges partitions deterministically), so with the same config
+it forms the same batches as the live run; with deterministic algorithms on CPU its losses are
+bit-identical to the ones the live run recorded in the ledger, step by step. The replay writes
+into its own output directory and writes nothing to the run's ledger or trainer group.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pipeline.app.config import RunConfig
+from pipeline.core.errors import ConfigError, StreamError
+
+__all__ = ("ReplayReport", "replay_run")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    steps: int
+    identical: int
+    first_difference: str | None
+    output_dir: str
+
+    def line(self) -> str:
+        if self.first_difference is None:
+            return f"{self.identical} of {self.steps} replayed steps bit-identical to the ledger"
+        return f"{self.identical} of {self.steps} steps identical; first difference: {self.first_difference}"
+
+
+def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | None = None) -> ReplayReport:
+    from pipeline.app.runtime import build_online_run, train_config_for  # noqa: PLC0415
+    from pipeline.ledger import effective_history, read_ledger  # noqa: PLC0415
+    from pipeline.train.checkpoint import CheckpointManager  # noqa: PLC0415
+    from pipeline.train.distributed import DistContext  # noqa: PLC0415
+    from pipeline.train.runner import run_trainer  # noqa: PLC0415
+
+    if config.storage.retention != "retain":
+        raise ConfigError(
+            "storage.retention",
+            "is delete: the live run deleted its features after training on them",
+            "replay needs a run trained with retention: retain",
+        )
+    if config.train.world_size != 1:
+        raise ConfigError("train.world_size", "replay runs on one rank", "replay runs trained with world_size: 1")
+    live = CheckpointManager(Path(config.train.output_dir) / "checkpoints").latest()
+    if live is None:
+        raise StreamError(f"no checkpoint of the live run under {config.train.output_dir}/checkpoints")
+    schedule = CheckpointManager(live.path.parent).read_meta(live).get("config", {}).get("lr_schedule", {})
+    online = build_online_run(config)
+    history = effective_history(read_ledger(online.transport, config.run_id))
+    if not history:
+        raise StreamError(f"run {config.run_id} has no ledger records: nothing to replay")
+    train_config = replace(
+        train_config_for(config, schedule_steps=schedule.get("total_steps")),
+        checkpoint_dir=str(Path(output_dir) / "checkpoints"),
+        metrics_path=str(Path(output_dir) / "metrics.jsonl"),
+        plot_path=str(Path(output_dir) / "curves.png"),
+        max_steps=history[-1].step,
+        resume="never",
+        retention="retain",
+    )
+    result = run_trainer(
+        train_config,
+        settings=online.transport,
+        storage_root=config.storage.root,
+        model=online.model_spec(),
+        stop=stop,
+        dist=DistContext(),
+        device="cpu",
+        storage_options=dict(config.storage.options),
+        record=False,
+    )
+    replayed = {r.step: r.loss for r in result.metrics}
+    identical, first = 0, None
+    for step in history:
+        got = replayed.get(step.step)
+        if got == step.metrics.loss:
+            identical += 1
+        elif first is None:
+            first = f"step {step.step}: ledger loss {step.metrics.loss!r}, replay {got!r}"
+    return ReplayReport(len(history), identical, first, output_dir)

@@ -1,0 +1,1 @@
+"""Contracts shared by every stage: no Kafka client, no torch models."""

@@ -1,0 +1,257 @@
+"""The broker contract: a run's topic names, the record types, and the client protocols.
+
+Everything above the transport layer talks to a broker through these protocols, so the same
+stage code runs on Kafka (``pipeline.transport.kafka``) and in process
+(``pipeline.transport.memory``). Nothing here imports a Kafka client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pipeline.core.errors import SpecstreamError, StreamError
+
+__all__ = (
+    "MAX_RECORD_BYTES",
+    "RunTopics",
+    "Record",
+    "Committed",
+    "Start",
+    "TransportError",
+    "FencedError",
+    "Admin",
+    "TransactionalProducer",
+    "Producer",
+    "Reader",
+    "Transport",
+    "read_to_end",
+)
+
+# Refs are ~1 KB; 8 MiB leaves room for long prompts (token ids) without ever carrying tensors.
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+
+#: Where a reader starts: the group's committed offsets, the beginning, the end, or explicit offsets.
+Start = Literal["committed", "earliest", "latest"]
+
+
+class TransportError(SpecstreamError):
+    """A broker call failed (the transport's own error, translated, is the ``__cause__``)."""
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class FencedError(TransportError):
+    """Another instance took over: a producer with the same transactional id, or a newer group
+    generation. The fenced instance must stop; its open transaction is aborted by the broker."""
+
+
+@dataclass(frozen=True)
+class RunTopics:
+    """Every run owns its topics, named after the run id."""
+
+    run_id: str
+
+    @property
+    def prompts(self) -> str:
+        return f"{self.run_id}.prompts"
+
+    @property
+    def samples(self) -> str:
+        return f"{self.run_id}.samples"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.run_id}.ledger"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.run_id}.dlq"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.run_id}.manifest"
+
+    @property
+    def generator_group(self) -> str:
+        return f"{self.run_id}.generators"
+
+    @property
+    def trainer_group(self) -> str:
+        return f"{self.run_id}.trainers"
+
+    def all(self) -> list[str]:
+        """Every topic of the run (for deletion and checks)."""
+        return [self.prompts, self.samples, self.ledger, self.dlq, self.manifest]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One consumed record: where it sits and its raw bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A committed group offset (the next offset to read) and the metadata stored with it."""
+
+    offset: int
+    metadata: str
+
+
+class Admin(Protocol):
+    """Topic administration and offset queries; a context manager that closes the client."""
+
+    def __enter__(self) -> Admin: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def close(self) -> None: ...
+
+    def topics(self) -> set[str]: ...
+
+    def partition_count(self, topic: str) -> int | None: ...
+
+    def ensure_topics(
+        self, specs: Mapping[str, int], *, configs: Mapping[str, Mapping[str, str]] | None = None
+    ) -> list[str]: ...
+
+    def ensure_run_topics(self, topics: RunTopics, partitions: int) -> list[str]: ...
+
+    def delete_topics(self, names: Iterable[str]) -> None: ...
+
+    def end_offsets(
+        self, topic: str, partitions: Iterable[int], *, committed_only: bool = True
+    ) -> dict[int, int]: ...
+
+    def group_offsets(self, group_id: str, topic: str) -> dict[int, Committed]: ...
+
+
+class TransactionalProducer(Protocol):
+    """Records and consumed offsets that commit together or not at all."""
+
+    transactional_id: str
+    in_transaction: bool
+
+    def begin(self) -> None: ...
+
+    def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> object: ...
+
+    def flush(self, timeout: float | None = 10.0) -> None: ...
+
+    def commit(
+        self, offsets: Mapping[tuple[str, int], Committed] | None = None, group: object = None
+    ) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def close(self, timeout_s: float = 10.0) -> None: ...
+
+
+class Producer(Protocol):
+    """Records that need no transaction (ledger, trainer-side dead letters, manifest)."""
+
+    def send(
+        self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None
+    ) -> object: ...
+
+    def flush(self, timeout_s: float = 30.0) -> None: ...
+
+    def close(self, timeout_s: float = 10.0) -> None: ...
+
+
+class Reader(Protocol):
+    """A ``read_committed`` reader of one topic: fixed partitions, or a member of a group."""
+
+    topic: str
+
+    def assignment(self) -> list[int]: ...
+
+    def poll(self, timeout_s: float, max_records: int | None = None) -> list[Record]: ...
+
+    def seek(self, partition: int, offset: int) -> None: ...
+
+    def position(self, partition: int) -> int: ...
+
+    def pause(self, partitions: Iterable[int]) -> None: ...
+
+    def resume(self, partitions: Iterable[int]) -> None: ...
+
+    def paused(self) -> list[int]: ...
+
+    def committed(self, partitions: Iterable[int] | None = None) -> dict[int, Committed]: ...
+
+    def commit(self, offsets: Mapping[int, int], metadata: str = "") -> None: ...
+
+    def group_metadata(self) -> object: ...
+
+    def end_offsets(self, partitions: Iterable[int] | None = None) -> dict[int, int]: ...
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """What components need from a broker: Kafka (``KafkaSettings``) or in-process (``MemoryBroker``)."""
+
+    bootstrap_servers: str
+    #: Whether a rebalance callback may wait for other threads (Kafka runs it on the consumer's
+    #: thread; the in-process broker under its own lock, where waiting would deadlock).
+    rebalance_callbacks_may_wait: bool
+
+    def admin(self) -> Admin: ...
+
+    def transactional_producer(
+        self, transactional_id: str, *, linger_ms: int = 5, transaction_timeout_ms: int = 60_000
+    ) -> TransactionalProducer: ...
+
+    def plain_producer(self, *, linger_ms: int = 5) -> Producer: ...
+
+    def reader(
+        self,
+        topic: str,
+        *,
+        partitions: Iterable[int] | None = None,
+        group_id: str | None = None,
+        start: Start | Mapping[int, int] = "committed",
+        max_poll_records: int = 500,
+        max_poll_interval_ms: int = 300_000,
+        session_timeout_ms: int = 45_000,
+        on_assigned: Callable[[list[int]], None] | None = None,
+        on_revoked: Callable[[list[int]], None] | None = None,
+        client_id: str | None = None,
+        max_partition_fetch_bytes: int = 1024 * 1024,
+    ) -> Reader: ...
+
+
+def read_to_end(
+    transport: Transport,
+    topic: str,
+    partitions: Iterable[int],
+    *,
+    start: Start | Mapping[int, int] = "earliest",
+    timeout_s: float = 60.0,
+) -> Iterator[Record]:
+    """Committed records from ``start`` up to the end offsets taken now: reading back a run's
+    small topics (prompts count, ledger, manifest, DLQ). Bounded: a read that cannot reach the
+    end within ``timeout_s`` raises ``StreamError`` rather than returning part of the topic."""
+    partitions = sorted(set(partitions))
+    reader = transport.reader(topic, partitions=partitions, start=start)
+    try:
+        ends = reader.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_s
+        while any(reader.position(p) < ends[p] for p in partitions):
+            if time.monotonic() > deadline:
+                raise StreamError(f"reading {topic} to its end took longer than {timeout_s:.0f} s")
+            yield from reader.poll(0.2)
+    finally:
+        reader.close()

@@ -1,0 +1,1 @@
+"""Development kit: the tiny trained target and synthetic chats for the quickstart and tests."""

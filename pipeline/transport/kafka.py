@@ -1,0 +1,509 @@
+"""Kafka, behind the contract of ``pipeline.core.topics``: the only module that imports kafka-python.
+
+- ``KafkaSettings``: where the broker is and the client options; the transport factories.
+- ``KafkaAdmin``: create and check a run's topics, end offsets and group offsets.
+- ``TransactionalProducer``: begin, send, commit *with consumed offsets* (consume-transform-
+  produce, exactly once), abort. A restart with the same transactional id fences the old one.
+- ``PlainProducer``: idempotent, for records that need no transaction (ledger, trainer DLQ).
+- ``PartitionReader``: a ``read_committed`` consumer with manual assignment (trainer ranks,
+  replay, status) or group subscription (generator workers); seek, pause, resume, commit with
+  metadata.
+
+Callers see ``Record``, plain ints and ``TransportError``/``FencedError``; kafka-python's types
+and exceptions never leak out of this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import OffsetSpec
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    InvalidProducerEpochError,
+    KafkaError,
+    KafkaTimeoutError,
+    ProducerFencedError,
+    TopicAlreadyExistsError,
+    UnknownMemberIdError,
+)
+from kafka.protocol.consumer.offsets import IsolationLevel
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.core.errors import BrokerError, RunMismatchError
+from pipeline.core.topics import (
+    MAX_RECORD_BYTES,
+    Committed,
+    FencedError,
+    Record,
+    RunTopics,
+    Start,
+    TransportError,
+)
+
+__all__ = ("KafkaSettings", "KafkaAdmin", "TransactionalProducer", "PlainProducer", "PartitionReader")
+
+_FENCED = (ProducerFencedError, InvalidProducerEpochError, CommitFailedError, IllegalGenerationError,
+           UnknownMemberIdError)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """kafka-python's exceptions as the contract's: ``FencedError`` or ``TransportError``."""
+    try:
+        yield
+    except _FENCED as exc:
+        raise FencedError(f"{type(exc).__name__}: {exc}") from exc
+    except KafkaError as exc:
+        raise TransportError(f"{type(exc).__name__}: {exc}", retriable=bool(exc.retriable)) from exc
+
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Where the broker is, plus pass-through client options (security: SASL/SSL settings)."""
+
+    bootstrap_servers: str
+    client_options: Mapping[str, Any] = field(default_factory=dict)
+    request_timeout_ms: int = 30_000
+    bootstrap_timeout_ms: int = 15_000
+    rebalance_callbacks_may_wait: ClassVar[bool] = True
+
+    # The transport factories: components take "a transport" (this, or pipeline.memory.MemoryBroker
+    # for single-process runs without Kafka) and open their clients through these.
+
+    def admin(self) -> KafkaAdmin:
+        return KafkaAdmin(self)
+
+    def transactional_producer(self, transactional_id: str, **options: Any) -> TransactionalProducer:
+        return TransactionalProducer(self, transactional_id, **options)
+
+    def plain_producer(self, **options: Any) -> PlainProducer:
+        return PlainProducer(self, **options)
+
+    def reader(self, topic: str, **options: Any) -> PartitionReader:
+        return PartitionReader(self, topic, **options)
+
+    def common(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "request_timeout_ms": self.request_timeout_ms,
+            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
+            **dict(self.client_options),
+        }
+
+
+def _connect(factory: Callable[[], Any], settings: KafkaSettings) -> Any:
+    try:
+        return factory()
+    except KafkaTimeoutError as exc:
+        if "bootstrap" not in str(exc):
+            raise
+        raise BrokerError(
+            f"no Kafka broker answers at {settings.bootstrap_servers}: start one with "
+            "`specstream broker start` or set KAFKA_BOOTSTRAP_SERVERS to a running broker"
+        ) from None
+
+
+class KafkaAdmin:
+    """Topic administration and offset queries for one run."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._admin: KafkaAdminClient = _connect(
+            lambda: KafkaAdminClient(**settings.common()), settings
+        )
+
+    def __enter__(self) -> KafkaAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._admin.close()
+
+    def topics(self) -> set[str]:
+        with _translated():
+            return set(self._admin.list_topics())
+
+    def partition_count(self, topic: str) -> int | None:
+        with _translated():
+            described = self._admin.describe_topics([topic])
+        for entry in described:
+            if entry.get("error_code", 0) == 0 and entry.get("name") == topic:
+                return len(entry.get("partitions", []))
+        return None
+
+    def ensure_topics(
+        self,
+        specs: Mapping[str, int],
+        *,
+        configs: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> list[str]:
+        """Create missing topics; refuse existing ones whose partition count differs.
+
+        Returns the topics that were created (an empty list means they all existed).
+        """
+        configs = configs or {}
+        existing = self.topics()
+        missing = {name: n for name, n in specs.items() if name not in existing}
+        for name, n in specs.items():
+            if name in existing:
+                have = self.partition_count(name)
+                if have != n:
+                    raise RunMismatchError(
+                        f"topic {name} exists with {have} partitions, this run needs {n}: "
+                        "use another run id, or delete the old run's topics"
+                    )
+        if missing:
+            request = {
+                name: {
+                    "num_partitions": n,
+                    "replication_factor": -1,  # the broker's default.replication.factor
+                    "configs": dict(configs.get(name, {})),
+                }
+                for name, n in missing.items()
+            }
+            try:
+                with _translated():
+                    self._admin.create_topics(request, wait_for_metadata=True)
+            except TransportError as exc:
+                if not isinstance(exc.__cause__, TopicAlreadyExistsError):
+                    raise
+                return self.ensure_topics(specs, configs=configs)  # a concurrent creator won the race
+        return sorted(missing)
+
+    def ensure_run_topics(self, topics: RunTopics, partitions: int) -> list[str]:
+        """The run's data topics keep everything (replay); the manifest topic is compacted."""
+        keep = {"retention.ms": "-1", "max.message.bytes": str(MAX_RECORD_BYTES)}
+        return self.ensure_topics(
+            {
+                topics.prompts: partitions,
+                topics.samples: partitions,
+                topics.ledger: 1,
+                topics.dlq: 1,
+                topics.manifest: 1,
+            },
+            configs={
+                topics.prompts: keep,
+                topics.samples: keep,
+                topics.ledger: keep,
+                topics.dlq: keep,
+                topics.manifest: {"cleanup.policy": "compact", **keep},
+            },
+        )
+
+    def delete_topics(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n in self.topics()]
+        if names:
+            with _translated():
+                self._admin.delete_topics(names)
+
+    def end_offsets(
+        self, topic: str, partitions: Iterable[int], *, committed_only: bool = True
+    ) -> dict[int, int]:
+        """Per partition, the offset after the last record (``read_committed``: the LSO)."""
+        isolation = IsolationLevel.READ_COMMITTED if committed_only else IsolationLevel.READ_UNCOMMITTED
+        specs = {TopicPartition(topic, p): OffsetSpec.LATEST for p in partitions}
+        with _translated():
+            result = self._admin.list_partition_offsets(specs, isolation_level=isolation)
+        return {tp.partition: _offset_of(value) for tp, value in result.items()}
+
+    def group_offsets(self, group_id: str, topic: str) -> dict[int, Committed]:
+        with _translated():
+            result = self._admin.list_group_offsets({group_id: None}).get(group_id, {})
+        return {
+            tp.partition: Committed(om.offset, om.metadata or "")
+            for tp, om in result.items()
+            if tp.topic == topic and om.offset >= 0
+        }
+
+
+def _offset_of(value: Any) -> int:
+    """``list_partition_offsets`` answers with a struct or a dict depending on the version."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return int(value["offset"])
+    return int(value.offset)
+
+
+class TransactionalProducer:
+    """Exactly-once publishing: records and consumed offsets commit together or not at all."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        transactional_id: str,
+        *,
+        linger_ms: int = 5,
+        transaction_timeout_ms: int = 60_000,
+    ) -> None:
+        self.transactional_id = transactional_id
+        self._producer: KafkaProducer = _connect(
+            lambda: KafkaProducer(
+                transactional_id=transactional_id,
+                transaction_timeout_ms=transaction_timeout_ms,
+                linger_ms=linger_ms,
+                # The commit path (AddOffsets, TxnOffsetCommit, EndTxn) retries while the
+                # coordinator completes the previous step; the 100 ms default made each
+                # transaction ~260 ms, 20 ms makes it ~55 ms.
+                retry_backoff_ms=20,
+                max_request_size=MAX_RECORD_BYTES,
+                allow_auto_create_topics=False,
+                **settings.common(),
+            ),
+            settings,
+        )
+        # Fences any earlier instance with this id and aborts its open transaction.
+        with _translated():
+            self._producer.init_transactions()
+        self.in_transaction = False
+
+    def begin(self) -> None:
+        with _translated():
+            self._producer.begin_transaction()
+        self.in_transaction = True
+
+    def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> Any:
+        with _translated():
+            return self._producer.send(topic, value=value, key=key, partition=partition)
+
+    def commit(
+        self,
+        offsets: Mapping[tuple[str, int], Committed] | None = None,
+        group: Any = None,
+    ) -> None:
+        """Commit the open transaction, with the consumed offsets (next offset + metadata)."""
+        with _translated():
+            if offsets:
+                self._producer.send_offsets_to_transaction(
+                    {
+                        TopicPartition(t, p): OffsetAndMetadata(c.offset, c.metadata, -1)
+                        for (t, p), c in offsets.items()
+                    },
+                    group,
+                )
+            self._producer.commit_transaction()
+        self.in_transaction = False
+
+    def abort(self) -> None:
+        if self.in_transaction:
+            self.in_transaction = False
+            with _translated():
+                self._producer.abort_transaction()
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        """Push sent records to the broker now (they stay invisible until commit)."""
+        with _translated():
+            self._producer.flush(timeout=timeout)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        try:
+            self.abort()
+        except TransportError as exc:  # closing anyway: the broker aborts it on timeout
+            logger.warning("abort on close failed: %s", exc)
+        self._producer.close(timeout=timeout_s)
+
+
+class PlainProducer:
+    """Idempotent producer for records that need no transaction."""
+
+    def __init__(self, settings: KafkaSettings, *, linger_ms: int = 5) -> None:
+        self._producer: KafkaProducer = _connect(
+            lambda: KafkaProducer(
+                linger_ms=linger_ms,
+                max_request_size=MAX_RECORD_BYTES,
+                allow_auto_create_topics=False,
+                **settings.common(),
+            ),
+            settings,
+        )
+
+    def send(self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None) -> Any:
+        with _translated():
+            return self._producer.send(topic, value=value, key=key, partition=partition)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        with _translated():
+            self._producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(
+        self,
+        on_assigned: Callable[[list[int]], None] | None,
+        on_revoked: Callable[[list[int]], None] | None,
+    ) -> None:
+        self._assigned = on_assigned
+        self._revoked = on_revoked
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if self._revoked:
+            self._revoked(sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        if self._assigned:
+            self._assigned(sorted(tp.partition for tp in assigned))
+
+
+def _release_parked_fetches(consumer: KafkaConsumer) -> None:
+    """Work around a kafka-python 3.0.12 fetcher bug that starves resumed partitions.
+
+    Records fetched for a partition that was then paused are parked (KAFKA-7548) and handed back
+    after ``resume`` only while the fetcher's in-line slot is ``None``; an *exhausted* slot is
+    falsy but not ``None``, so the parked records of a resumed partition wait forever, and the
+    partition is never fetched again because it still has parked data. Emptying an exhausted
+    slot before each poll lets the fetcher restore them (it drops nothing: the slot is empty).
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    slot = getattr(fetcher, "_next_partition_records", None)
+    if slot is not None and not slot and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None  # noqa: SLF001
+
+
+class PartitionReader:
+    """A ``read_committed`` consumer of one topic.
+
+    With ``partitions`` it reads exactly those (manual assignment: no rebalance can move data
+    between trainer ranks mid-step). Without, it joins ``group_id`` and Kafka balances the
+    partitions among members (generator workers).
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: str,
+        *,
+        partitions: Iterable[int] | None = None,
+        group_id: str | None = None,
+        start: Start | Mapping[int, int] = "committed",
+        max_poll_records: int = 500,
+        max_poll_interval_ms: int = 300_000,
+        session_timeout_ms: int = 45_000,
+        on_assigned: Callable[[list[int]], None] | None = None,
+        on_revoked: Callable[[list[int]], None] | None = None,
+        client_id: str | None = None,
+        max_partition_fetch_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.topic = topic
+        self.group_id = group_id
+        options: dict[str, Any] = {
+            "group_id": group_id,
+            "isolation_level": "read_committed",
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest" if start != "latest" else "latest",
+            "max_poll_records": max_poll_records,
+            "max_poll_interval_ms": max_poll_interval_ms,
+            "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": max(1000, session_timeout_ms // 10),
+            "allow_auto_create_topics": False,
+            "max_partition_fetch_bytes": max_partition_fetch_bytes,
+            **settings.common(),
+        }
+        if client_id:
+            options["client_id"] = client_id
+        self._consumer: KafkaConsumer = _connect(lambda: KafkaConsumer(**options), settings)
+        if partitions is None:
+            if group_id is None:
+                raise ValueError("a reader without partitions needs a group_id to subscribe")
+            self._consumer.subscribe([topic], listener=_Listener(on_assigned, on_revoked))
+        else:
+            tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]
+            self._consumer.assign(tps)
+            self._position_at(tps, start)
+
+    def _position_at(self, tps: list[TopicPartition], start: Start | Mapping[int, int]) -> None:
+        if isinstance(start, Mapping):
+            for tp in tps:
+                if tp.partition in start:
+                    self._consumer.seek(tp, int(start[tp.partition]))
+                else:
+                    self._consumer.seek_to_beginning(tp)
+        elif start == "earliest":
+            self._consumer.seek_to_beginning(*tps)
+        elif start == "latest":
+            self._consumer.seek_to_end(*tps)
+        elif start == "committed":
+            committed = self.committed()
+            for tp in tps:
+                if tp.partition in committed:
+                    self._consumer.seek(tp, committed[tp.partition].offset)
+                else:
+                    self._consumer.seek_to_beginning(tp)
+
+    def assignment(self) -> list[int]:
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
+    def poll(self, timeout_s: float, max_records: int | None = None) -> list[Record]:
+        """Records in offset order per partition, partitions interleaved as fetched."""
+        _release_parked_fetches(self._consumer)
+        with _translated():
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        out: list[Record] = []
+        for tp, records in batches.items():
+            for r in records:
+                out.append(Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp))
+        return out
+
+    def seek(self, partition: int, offset: int) -> None:
+        self._consumer.seek(TopicPartition(self.topic, partition), offset)
+
+    def position(self, partition: int) -> int:
+        return int(self._consumer.position(TopicPartition(self.topic, partition)))
+
+    def pause(self, partitions: Iterable[int]) -> None:
+        self._consumer.pause(*(TopicPartition(self.topic, p) for p in partitions))
+
+    def resume(self, partitions: Iterable[int]) -> None:
+        self._consumer.resume(*(TopicPartition(self.topic, p) for p in partitions))
+
+    def paused(self) -> list[int]:
+        return sorted(tp.partition for tp in self._consumer.paused())
+
+    def committed(self, partitions: Iterable[int] | None = None) -> dict[int, Committed]:
+        """The group's committed offsets (with metadata) for the given or assigned partitions."""
+        if self.group_id is None:
+            return {}
+        if partitions is None:
+            partitions = self.assignment()
+        out: dict[int, Committed] = {}
+        for p in partitions:
+            om = self._consumer.committed(TopicPartition(self.topic, p), metadata=True)
+            if om is not None and om.offset >= 0:
+                out[p] = Committed(om.offset, om.metadata or "")
+        return out
+
+    def commit(self, offsets: Mapping[int, int], metadata: str = "") -> None:
+        """Advisory commit (monitoring, lag); correctness lives in the checkpoint."""
+        with _translated():
+            self._consumer.commit(
+                {TopicPartition(self.topic, p): OffsetAndMetadata(o, metadata, -1) for p, o in offsets.items()}
+            )
+
+    def group_metadata(self) -> Any:
+        """Opaque token for ``TransactionalProducer.commit(group=...)`` (KIP-447 fencing)."""
+        if self._consumer.assignment() and self._consumer.subscription():
+            return self._consumer.group_metadata()
+        return self.group_id
+
+    def end_offsets(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        if partitions is None:
+            partitions = self.assignment()
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        return {tp.partition: int(o) for tp, o in self._consumer.end_offsets(tps).items()}
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
