@@ -1,9 +1,14 @@
 """A real single-node Apache Kafka broker (KRaft) assembled from Maven Central jars.
 
 No Docker, no tarball: ``install()`` runs Maven once over ``infra/kafka/pom.xml`` to copy the
-broker's runtime jars into a cache directory; ``LocalKafka`` formats fresh KRaft storage, starts
-``kafka.Kafka`` as a JVM on loopback ports, waits until the broker accepts connections and stops
-it with SIGTERM (what ``kafka-server-stop.sh`` does). Logs go to ``<workdir>/kafka.log``.
+broker's runtime jars into a cache directory; ``LocalKafka`` starts ``kafka.Kafka`` as a JVM on
+loopback ports over a work directory, waits until the broker accepts connections and stops it with
+SIGTERM (what ``kafka-server-stop.sh`` does). Logs go to ``<workdir>/kafka.log``.
+
+Durable like a database: the KRaft storage is formatted only when it is empty, and the ports are
+chosen once (the default ports, or free ones when those are taken) and remembered in
+``<workdir>/ports.json``, so a broker stopped (or killed) and started again over the same work
+directory serves the same topics at the same address.
 
 Used by the test fixture (one broker per pytest session), by ``specstream broker start|stop``
 and by ``specstream quickstart``. Anyone with a broker already can skip all of this by setting
@@ -15,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -43,11 +49,15 @@ __all__ = (
     "detached_status",
     "DetachedBroker",
     "env_or_local_broker",
+    "delete_detached_data",
+    "DEFAULT_PORTS",
 )
 
 logger = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.3.1"
+#: The ports the user's local broker takes when they are free (broker, controller).
+DEFAULT_PORTS = (9092, 9093)
 # A 2-core machine starts the broker in ~5-10 s; a loaded CI machine can take much longer.
 _READY_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 30.0
@@ -131,6 +141,22 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _choose_ports(preferred: tuple[int, int] | None) -> tuple[int, int]:
+    """The preferred ports where both are free, else two free ones."""
+    if preferred is not None and all(_port_free(p) for p in preferred):
+        return preferred
+    return _free_port(), _free_port()
+
+
 def _cluster_id() -> str:
     """A Kafka Uuid: 16 random bytes, URL-safe base64 without padding, not starting with '-'."""
     while True:
@@ -199,14 +225,18 @@ class LocalKafka:
         version: str = KAFKA_VERSION,
         heap_mb: int = 512,
         attached: bool = True,
+        preferred_ports: tuple[int, int] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.preferred_ports = preferred_ports
         self.version = version
         self.heap_mb = heap_mb
         self.attached = attached
         self.proc: subprocess.Popen[bytes] | None = None
         self.bootstrap = ""
         self.log_path = self.workdir / "kafka.log"
+        self._ports_file = self.workdir / "ports.json"
+        self._data_dir = self.workdir / "data"
         self.startup_seconds = 0.0
 
     def __enter__(self) -> LocalKafka:
@@ -222,41 +252,75 @@ class LocalKafka:
         self.stop()
 
     def start(self) -> str:
-        """Format storage, launch the JVM and wait until it serves; return the bootstrap."""
+        """Launch the JVM over the work directory (formatting it when empty) and wait until it
+        serves; return the bootstrap address (the same one on every start of this directory)."""
         libs = libs_dir(self.version)
         if not _libs_ready(libs, self.version):
             libs = install(self.version)
         java = _java()
-        last_error: BrokerError | None = None
-        for _attempt in range(2):  # a second try covers the free-port race
+        fresh = not self.formatted()
+        for attempt in range(2):  # a second try covers the race for freshly chosen free ports
             try:
                 return self._start_once(java, libs)
             except BrokerError as exc:
-                last_error = exc
-                if "Address already in use" not in str(exc):
+                if attempt or not fresh or "Address already in use" not in str(exc):
                     raise
-        assert last_error is not None
-        raise last_error
+                self._forget()
+        raise AssertionError("unreachable")
+
+    def _forget(self) -> None:
+        """Drop fresh storage and its ports (nothing was ever served from them)."""
+        self._ports_file.unlink(missing_ok=True)
+        shutil.rmtree(self._data_dir, ignore_errors=True)
+
+    def _remembered_ports(self) -> tuple[int, int] | None:
+        try:
+            broker, controller = json.loads(self._ports_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return int(broker), int(controller)
+
+    def _ports(self) -> tuple[int, int]:
+        """Remembered ports once storage exists (its address must not change); else choose."""
+        remembered = self._remembered_ports()
+        if remembered is not None and self.formatted():
+            taken = [p for p in remembered if not _port_free(p)]
+            if taken:
+                raise BrokerError(
+                    f"the local broker's port {taken[0]} (remembered in {self._ports_file}) is in use "
+                    "by another process: stop that process, or stop the broker already running "
+                    "over this directory (`specstream broker stop`)"
+                )
+            return remembered
+        ports = _choose_ports(self.preferred_ports)
+        _mkdir(self.workdir)
+        self._ports_file.write_text(json.dumps(list(ports)))
+        return ports
+
+    def formatted(self) -> bool:
+        """Whether the KRaft storage holds a formatted log directory (then it is kept)."""
+        return (self._data_dir / "meta.properties").is_file()
 
     def _start_once(self, java: str, libs: Path) -> str:
-        data_dir = self.workdir / "data"
-        shutil.rmtree(data_dir, ignore_errors=True)
-        _mkdir(data_dir)
-        bport, cport = _free_port(), _free_port()
+        data_dir = self._data_dir
+        bport, cport = self._ports()
         props = self.workdir / "server.properties"
         props.write_text(_SERVER_PROPERTIES.format(bport=bport, cport=cport, data_dir=data_dir))
         log4j = self.workdir / "log4j2.properties"
         log4j.write_text(_LOG4J2)
         classpath = f"{libs}/*"
         started = time.monotonic()
-        fmt = subprocess.run(
-            [java, "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", classpath,
-             "kafka.tools.StorageTool", "format", "--standalone",
-             "-t", _cluster_id(), "-c", str(props)],
-            capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
-        if fmt.returncode != 0:
-            raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        if not self.formatted():
+            shutil.rmtree(data_dir, ignore_errors=True)  # a half-formatted directory from a crash
+            _mkdir(data_dir)
+            fmt = subprocess.run(
+                [java, "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", classpath,
+                 "kafka.tools.StorageTool", "format", "--standalone",
+                 "-t", _cluster_id(), "-c", str(props)],
+                capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
         cmd = [
             java, f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC",
             "-XX:TieredStopAtLevel=1", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
@@ -344,6 +408,10 @@ def _state_file() -> Path:
     return home_dir() / "broker" / "state.json"
 
 
+def _workdir() -> Path:
+    return home_dir() / "broker" / "run"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -354,6 +422,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_our_broker(pid: int, workdir: str) -> bool:
+    """The pid is a live Kafka JVM over our work directory (pids are reused after a reboot)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return _alive(pid) and not Path("/proc/self").exists()  # no procfs: trust the pid
+    return "kafka.Kafka" in cmdline and workdir in cmdline
+
+
+@contextlib.contextmanager
+def _start_lock() -> Iterator[None]:
+    """One start at a time: two concurrent ``broker start`` must not both launch a JVM."""
+    path = _mkdir(home_dir() / "broker") / "start.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def detached_status() -> DetachedBroker | None:
     """The broker started by ``specstream broker start``, if it still runs."""
     path = _state_file()
@@ -361,28 +450,35 @@ def detached_status() -> DetachedBroker | None:
         state = DetachedBroker(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if not _alive(state.pid):
+    if not _is_our_broker(state.pid, state.workdir):
         path.unlink(missing_ok=True)
         return None
     return state
 
 
 def start_detached(version: str = KAFKA_VERSION, heap_mb: int = 512) -> DetachedBroker:
-    """Start (or find) the user's local broker; it keeps running after this process exits."""
-    running = detached_status()
-    if running is not None:
-        return running
-    workdir = _mkdir(home_dir() / "broker" / "run")
-    broker = LocalKafka(workdir, version=version, heap_mb=heap_mb, attached=False)
-    broker.start()
-    assert broker.proc is not None
-    state = DetachedBroker(broker.proc.pid, broker.bootstrap, str(workdir), version)
-    _state_file().write_text(json.dumps(state.__dict__))
-    return state
+    """Start (or find) the user's local broker; it keeps running after this process exits.
+
+    Its data and its address survive ``stop``/``start`` and machine restarts (see the module
+    docstring), so runs, their topics and saved configs stay valid.
+    """
+    with _start_lock():
+        running = detached_status()
+        if running is not None:
+            return running
+        workdir = _mkdir(_workdir())
+        broker = LocalKafka(
+            workdir, version=version, heap_mb=heap_mb, attached=False, preferred_ports=DEFAULT_PORTS
+        )
+        broker.start()
+        assert broker.proc is not None
+        state = DetachedBroker(broker.proc.pid, broker.bootstrap, str(workdir), version)
+        _state_file().write_text(json.dumps(state.__dict__))
+        return state
 
 
 def stop_detached() -> bool:
-    """Stop the broker of ``specstream broker start``; False if none was running."""
+    """Stop the broker of ``specstream broker start`` (its data stays); False if none was running."""
     state = detached_status()
     if state is None:
         return False
@@ -394,3 +490,12 @@ def stop_detached() -> bool:
         os.kill(state.pid, signal.SIGKILL)
     _state_file().unlink(missing_ok=True)
     return True
+
+
+def delete_detached_data() -> Path:
+    """Forget every topic of the local broker (it must be stopped): a fresh start formats anew."""
+    if detached_status() is not None:
+        raise BrokerError("the local broker is running: `specstream broker stop` first")
+    workdir = _workdir()
+    shutil.rmtree(workdir, ignore_errors=True)
+    return workdir

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,13 +29,19 @@ def test_missing_maven_names_what_to_install_and_the_alternative(
         broker.install()
 
 
-@pytest.mark.integration
-def test_detached_broker_starts_reports_and_stops(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """What `specstream broker start|status|stop` do, with its own state directory."""
-    jars = broker.libs_dir()  # reuse the cached jars, keep the state separate
+@pytest.fixture
+def own_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A private SPECSTREAM_HOME that reuses the cached jars but keeps its own broker state."""
+    jars = broker.libs_dir()
     monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
     (tmp_path / f"kafka-{broker.KAFKA_VERSION}").mkdir()
     (tmp_path / f"kafka-{broker.KAFKA_VERSION}" / "libs").symlink_to(jars)
+    return tmp_path
+
+
+@pytest.mark.integration
+def test_detached_broker_starts_reports_and_stops(own_home: Path) -> None:
+    """What `specstream broker start|status|stop` do, with its own state directory."""
     state = broker.start_detached(heap_mb=256)
     try:
         assert broker.detached_status() == state
@@ -43,3 +52,51 @@ def test_detached_broker_starts_reports_and_stops(monkeypatch: pytest.MonkeyPatc
     finally:
         assert broker.stop_detached()
     assert broker.detached_status() is None and not broker.stop_detached()
+
+
+@pytest.mark.integration
+def test_a_restarted_local_broker_keeps_its_topics_and_its_address(own_home: Path) -> None:
+    """stop then start: the same address, the same topics and records (DESIGN 4.8)."""
+    first = broker.start_detached(heap_mb=256)
+    try:
+        settings = KafkaSettings(first.bootstrap)
+        with settings.admin() as admin:
+            admin.ensure_topics({"durable": 2})
+        producer = settings.plain_producer()
+        producer.send("durable", b"kept", partition=1)
+        producer.flush()
+        producer.close()
+    finally:
+        assert broker.stop_detached()
+    second = broker.start_detached(heap_mb=256)
+    try:
+        assert second.bootstrap == first.bootstrap and second.pid != first.pid
+        with settings.admin() as admin:
+            assert admin.partition_count("durable") == 2
+            assert admin.end_offsets("durable", [0, 1]) == {0: 0, 1: 1}
+    finally:
+        broker.stop_detached()
+    broker.delete_detached_data()
+    assert not (own_home / "broker" / "run").exists()
+
+
+@pytest.mark.integration
+def test_concurrent_starts_share_one_broker(own_home: Path) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        states = list(pool.map(lambda _: broker.start_detached(heap_mb=256), range(2)))
+    try:
+        assert states[0] == states[1]
+    finally:
+        broker.stop_detached()
+
+
+def test_stop_never_signals_a_process_that_is_not_our_broker(own_home: Path) -> None:
+    """A stale state file whose pid now belongs to another process (here: this test) is ignored."""
+    state_file = own_home / "broker" / "state.json"
+    state_file.parent.mkdir(parents=True)
+    state_file.write_text(json.dumps(
+        {"pid": os.getpid(), "bootstrap": "127.0.0.1:1", "workdir": str(own_home / "broker" / "run"),
+         "version": broker.KAFKA_VERSION}
+    ))  # fmt: skip
+    assert broker.detached_status() is None
+    assert not broker.stop_detached()
