@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.app.config import RunConfig, parse_config
-from pipeline.app.runtime import RunResult, build_online_run
+from pipeline.app.config import RunConfig
+from pipeline.app.config_file import parse_config
 
-__all__ = ("quickstart_config", "run_quickstart")
+__all__ = ("quickstart_config",)
 
 
 def quickstart_config(
@@ -65,6 +65,3 @@ def quickstart_config(
     (workdir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return config
 
-
-def run_quickstart(workdir: Path, **kwargs: Any) -> RunResult:
-    return build_online_run(quickstart_config(workdir, **kwargs)).run()
