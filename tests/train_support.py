@@ -116,13 +116,14 @@ def write_vocab(path: Path, *, seed: int = 1) -> Path:
 def loop_settings(**values: Any) -> TrainerSettings:
     """Complete trainer settings for tests of the loop alone: small, constant rate, retention
     delete; ``values`` override any (``checkpoint_dir`` is required)."""
-    base: dict[str, Any] = dict(
-        run_id="run", batch_size=2, grad_accum=1, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0, warmup_ratio=0.0,
-        schedule="constant", schedule_steps=None, max_steps=None, grad_clip=0.5, ttt_steps=2, loss_decay=0.8,
-        max_length=32, seed=0, bf16=False, deterministic=True, save_interval=3, keep_last=1, retention="delete",
-        resume="auto", prefetch=4, idle_timeout_s=600.0, drain_timeout_s=None, collective_timeout_s=600.0,
-        metrics_path=None, plot_path=None,
-    )  # fmt: skip
+    base: dict[str, Any] = {
+        "run_id": "run", "batch_size": 2, "grad_accum": 1, "lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.0,
+        "warmup_ratio": 0.0, "schedule": "constant", "schedule_steps": None, "max_steps": None, "grad_clip": 0.5,
+        "ttt_steps": 2, "loss_decay": 0.8, "max_length": 32, "seed": 0, "bf16": False, "deterministic": True,
+        "save_interval": 3, "keep_last": 1, "retention": "delete", "resume": "auto", "prefetch": 4,
+        "idle_timeout_s": 600.0, "drain_timeout_s": None, "collective_timeout_s": 600.0, "metrics_path": None,
+        "plot_path": None,
+    }  # fmt: skip
     return TrainerSettings(**{**base, **values})
 
 

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -210,7 +210,7 @@ def generate(
     else:
         if not run_id or not storage:
             raise SpecstreamError("generate needs --config, or --run-id and --storage")
-        overrides = {
+        overrides: dict[str, dict[str, Any]] = {
             "target": {"backend": backend, "model": str(model) if model else None, "dtype": dtype,
                        "batch_size": batch_size,
                        "aux_layer_ids": [int(i) for i in aux_layer_ids.split(",")] if aux_layer_ids else None},

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.messages import SettingValue
+from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks
 from pipeline.transport.kafka import kafka_client_options
 
 __all__ = (
@@ -269,10 +270,6 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _backpressure_cannot_deadlock(self) -> RunConfig:
         """The generators' own watermark checks, at start, under this file's key names."""
-        # generate.backpressure is imported here, not at the top: config loading (every command,
-        # `config reference`) should not pay for the generator package's imports.
-        from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks  # noqa: PLC0415
-
         t, g = self.train, self.generate
         if self.data.partitions % t.world_size:
             raise ConfigError(

@@ -23,6 +23,7 @@ def quickstart_config(
     workdir: Path, *, conversations: int = 192, bootstrap: str | None = None, max_steps: int | None = None
 ) -> RunConfig:
     """Prepare the target and data under ``workdir``; return the run's config (also saved as YAML)."""
+    # The devkit (transformers, tokenizers) is loaded only when a quickstart is prepared.
     from pipeline.devkit.tiny import (  # noqa: PLC0415
         TINY_AUX_LAYER_IDS,
         build_tiny_target,

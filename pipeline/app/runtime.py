@@ -81,10 +81,10 @@ def target_backend(config: RunConfig, *, synthetic_hidden_size: int = 64) -> Tar
     if target.backend == "hf":
         from pipeline.generate.hf import HFTarget  # noqa: PLC0415
 
-        return HFTarget(target.model, device=target.device, dtype=target.dtype, aux_layer_ids=target.aux_layer_ids)
+        return HFTarget(str(target.model), device=target.device, dtype=target.dtype, aux_layer_ids=target.aux_layer_ids)
     from pipeline.generate.sglang import SGLangTarget  # noqa: PLC0415
 
-    return SGLangTarget(target.model, aux_layer_ids=target.aux_layer_ids, dtype=target.dtype or "auto")
+    return SGLangTarget(str(target.model), aux_layer_ids=target.aux_layer_ids, dtype=target.dtype or "auto")
 
 
 def resolve_transport(config: RunConfig) -> Transport:

@@ -16,7 +16,13 @@ from pydantic import BaseModel
 
 from pipeline.app.config import RunConfig
 from pipeline.app.config_file import parse_config
-from pipeline.app.settings import generator_settings, kafka_settings, model_spec, source_settings, trainer_settings
+from pipeline.app.settings import (
+    generator_settings,
+    kafka_settings,
+    model_spec,
+    source_settings,
+    trainer_settings,
+)
 from pipeline.train.config import TrainerSettings
 
 MINIMAL: dict[str, Any] = {"run_id": "r", "data": {"path": "d.jsonl"}, "target": {"backend": "synthetic"}}
