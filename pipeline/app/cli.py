@@ -72,7 +72,7 @@ def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
-        if not stop.is_set():
+        if not stop.is_set() and _rank() == "0":  # torchrun signals every rank: say it once
             console.print(f"[yellow]{signal.Signals(signum).name}: finishing the current step, then exiting")
         stop.set()
 
