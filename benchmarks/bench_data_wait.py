@@ -33,7 +33,7 @@ from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
 from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainerSettings
 from pipeline.train.distributed import DistContext
 from pipeline.train.runner import ModelSpec, run_trainer
 from pipeline.transport.broker import env_or_local_broker as broker
@@ -139,26 +139,40 @@ def main() -> None:
         write_target(work / "target", args.hidden, args.vocab, args.heads)
         counts = torch.bincount(torch.randint(0, args.vocab, (50_000,)), minlength=args.vocab)
         build_vocab_mapping(counts, args.vocab, args.draft_vocab).save(str(work / "vocab.safetensors"))
-        config = TrainConfig(
+        config = TrainerSettings(
             run_id=run_id,
             checkpoint_dir=str(work / "ckpt"),
             batch_size=args.batch_size,
             grad_accum=args.grad_accum,
             lr=1e-3,
+            betas=(0.9, 0.95),
+            weight_decay=0.0,
+            warmup_ratio=0.0,
             schedule="constant",
+            schedule_steps=None,
+            max_steps=None,
+            grad_clip=0.5,
             ttt_steps=args.ttt_steps,
+            loss_decay=0.8,
             max_length=args.tokens,
+            seed=0,
+            bf16=False,
+            deterministic=False,
             save_interval=0,
+            keep_last=2,
             retention="retain",
+            resume="auto",
             prefetch=args.prefetch,
-            metrics_path=str(work / "metrics.jsonl"),
-            progress=False,
             idle_timeout_s=120,
+            drain_timeout_s=None,
+            collective_timeout_s=600,
+            metrics_path=str(work / "metrics.jsonl"),
+            plot_path=None,
         )
         device = torch.device(args.device)
         result = run_trainer(
             config,
-            settings=settings,
+            transport=settings,
             storage_root=str(work / "features"),
             model=ModelSpec(str(work / "target"), str(work / "vocab.safetensors"), (0, 1, 2)),
             dist=DistContext(device=device),

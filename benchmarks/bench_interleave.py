@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.app.config import RunConfig, parse_config
-from pipeline.app.runtime import build_online_run, claim_run, train_config_for
+from pipeline.app.config import RunConfig
+from pipeline.app.config_file import parse_config
+from pipeline.app.manifest import claim_run
+from pipeline.app.runtime import build_online_run
+from pipeline.app.settings import trainer_settings
 from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
 from pipeline.transport.broker import env_or_local_broker as broker
 
@@ -94,8 +97,8 @@ def drain_then_fit(config: RunConfig) -> tuple[float, float, float, float]:
         t.join()
     generated = time.time()
     result = run_trainer(
-        train_config_for(config, schedule_steps=max(1, source.prompts // config.global_batch)),
-        settings=online.transport,
+        trainer_settings(config, schedule_steps=max(1, source.prompts // config.global_batch)),
+        transport=online.transport,
         storage_root=config.storage.root,
         model=online.model_spec(),
         dist=DistContext(),

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from pipeline.core.messages import AnyMessage, Prompt, decode, prompt_id_for
 from pipeline.transport.kafka import KafkaSettings, PartitionReader
 
-__all__ = ("read_messages", "make_prompts", "spawn", "wait_exit")
+__all__ = ("read_messages", "make_prompts", "specstream_command", "spawn", "wait_exit")
 
 
 def read_messages(
@@ -45,12 +47,21 @@ def make_prompts(run_id: str, count: int, *, tokens: int = 16, vocab: int = 512)
     return prompts
 
 
+def specstream_command() -> str:
+    """The ``specstream`` console script of this interpreter's environment (what users run)."""
+    beside = Path(sys.executable).with_name("specstream")
+    found = str(beside) if beside.is_file() else shutil.which("specstream")
+    if found is None:
+        raise RuntimeError("the specstream console script is not installed: pip install -e .")
+    return found
+
+
 def spawn(args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``python -m pipeline.app.cli ARGS`` as a separate process (a real stage process)."""
+    """``specstream ARGS`` as a separate process (a real stage process)."""
     inherited = {k: v for k, v in os.environ.items() if k != "SPECSTREAM_CRASH_AT"}
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.app.cli", *args],
+        [specstream_command(), *args],
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

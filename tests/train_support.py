@@ -3,10 +3,11 @@
 - ``MemorySource``: an in-memory stand-in for ``SampleStream`` (same state/resume contract), so
   the trainer loop can be tested without a broker.
 - ``write_tiny_target`` / ``write_vocab``: a Hugging Face-layout target directory (embedding +
-  lm_head) and a frozen vocab map, for ``python -m pipeline.train``.
+  lm_head) and a frozen vocab map (``write_run_vocab``: where ``specstream train`` looks for it).
 - ``publish_samples``: prompts -> generator workers (synthetic target) -> samples topic, all
   committed before it returns (a producer infinitely faster than the trainer).
-- ``train_cmd``: the command line of one trainer process.
+- ``train_cmd``: writes a run config and returns ``specstream train``'s arguments for it;
+  ``spawn_train`` starts them (under torchrun for several ranks).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from pipeline.core.eos import Completeness
@@ -41,8 +44,10 @@ from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
 from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
+from pipeline.train.config import TrainerSettings
 from pipeline.transport.kafka import KafkaSettings, PlainProducer
 from pipeline.vocab import build_vocab_mapping
+from tests.support import specstream_command
 
 HIDDEN, VOCAB, DRAFT_VOCAB = 64, 512, 128
 TARGET_INFO = TargetInfo(
@@ -90,12 +95,36 @@ def write_tiny_target(directory: Path, *, seed: int = 0) -> Path:
     return directory
 
 
+def write_run_vocab(storage: str, run_id: str) -> Path:
+    """The frozen vocab map where the source stage would have stored it for ``run_id``."""
+    path = Path(storage) / run_id / "vocab_mapping.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_vocab(path)
+
+
 def write_vocab(path: Path, *, seed: int = 1) -> Path:
     counts = torch.zeros(VOCAB, dtype=torch.long)
     chosen = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed))[:200]
     counts[chosen] = torch.arange(200, 0, -1)
     build_vocab_mapping(counts, VOCAB, DRAFT_VOCAB).save(str(path))
     return path
+
+
+# --- the loop without a run config ---------------------------------------------------------
+
+
+def loop_settings(**values: Any) -> TrainerSettings:
+    """Complete trainer settings for tests of the loop alone: small, constant rate, retention
+    delete; ``values`` override any (``checkpoint_dir`` is required)."""
+    base: dict[str, Any] = {
+        "run_id": "run", "batch_size": 2, "grad_accum": 1, "lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.0,
+        "warmup_ratio": 0.0, "schedule": "constant", "schedule_steps": None, "max_steps": None, "grad_clip": 0.5,
+        "ttt_steps": 2, "loss_decay": 0.8, "max_length": 32, "seed": 0, "bf16": False, "deterministic": True,
+        "save_interval": 3, "keep_last": 1, "retention": "delete", "resume": "auto", "prefetch": 4,
+        "idle_timeout_s": 600.0, "drain_timeout_s": None, "collective_timeout_s": 600.0, "metrics_path": None,
+        "plot_path": None,
+    }  # fmt: skip
+    return TrainerSettings(**{**base, **values})
 
 
 # --- in-memory source ----------------------------------------------------------------------
@@ -242,45 +271,49 @@ def publish_samples(
 
 
 def train_cmd(
+    config_path: Path,
     *,
     kafka: KafkaSettings,
     run_id: str,
     storage: str,
-    ckpt: Path,
+    out: Path,
     target: Path,
-    vocab: Path,
-    extra: Sequence[str] = (),
+    train: Mapping[str, Any],
+    retention: str = "delete",
+    partitions: int = 4,
 ) -> list[str]:
-    return [
-        "--run-id", run_id, "--bootstrap", kafka.bootstrap_servers, "--storage", storage,
-        "--checkpoint-dir", str(ckpt), "--target-model-path", str(target), "--vocab-mapping", str(vocab),
-        "--aux-layer-ids", "0,1,2", "--device", "cpu", "--no-progress", "--idle-timeout", "60",
-        "--collective-timeout", "120", *extra,
-    ]  # fmt: skip
+    """Write the run config of a trainer reading ``run_id``'s samples; return ``specstream``'s args.
+
+    ``partitions`` is the config's (a multiple of the world size); the trainer takes the real
+    count from the samples topic. ``data.path`` is never read: the samples are already there.
+    """
+    raw = {
+        "run_id": run_id,
+        "broker": {"bootstrap_servers": kafka.bootstrap_servers},
+        "storage": {"root": storage, "retention": retention},
+        "data": {"path": str(config_path.parent / "conversations.jsonl"), "partitions": partitions},
+        "target": {"backend": "hf", "model": str(target), "aux_layer_ids": [0, 1, 2]},
+        "train": {
+            "device": "cpu", "draft_vocab_size": DRAFT_VOCAB, "output_dir": str(out), "idle_timeout_s": 60,
+            "collective_timeout_s": 120, **train,
+        },
+    }  # fmt: skip
+    config_path.write_text(yaml.safe_dump(raw))
+    return ["train", "--config", str(config_path), "--verbose"]
 
 
 def spawn_train(
     args: Sequence[str], *, env: dict[str, str] | None = None, torchrun: int | None = None
 ) -> subprocess.Popen[str]:
-    """``python -m pipeline.train ARGS`` (under torchrun with N ranks) in its own process group."""
+    """``specstream ARGS`` (under torchrun with N ranks: ``--no-python specstream``) in its own process group."""
     inherited = {
-        k: v for k, v in os.environ.items() if k not in ("SPECSTREAM_CRASH_AT", "RANK", "WORLD_SIZE")
+        k: v for k, v in os.environ.items() if k not in ("SPECSTREAM_CRASH_AT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     }
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [specstream_command(), *args]
     if torchrun:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(torchrun),
-            "-m",
-            "pipeline.train",
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, "-m", "pipeline.train", *args]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
+        cmd = [*launcher, "--no-python", *cmd]
     return subprocess.Popen(
         cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

@@ -1,159 +1,283 @@
-"""One YAML file configures a run; it is validated completely before anything starts.
+"""One YAML file configures a run: ``RunConfig``, the single source of every knob and its default.
 
-Unknown keys, wrong types and impossible combinations stop the run at start with a
-``ConfigError`` that names the key and the fix (a misspelt key gets a "did you mean"). The broker
-and storage locations can be overridden from the environment (``KAFKA_BOOTSTRAP_SERVERS``,
-``SPECSTREAM_STORAGE``), and Kafka client settings (SASL/SSL) pass through ``broker.client_options``.
+The file is validated completely before anything starts: an unknown key, a wrong type or an
+impossible combination raises a ``ConfigError`` naming the key and the fix (a misspelt key gets a
+"did you mean"). Each stage derives its own settings from it in one function
+(``pipeline.app.settings``), and ``specstream config reference`` prints the table of every key
+(the README's is generated from it). Reading a file, ``${VAR}`` and the environment overrides are
+in :mod:`pipeline.app.config_file`.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import os
-from pathlib import Path
+import re
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.messages import SettingValue
+from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks
+from pipeline.transport.kafka import kafka_client_options
 
 __all__ = (
     "RunConfig",
-    "BrokerConfig",
-    "StorageConfig",
-    "DataConfig",
-    "TargetConfig",
-    "GenerateConfig",
-    "TrainConfig",
-    "load_config",
-    "parse_config",
+    "BrokerSection",
+    "StorageSection",
+    "DataSection",
+    "TargetSection",
+    "GenerateSection",
+    "TrainSection",
+    "FINGERPRINT_KEYS",
+    "fingerprint_differences",
 )
+
+# What changes the trained result. Every stage of a run must agree on these (the run manifest
+# stores them); anything else (devices, capture batch size, worker counts, timeouts, paths,
+# retention, checkpoint cadence) may differ between nodes and between attempts.
+FINGERPRINT_KEYS = (
+    "data.path",
+    "data.max_length",
+    "data.partitions",
+    "data.on_malformed",
+    "data.limit",
+    "target.backend",
+    "target.model",
+    "target.dtype",
+    "target.aux_layer_ids",
+    "train.world_size",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.lr",
+    "train.lr_schedule",
+    "train.warmup_ratio",
+    "train.betas",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.bf16",
+    "train.ttt_steps",
+    "train.loss_decay",
+    "train.draft_vocab_size",
+    "train.max_length",
+    "train.seed",
+)
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BrokerConfig(_Section):
+def _check_device(key: str, value: str | None, null_means: str) -> str | None:
+    if value is None or _DEVICE.match(value):
+        return value
+    raise ConfigError(key, f"{value!r} is not a device", f"use cpu, cuda or cuda:N (null: {null_means})")
+
+
+class BrokerSection(_Section):
     bootstrap_servers: str | None = Field(
-        default=None, description="host:port[,host:port]; null starts the local broker (single-process runs)"
+        default=None,
+        description="`host:port[,host:port]`; null: the local broker (started if needed); "
+        "`memory`: in-process, one process, no Kafka",
     )
     client_options: dict[str, Any] = Field(
-        default_factory=dict, description="passed to every Kafka client: security_protocol, sasl_*, ssl_*"
+        default_factory=dict,
+        description="options for every Kafka client (SASL, SSL...): Kafka's own names (`security.protocol`, "
+        "`sasl.mechanism`, `sasl.username`, `ssl.cafile`...) or kafka-python's; `${VAR}` for secrets",
     )
-    transaction_timeout_ms: int = Field(default=60_000, ge=1_000)
-    session_timeout_ms: int = Field(default=45_000, ge=6_000)
+    transaction_timeout_ms: int = Field(
+        default=60_000, ge=1_000, description="how soon the broker aborts a dead producer's open transaction"
+    )
+    session_timeout_ms: int = Field(
+        default=45_000, ge=6_000, description="how soon a dead generator's prompt partitions move to the others"
+    )
+
+    @field_validator("client_options")
+    @classmethod
+    def _kafka_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return kafka_client_options(value, key="broker.client_options")
 
 
-class StorageConfig(_Section):
-    root: str = Field(default="./runs", description="feature storage root: a path or any fsspec URL")
-    options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
+class StorageSection(_Section):
+    root: str = Field(default="./runs", description="feature storage root: a path or any fsspec URL (`s3://`...)")
+    options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options (credentials, endpoint)")
     retention: Literal["delete", "retain"] = Field(
-        default="retain", description="delete: consume-once; retain: keep features for replay and more epochs"
+        default="retain",
+        description="`retain`: keep features (replay, more epochs); `delete`: delete them once no "
+        "retained checkpoint needs them",
     )
 
 
-class DataConfig(_Section):
-    path: str = Field(description="conversations JSONL (ShareGPT or OpenAI messages), path or fsspec URL")
-    max_length: int = Field(default=2048, gt=8)
-    partitions: int = Field(default=4, gt=0, description="a multiple of train.world_size keeps ranks balanced")
-    on_malformed: Literal["dlq", "fail"] = "dlq"
+class DataSection(_Section):
+    path: str = Field(description="conversations JSONL (ShareGPT or OpenAI messages): a path or fsspec URL")
+    max_length: int = Field(default=2048, gt=8, description="tokens per conversation; longer ones are truncated")
+    partitions: int = Field(
+        default=4, gt=0, description="prompt and sample partitions: a multiple of `train.world_size`"
+    )
+    on_malformed: Literal["dlq", "fail"] = Field(
+        default="dlq", description="a bad line: `dlq` reports it and goes on, `fail` stops the run"
+    )
     limit: int | None = Field(default=None, gt=0, description="use only the first N conversations")
 
 
-class TargetConfig(_Section):
-    backend: Literal["hf", "sglang", "synthetic"] = "hf"
-    model: str | None = Field(default=None, description="local model directory (hf, sglang)")
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    aux_layer_ids: list[int] | None = Field(default=None, min_length=3, max_length=3)
-    batch_size: int = Field(default=8, gt=0)
+class TargetSection(_Section):
+    backend: Literal["hf", "sglang", "synthetic"] = Field(
+        default="hf", description="`hf` (transformers), `sglang` (GPU, extra), `synthetic` (data plane only)"
+    )
+    model: str | None = Field(
+        default=None, description="local model directory (hf, sglang): nothing is downloaded at run time"
+    )
+    device: str = Field(default="cpu", description="where the generators run the target: cpu, cuda, cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="capture dtype; null: the model's own"
+    )
+    aux_layer_ids: list[int] | None = Field(
+        default=None, min_length=3, max_length=3, description="three captured layers; null: EAGLE3's [1, N/2-1, N-4]"
+    )
+    batch_size: int = Field(default=8, gt=0, description="prompts per capture forward (per generator)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _check_device("target.device", value, "cpu") or "cpu"
 
     @model_validator(mode="after")
-    def _model_for_real_backends(self) -> TargetConfig:
+    def _model_for_real_backends(self) -> TargetSection:
         if self.backend in ("hf", "sglang") and not self.model:
-            raise ValueError(
-                f"target.model|is required for backend {self.backend}|set it to a local model directory"
+            raise ConfigError(
+                "target.model", f"is required for backend {self.backend}", "set it to a local model directory"
             )
         return self
 
 
-class GenerateConfig(_Section):
-    workers: int = Field(default=1, gt=0, description="generator workers in a single-process run")
-    high_watermark: int = Field(default=256, gt=0, description="pause generation above this many untrained samples")
-    low_watermark: int = Field(default=192, ge=0, description="resume below this many")
-    high_watermark_bytes: int | None = Field(default=None, gt=0)
-    low_watermark_bytes: int | None = Field(default=None, ge=0)
+class GenerateSection(_Section):
+    workers: int = Field(default=1, gt=0, description="generator threads in a single-process run (`run`, `quickstart`)")
+    high_watermark: int = Field(
+        default=256, gt=0, description="pause generation above this many produced-but-untrained samples"
+    )
+    low_watermark: int = Field(default=192, ge=0, description="resume generation at or below this many")
+    high_watermark_bytes: int | None = Field(default=None, gt=0, description="the same in bytes of features")
+    low_watermark_bytes: int | None = Field(default=None, ge=0, description="resume at or below this many bytes")
+    queue_depth: int = Field(
+        default=2, gt=0, description="captured batches a generator holds ahead of the one it writes and commits"
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, gt=0, description="on stop, how long a generator may finish its queued batches"
+    )
 
     @model_validator(mode="after")
-    def _ordered(self) -> GenerateConfig:
+    def _ordered(self) -> GenerateSection:
         if self.low_watermark > self.high_watermark:
-            raise ValueError(
-                f"generate.low_watermark|{self.low_watermark} exceeds high_watermark {self.high_watermark}|"
-                "set it below generate.high_watermark"
+            raise ConfigError(
+                "generate.low_watermark",
+                f"{self.low_watermark} exceeds high_watermark {self.high_watermark}",
+                "set it below generate.high_watermark",
             )
         return self
 
 
-class TrainConfig(_Section):
-    world_size: int = Field(default=1, gt=0)
-    batch_size: int = Field(default=1, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=1e-4, gt=0)
-    warmup_ratio: float = Field(default=0.015, ge=0, lt=1)
-    max_steps: int | None = Field(default=None, gt=0)
-    ttt_steps: int = Field(default=7, gt=0)
-    draft_vocab_size: int = Field(default=32000, gt=0)
-    max_length: int | None = Field(default=None, gt=0)
-    save_interval: int = Field(default=100, gt=0)
-    keep_checkpoints: int = Field(default=2, gt=0)
-    prefetch: int = Field(default=4, gt=0)
-    output_dir: str = "./runs/out"
-    seed: int = 0
-    deterministic: bool = False
+class TrainSection(_Section):
+    world_size: int = Field(
+        default=1, gt=0, description="trainer ranks: must equal torchrun's ranks (`--nproc-per-node` x nodes)"
+    )
+    device: str | None = Field(default=None, description="cpu, cuda; null: cuda when available")
+    batch_size: int = Field(default=1, gt=0, description="samples per micro-batch per rank")
+    grad_accum: int = Field(
+        default=1, gt=0, description="micro-batches per optimizer step: global batch = world_size x batch_size x this"
+    )
+    lr: float = Field(default=1e-4, gt=0, description="AdamW peak learning rate")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        default="cosine",
+        description="after the warmup; cosine needs a length: `max_steps`, or one pass once the source has finished",
+    )
+    warmup_ratio: float = Field(default=0.015, ge=0, lt=1, description="linear warmup, as a share of the schedule")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(default=0.5, gt=0, description="clip the gradient norm to this")
+    bf16: bool = Field(default=False, description="bf16 autocast for the draft on CUDA (mixed precision)")
+    max_steps: int | None = Field(default=None, gt=0, description="stop after this many steps; null: the end of the stream")
+    ttt_steps: int = Field(default=7, gt=0, description="training-time-test depth (draft steps unrolled)")
+    loss_decay: float = Field(default=0.8, gt=0, le=1, description="weight of TTT step k is loss_decay^k")
+    draft_vocab_size: int = Field(default=32000, gt=0, description="the draft's vocabulary (most frequent tokens)")
+    max_length: int | None = Field(default=None, gt=0, description="sequence cap in training; null: `data.max_length`")
+    save_interval: int = Field(default=100, ge=0, description="checkpoint every N steps (0: only at the end and on stop)")
+    keep_last: int = Field(default=2, gt=0, description="checkpoints kept (older ones are deleted)")
+    resume: str = Field(
+        default="auto",
+        description="`auto` (newest checkpoint if any), `never`, `required`, or one checkpoint's directory",
+    )
+    prefetch: int = Field(default=4, gt=0, description="micro-batches read and collated ahead, per rank")
+    idle_timeout_s: float = Field(
+        default=600.0, gt=0, description="a partition silent this long (no sample, no end of stream) is an error"
+    )
+    collective_timeout_s: float = Field(
+        default=600.0, gt=0, description="how long a collective waits for the slowest rank before failing"
+    )
+    drain_timeout_s: float | None = Field(
+        default=None, gt=0, description="bound on reading the stream's tail after the last step; null: none"
+    )
+    output_dir: str = Field(
+        default="./runs/out",
+        description="checkpoints, metrics.jsonl, curves.png, export/: a filesystem path every rank shares",
+    )
+    seed: int = Field(default=0, description="seeds the draft's initialisation and every RNG")
+    deterministic: bool = Field(
+        default=False, description="deterministic kernels: bit-identical resume and replay (slower on GPU)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        return _check_device("train.device", value, "cuda when available")
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: str) -> str:
+        if not value.strip():
+            raise ConfigError("train.resume", "is empty", "use auto, never, required or a checkpoint directory")
+        return value
 
 
 class RunConfig(_Section):
-    run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,100}$")
-    broker: BrokerConfig = Field(default_factory=BrokerConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    data: DataConfig
-    target: TargetConfig
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    run_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,100}$",
+        description="names the run's topics, consumer groups and storage prefix",
+    )
+    broker: BrokerSection = Field(default_factory=BrokerSection, description="the Kafka cluster")
+    storage: StorageSection = Field(default_factory=StorageSection, description="where the features go")
+    data: DataSection = Field(description="the conversations")
+    target: TargetSection = Field(description="the target model whose hidden states are captured")
+    generate: GenerateSection = Field(default_factory=GenerateSection, description="generators and backpressure")
+    train: TrainSection = Field(default_factory=TrainSection, description="the draft's training")
 
     @model_validator(mode="after")
     def _window_fits(self) -> RunConfig:
-        window = self.train.world_size * self.train.batch_size * self.train.grad_accum
+        window = self.global_batch
         needed = window + self.train.world_size * self.train.prefetch * self.train.batch_size
         if self.generate.high_watermark < needed:
-            raise ValueError(
-                f"generate.high_watermark|{self.generate.high_watermark} is below what the trainer must hold "
-                f"before it reports progress ({window} samples per global step + {needed - window} "
-                f"prefetched = {needed}), so generation and training would wait on each other forever|"
-                f"raise it to at least {needed}, or shrink train.batch_size / grad_accum / prefetch"
+            raise ConfigError(
+                "generate.high_watermark",
+                f"{self.generate.high_watermark} is below what the trainer must hold before it reports "
+                f"progress ({window} samples per global step + {needed - window} prefetched = {needed}), "
+                "so generation and training would wait on each other forever",
+                f"raise it to at least {needed}, or shrink train.batch_size / grad_accum / prefetch",
             )
         return self
 
     @model_validator(mode="after")
     def _backpressure_cannot_deadlock(self) -> RunConfig:
         """The generators' own watermark checks, at start, under this file's key names."""
-        from pipeline.generate.backpressure import (  # noqa: PLC0415
-            TrainerWindow,
-            Watermarks,
-            check_watermarks,
-        )
-
         t, g = self.train, self.generate
         if self.data.partitions % t.world_size:
-            raise ValueError(
-                f"data.partitions|{self.data.partitions} partitions do not divide over train.world_size "
-                f"{t.world_size} ranks: a rank with more partitions would still be draining them after "
-                "the others end, while backpressure waits for training progress|"
-                f"use a multiple of {t.world_size} partitions"
+            raise ConfigError(
+                "data.partitions",
+                f"{self.data.partitions} partitions do not divide over train.world_size {t.world_size} ranks: "
+                "a rank with more partitions would still be draining them after the others end, while "
+                "backpressure waits for training progress",
+                f"use a multiple of {t.world_size} partitions",
             )
         try:
             check_watermarks(
@@ -165,13 +289,13 @@ class RunConfig(_Section):
             )  # fmt: skip
         except ConfigError as exc:
             key = {"partitions": "data.partitions"}.get(exc.key, exc.key.replace("backpressure.", "generate."))
-            problem = exc.problem.replace("backpressure.", "generate.")
             fix = exc.fix.replace("backpressure.", "generate.") or "see examples/tiny-cpu.yaml"
-            raise ValueError(f"{key}|{problem}|{fix}") from None
+            raise ConfigError(key, exc.problem.replace("backpressure.", "generate."), fix) from None
         if "://" in t.output_dir:
-            raise ValueError(
-                f"train.output_dir|{t.output_dir} is a URL, but checkpoints are written with POSIX "
-                "renames and fsyncs|use a local or shared filesystem path (NFS, Lustre, a mounted bucket)"
+            raise ConfigError(
+                "train.output_dir",
+                f"{t.output_dir} is a URL, but checkpoints are written with POSIX renames and fsyncs",
+                "use a local or shared filesystem path (NFS, Lustre, a mounted bucket)",
             )
         return self
 
@@ -179,73 +303,29 @@ class RunConfig(_Section):
     def global_batch(self) -> int:
         return self.train.world_size * self.train.batch_size * self.train.grad_accum
 
+    def value(self, key: str) -> Any:
+        """The value at a dotted key (``train.lr``)."""
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def fingerprint_values(self) -> dict[str, SettingValue]:
+        """The settings that change the trained result, by dotted key (JSON values)."""
+        return {key: json.loads(json.dumps(self.value(key))) for key in FINGERPRINT_KEYS}
+
     def fingerprint(self) -> str:
-        """Hash of what determines the run's data and model (not where it runs)."""
-        relevant = self.model_dump(exclude={"broker": True, "storage": {"options"}, "train": {"output_dir"}})
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """A short hash of :meth:`fingerprint_values`: what a run's stages must agree on."""
+        canonical = json.dumps(self.fingerprint_values(), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _known_keys(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: <recorded> in the run, <current> here`` for every fingerprinted key that differs."""
+    keys = sorted(set(recorded) | set(current))
+    return [
+        f"{key}: {json.dumps(recorded.get(key))} in the run, {json.dumps(current.get(key))} here"
+        for key in keys
+        if recorded.get(key) != current.get(key)
+    ]
 
-
-def _suggest(loc: tuple[Any, ...]) -> str:
-    """For an unknown key, the closest known key of its section."""
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    close = difflib.get_close_matches(str(loc[-1]), _known_keys(model), n=1, cutoff=0.5)
-    return f"did you mean `{'.'.join(map(str, loc[:-1] + (close[0],)))}`?" if close else (
-        f"known keys: {', '.join(_known_keys(model))}"
-    )
-
-
-def parse_config(data: Any, *, source: str = "config") -> RunConfig:
-    """Validate a mapping; raises ``ConfigError`` naming the first bad key and the fix."""
-    if not isinstance(data, dict):
-        raise ConfigError(source, "the file must hold a mapping of settings", "see examples/tiny-cpu.yaml")
-    data = _apply_environment(dict(data))
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or source
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(key, "unknown key", _suggest(loc)) from None
-        if err["type"] == "missing":
-            raise ConfigError(key, "is required", "add it to the config file") from None
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "value_error" and message.count("|") == 2:
-            own_key, problem, fix = message.split("|")
-            raise ConfigError(own_key, problem, fix) from None
-        raise ConfigError(key, message, "see examples/tiny-cpu.yaml for a valid file") from None
-
-
-def _apply_environment(data: dict[str, Any]) -> dict[str, Any]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        broker = dict(data.get("broker") or {})
-        broker["bootstrap_servers"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        data["broker"] = broker
-    if os.environ.get("SPECSTREAM_STORAGE"):
-        storage = dict(data.get("storage") or {})
-        storage["root"] = os.environ["SPECSTREAM_STORAGE"]
-        data["storage"] = storage
-    return data
-
-
-def load_config(path: str | Path) -> RunConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read the config file ({exc.strerror})", "check the path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"is not valid YAML: {exc}", "fix the syntax at the line shown") from None
-    return parse_config(data, source=str(path))

@@ -13,16 +13,17 @@ from typing import Any
 
 import yaml
 
-from pipeline.app.config import RunConfig, parse_config
-from pipeline.app.runtime import RunResult, build_online_run
+from pipeline.app.config import RunConfig
+from pipeline.app.config_file import parse_config
 
-__all__ = ("quickstart_config", "run_quickstart")
+__all__ = ("quickstart_config",)
 
 
 def quickstart_config(
     workdir: Path, *, conversations: int = 192, bootstrap: str | None = None, max_steps: int | None = None
 ) -> RunConfig:
     """Prepare the target and data under ``workdir``; return the run's config (also saved as YAML)."""
+    # The devkit (transformers, tokenizers) is loaded only when a quickstart is prepared.
     from pipeline.devkit.tiny import (  # noqa: PLC0415
         TINY_AUX_LAYER_IDS,
         build_tiny_target,
@@ -65,6 +66,3 @@ def quickstart_config(
     (workdir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return config
 
-
-def run_quickstart(workdir: Path, **kwargs: Any) -> RunResult:
-    return build_online_run(quickstart_config(workdir, **kwargs)).run()

@@ -16,7 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
+from pipeline.app.runtime import build_online_run
+from pipeline.app.settings import trainer_settings
 from pipeline.core.errors import ConfigError, StreamError
+from pipeline.ledger import effective_history, read_ledger
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.runner import run_trainer, single_rank
 
 __all__ = ("ReplayReport", "replay_run")
 
@@ -37,12 +42,7 @@ class ReplayReport:
 
 
 def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | None = None) -> ReplayReport:
-    from pipeline.app.runtime import build_online_run, train_config_for  # noqa: PLC0415
-    from pipeline.ledger import effective_history, read_ledger  # noqa: PLC0415
-    from pipeline.train.checkpoint import CheckpointManager  # noqa: PLC0415
-    from pipeline.train.distributed import DistContext  # noqa: PLC0415
-    from pipeline.train.runner import run_trainer  # noqa: PLC0415
-
+    """Train again from the retained samples into ``output_dir``; compare each step's loss with the ledger."""
     if config.storage.retention != "retain":
         raise ConfigError(
             "storage.retention",
@@ -59,8 +59,10 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
     history = effective_history(read_ledger(online.transport, config.run_id))
     if not history:
         raise StreamError(f"run {config.run_id} has no ledger records: nothing to replay")
-    train_config = replace(
-        train_config_for(config, schedule_steps=schedule.get("total_steps")),
+    settings = replace(
+        trainer_settings(config, schedule_steps=schedule.get("total_steps")),
+        schedule=schedule.get("kind", "constant"),  # exactly the live run's schedule
+        schedule_steps=schedule.get("total_steps"),
         checkpoint_dir=str(Path(output_dir) / "checkpoints"),
         metrics_path=str(Path(output_dir) / "metrics.jsonl"),
         plot_path=str(Path(output_dir) / "curves.png"),
@@ -69,13 +71,12 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         retention="retain",
     )
     result = run_trainer(
-        train_config,
-        settings=online.transport,
+        settings,
+        transport=online.transport,
         storage_root=config.storage.root,
         model=online.model_spec(),
         stop=stop,
-        dist=DistContext(),
-        device="cpu",
+        dist=single_rank(config.train.device),  # the live run's device: the same kernels, the same bits
         storage_options=dict(config.storage.options),
         record=False,
     )

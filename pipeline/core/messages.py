@@ -50,6 +50,7 @@ Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$"
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
 Checksum = Annotated[str, Field(pattern=r"^crc32c:[0-9a-f]{8}$")]
+SettingValue = str | bool | int | float | list[int] | list[float] | None
 
 
 class _Strict(BaseModel):
@@ -200,6 +201,8 @@ class RunManifest(Message):
         default="specstream.run_manifest/1", alias="schema"
     )
     config_hash: Annotated[str, Field(min_length=1, max_length=128)]
+    # The settings the hash covers, by dotted key, so that a mismatch can name what differs.
+    config: Annotated[dict[str, SettingValue], Field(max_length=256)] | None = None
     partitions: Positive
     world_size: Positive
     storage_root: Annotated[str, Field(min_length=1, max_length=1024)]

@@ -1,10 +1,12 @@
-"""The trainer's settings, which of them a resume must match, and the learning-rate schedule.
+"""The trainer loop's settings, which of them a resume must match, and the learning-rate schedule.
 
-``TrainConfig`` is a plain frozen dataclass so the CLI (argparse now, typer + YAML later) and the
-single-process runtime build it the same way. :meth:`TrainConfig.resume_fields` names the
-settings that change what a step computes (batch shape, optimizer, schedule, seed, TTT): a
-checkpoint written under other values is refused. Settings that do not (paths, ``max_steps``,
-``save_interval``, retention, prefetch depth, timeouts) may change between attempts.
+``TrainerSettings`` is a plain frozen dataclass without defaults for anything a run configures:
+``pipeline.app.settings.trainer_settings`` derives it from the one ``RunConfig`` (where every
+default lives), so the loop, the CLI and the single-process runtime cannot disagree.
+:meth:`TrainerSettings.resume_fields` names the settings that change what a step computes (batch
+shape, optimizer, schedule, seed, TTT, precision): a checkpoint written under other values is
+refused. Settings that do not (paths, ``max_steps``, ``save_interval``, retention, prefetch depth,
+timeouts) may change between attempts.
 """
 
 from __future__ import annotations
@@ -16,45 +18,45 @@ from typing import Any, Literal
 from pipeline.core.errors import ConfigError
 from pipeline.train.retention import RetentionPolicy
 
-__all__ = ("TrainConfig", "LRSchedule", "Resume")
+__all__ = ("TrainerSettings", "LRSchedule", "Resume")
 
 Resume = Literal["auto", "never", "required"]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainerSettings:
     """Everything the trainer loop needs; model and data sources are passed separately."""
 
     run_id: str
     checkpoint_dir: str
-    batch_size: int = 1  # samples per micro-batch per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.015
-    schedule: Literal["cosine", "constant"] = "cosine"
-    schedule_steps: int | None = None  # length of the LR schedule; default max_steps
-    max_steps: int | None = None  # stop after this many optimizer steps (None: end of stream)
-    grad_clip: float = 0.5
-    ttt_steps: int = 7
-    loss_decay: float = 0.8
-    max_length: int | None = 2048
-    seed: int = 0
-    epoch: int = 0
-    amp: bool = False  # bf16 autocast on CUDA
-    deterministic: bool = False
-    save_interval: int = 100  # checkpoint every N optimizer steps (0: only at the end / on stop)
-    keep_last: int = 2
-    retention: RetentionPolicy = "delete"
-    resume: Resume | str = "auto"  # or the path of one checkpoint directory
-    prefetch: int = 4  # micro-batches collated ahead
-    idle_timeout_s: float = 600.0  # a partition silent this long is an error
-    drain_timeout_s: float | None = None  # bound on reading the tail after the last step
-    collective_timeout_s: float = 600.0
-    metrics_path: str | None = None
-    plot_path: str | None = None
-    progress: bool = True
+    batch_size: int  # samples per micro-batch per rank
+    grad_accum: int  # micro-batches per optimizer step
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_ratio: float
+    schedule: Literal["cosine", "constant"]
+    schedule_steps: int | None  # length of the LR schedule; None: max_steps
+    max_steps: int | None  # stop after this many optimizer steps (None: end of stream)
+    grad_clip: float
+    ttt_steps: int
+    loss_decay: float
+    max_length: int | None
+    seed: int
+    bf16: bool  # bf16 autocast on CUDA
+    deterministic: bool
+    save_interval: int  # checkpoint every N optimizer steps (0: only at the end / on stop)
+    keep_last: int
+    retention: RetentionPolicy
+    resume: Resume | str  # or the path of one checkpoint directory
+    prefetch: int  # micro-batches collated ahead
+    idle_timeout_s: float  # a partition silent this long is an error
+    drain_timeout_s: float | None  # bound on reading the tail after the last step
+    collective_timeout_s: float
+    metrics_path: str | None
+    plot_path: str | None
+    epoch: int = 0  # not configurable yet: every run is epoch 0 (replay reads it again)
+    progress: bool = False  # a progress bar on stderr (rank 0)
 
     def __post_init__(self) -> None:
         positive = {
@@ -111,7 +113,7 @@ class TrainConfig:
             "max_length": self.max_length,
             "seed": self.seed,
             "epoch": self.epoch,
-            "amp": self.amp,
+            "bf16": self.bf16,
         }
 
 
@@ -124,7 +126,7 @@ class LRSchedule:
         self.total_steps = total_steps
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> LRSchedule:
+    def from_config(cls, config: TrainerSettings) -> LRSchedule:
         total = config.total_schedule_steps
         warmup = math.ceil(config.warmup_ratio * total) if total else 0
         return cls(config.schedule, warmup, total)

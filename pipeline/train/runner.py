@@ -1,9 +1,10 @@
 """Wire the trainer loop to the live run: Kafka stream, ledger, group offsets, feature store, model.
 
-:func:`run_trainer` is what ``python -m pipeline.train`` (and the single-process runtime) calls on
-every rank: it reads torchrun's environment, seeds, builds the draft from the target's embedding
-and the frozen vocab map, opens this rank's partitions of the samples topic, and runs
-:class:`~pipeline.train.trainer.Trainer` until the end of the stream, ``max_steps`` or a stop.
+:func:`run_trainer` is what ``specstream train`` (under torchrun: one process per rank), the
+single-process runtime and replay call on every rank: it seeds, builds the draft from the
+target's embedding and the frozen vocab map, opens this rank's partitions of the samples topic,
+and runs :class:`~pipeline.train.trainer.Trainer` until the end of the stream, ``max_steps`` or a
+stop.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +23,14 @@ from pipeline.core.topics import RunTopics, Transport
 from pipeline.ledger import LedgerWriter
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainerSettings
 from pipeline.train.distributed import DistContext, init_distributed
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.target_head import load_target_head
 from pipeline.train.trainer import Trainer, TrainResult
 from pipeline.vocab import VocabMapping
 
-__all__ = ("ModelSpec", "OffsetCommitter", "build_draft", "seed_everything", "run_trainer")
+__all__ = ("ModelSpec", "OffsetCommitter", "build_draft", "seed_everything", "single_rank", "run_trainer")
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,14 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def single_rank(device: str | None) -> DistContext:
+    """One rank in this process, no process group (single-process runtime, replay); ``device``
+    None: CUDA when available."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return DistContext(device=torch.device(device))
+
+
 def build_draft(
     spec: ModelSpec, *, seed: int, device: torch.device
 ) -> tuple[Eagle3Draft, torch.Tensor, VocabMapping]:
@@ -80,8 +88,9 @@ class OffsetCommitter:
     offset commit for a group without members: it feeds lag monitoring, not correctness.
     """
 
-    def __init__(self, settings: Transport, topics: RunTopics, partitions: int) -> None:
-        self._reader = settings.reader(topics.samples,
+    def __init__(self, transport: Transport, topics: RunTopics, partitions: int) -> None:
+        self._reader = transport.reader(
+            topics.samples,
             partitions=range(partitions),
             group_id=topics.trainer_group,
             start="earliest",
@@ -100,8 +109,8 @@ class OffsetCommitter:
         self._reader.close()
 
 
-def _partition_count(settings: Transport, topics: RunTopics) -> int:
-    with settings.admin() as admin:
+def _partition_count(transport: Transport, topics: RunTopics) -> int:
+    with transport.admin() as admin:
         count = admin.partition_count(topics.samples)
     if count is None:
         raise StreamError(f"topic {topics.samples} does not exist: create the run's topics first")
@@ -109,9 +118,9 @@ def _partition_count(settings: Transport, topics: RunTopics) -> int:
 
 
 def run_trainer(
-    config: TrainConfig,
+    settings: TrainerSettings,
     *,
-    settings: Transport,
+    transport: Transport,
     storage_root: str,
     model: ModelSpec,
     stop: threading.Event | None = None,
@@ -120,19 +129,19 @@ def run_trainer(
     storage_options: dict[str, object] | None = None,
     record: bool = True,
 ) -> TrainResult:
-    """Train one rank of ``config.run_id`` on the live samples topic (call it on every rank).
+    """Train one rank of ``settings.run_id`` on the live samples topic (call it on every rank).
 
     ``record=False`` (replay) writes no ledger records and commits no group offsets: the run's
     own history stays the live run's.
     """
     own_dist = dist is None
-    dist = dist or init_distributed(timeout_s=config.collective_timeout_s, device=device)
+    dist = dist or init_distributed(timeout_s=settings.collective_timeout_s, device=device)
     closers: list[object] = []
     try:
-        seed_everything(config.seed, deterministic=config.deterministic)
-        draft, lm_head, vocab = build_draft(model, seed=config.seed, device=dist.device)
-        topics = RunTopics(config.run_id)
-        num_partitions = _partition_count(settings, topics)
+        seed_everything(settings.seed, deterministic=settings.deterministic)
+        draft, lm_head, vocab = build_draft(model, seed=settings.seed, device=dist.device)
+        topics = RunTopics(settings.run_id)
+        num_partitions = _partition_count(transport, topics)
         partitions = rank_partitions(num_partitions, dist.world_size, dist.rank)
         if not partitions:
             raise ConfigError(
@@ -147,28 +156,28 @@ def run_trainer(
                 num_partitions,
                 dist.world_size,
             )
-        store = FeatureStore(storage_root, config.run_id, storage_options=storage_options)
-        dlq = settings.plain_producer()
+        store = FeatureStore(storage_root, settings.run_id, storage_options=storage_options)
+        dlq = transport.plain_producer()
         closers.append(dlq)
 
         def open_source(state: StreamState | None) -> SampleStream:
             return SampleStream(
-                settings,
+                transport,
                 store,
-                config.run_id,
+                settings.run_id,
                 partitions,
                 state=state,
                 dlq=dlq,
-                idle_timeout_s=config.idle_timeout_s,
+                idle_timeout_s=settings.idle_timeout_s,
             )
 
         ledger = committer = None
         if dist.is_main and record:
-            ledger = LedgerWriter(settings, config.run_id)
-            committer = OffsetCommitter(settings, topics, num_partitions)
+            ledger = LedgerWriter(transport, settings.run_id)
+            committer = OffsetCommitter(transport, topics, num_partitions)
             closers.extend([ledger, committer])
         trainer = Trainer(
-            config,
+            settings,
             draft=draft,
             lm_head=lm_head,
             dist=dist,
@@ -189,13 +198,3 @@ def run_trainer(
                 logger.warning("closing %s failed", type(closer).__name__, exc_info=True)
         if own_dist:
             dist.close()
-
-
-def parse_layer_ids(text: str | None) -> tuple[int, int, int] | None:
-    if not text:
-        return None
-    parts: Sequence[str] = text.split(",")
-    if len(parts) != 3:
-        raise ConfigError("aux_layer_ids", f"{text!r} must be three comma-separated layer ids")
-    a, b, c = (int(p) for p in parts)
-    return (a, b, c)

@@ -35,7 +35,7 @@ from pipeline.core.faults import crash_point
 from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, now
 from pipeline.core.progress import StreamState
 from pipeline.train.checkpoint import CheckpointInfo, CheckpointManager, LoadedCheckpoint, config_hash
-from pipeline.train.config import LRSchedule, TrainConfig
+from pipeline.train.config import LRSchedule, TrainerSettings
 from pipeline.train.dataset import ItemSource, LockstepFeeder, MicroBatch, Prefetcher, SampleInfo
 from pipeline.train.distributed import DistContext, Vote
 from pipeline.train.draft import Eagle3Draft
@@ -192,7 +192,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: TrainConfig,
+        config: TrainerSettings,
         *,
         draft: Eagle3Draft,
         lm_head: torch.Tensor,
@@ -428,7 +428,7 @@ class Trainer:
         return check
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.config.amp and self.device.type == "cuda":
+        if self.config.bf16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -1,6 +1,8 @@
 """Kafka, behind the contract of ``pipeline.core.topics``: the only module that imports kafka-python.
 
 - ``KafkaSettings``: where the broker is and the client options; the transport factories.
+- ``kafka_client_options``: Kafka's own property names (``security.protocol``, ``sasl.username``,
+  ``ssl.cafile``...) or kafka-python's, to kafka-python's; an unknown name is refused by name.
 - ``KafkaAdmin``: create and check a run's topics, end offsets and group offsets.
 - ``TransactionalProducer``: begin, send, commit *with consumed offsets* (consume-transform-
   produce, exactly once), abort. A restart with the same transactional id fences the old one.
@@ -16,6 +18,7 @@ and exceptions never leak out of this module.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ from kafka.errors import (
 from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.core.errors import BrokerError, RunMismatchError
+from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError
 from pipeline.core.topics import (
     MAX_RECORD_BYTES,
     Committed,
@@ -48,7 +51,14 @@ from pipeline.core.topics import (
     TransportError,
 )
 
-__all__ = ("KafkaSettings", "KafkaAdmin", "TransactionalProducer", "PlainProducer", "PartitionReader")
+__all__ = (
+    "KafkaSettings",
+    "KafkaAdmin",
+    "TransactionalProducer",
+    "PlainProducer",
+    "PartitionReader",
+    "kafka_client_options",
+)
 
 _FENCED = (ProducerFencedError, InvalidProducerEpochError, CommitFailedError, IllegalGenerationError,
            UnknownMemberIdError)  # fmt: skip
@@ -67,15 +77,84 @@ def _translated() -> Iterator[None]:
 
 logger = logging.getLogger(__name__)
 
+_CLIENTS: tuple[type[Any], ...] = (KafkaProducer, KafkaConsumer, KafkaAdminClient)
+_KNOWN = frozenset(name for client in _CLIENTS for name in client.DEFAULT_CONFIG)
+# Kafka (Java client / librdkafka) property names whose kafka-python name is not simply the one
+# with underscores for dots.
+_ALIASES = {
+    "sasl.username": "sasl_plain_username",
+    "sasl.password": "sasl_plain_password",
+    "ssl.ca.location": "ssl_cafile",
+    "ssl.certificate.location": "ssl_certfile",
+    "ssl.key.location": "ssl_keyfile",
+    "ssl.key.password": "ssl_password",
+    "ssl.crl.location": "ssl_crlfile",
+    "ssl.cipher.suites": "ssl_ciphers",
+    "ssl.endpoint.identification.algorithm": "ssl_check_hostname",
+}
+# Set by specstream itself: exactly-once and the run's layout depend on them.
+_OWNED = {
+    "bootstrap_servers": "set broker.bootstrap_servers instead",
+    "transaction_timeout_ms": "set broker.transaction_timeout_ms instead",
+    "session_timeout_ms": "set broker.session_timeout_ms instead",
+    **dict.fromkeys(
+        ("transactional_id", "group_id", "isolation_level", "enable_auto_commit", "enable_idempotence",
+         "auto_offset_reset", "allow_auto_create_topics", "linger_ms", "retry_backoff_ms", "max_request_size",
+         "max_poll_records", "max_poll_interval_ms", "heartbeat_interval_ms", "max_partition_fetch_bytes",
+         "key_serializer", "value_serializer", "key_deserializer", "value_deserializer"),
+        "remove it: specstream sets it for exactly-once delivery",
+    ),
+}  # fmt: skip
+_PYTHON_OBJECTS = frozenset(
+    {"ssl_context", "selector", "kafka_client", "metric_reporters", "sasl_oauth_token_provider", "socket_options",
+     "partitioner", "default_offset_commit_callback"}
+)  # fmt: skip
+
+
+def kafka_client_options(options: Mapping[str, Any], *, key: str = "client_options") -> dict[str, Any]:
+    """Client options by kafka-python's names, from Kafka's property names or kafka-python's.
+
+    An option no kafka-python client knows, one specstream sets itself, one that needs a Python
+    object, or one given twice is a ``ConfigError`` naming ``<key>.<option>`` and the fix.
+    """
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        where = f"{key}.{name}"
+        native = _ALIASES.get(name, name.replace(".", "_").replace("-", "_"))
+        if native not in _KNOWN:
+            raise ConfigError(where, "is not a Kafka client option", _closest_option(name))
+        if native in _OWNED:
+            raise ConfigError(where, "is not a client option you can set here", _OWNED[native])
+        if native in _PYTHON_OBJECTS:
+            raise ConfigError(where, "takes a Python object, which a config file cannot hold", "remove it")
+        if native in out:
+            raise ConfigError(where, f"sets {native} a second time", "keep one of the two spellings")
+        if name == "ssl.endpoint.identification.algorithm":
+            value = str(value).lower() == "https"
+        out[native] = value
+    return out
+
+
+def _closest_option(name: str) -> str:
+    spellings = {n.replace("_", "."): n for n in _KNOWN} | dict.fromkeys(_KNOWN) | dict.fromkeys(_ALIASES)
+    close = difflib.get_close_matches(name, list(spellings), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    return "use Kafka's property names (security.protocol, sasl.mechanism, sasl.username, ssl.cafile, ...)"
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
-    """Where the broker is, plus pass-through client options (security: SASL/SSL settings)."""
+    """Where the broker is, plus client options (security: SASL/SSL), by kafka-python's names."""
 
     bootstrap_servers: str
     client_options: Mapping[str, Any] = field(default_factory=dict)
     request_timeout_ms: int = 30_000
     bootstrap_timeout_ms: int = 15_000
     rebalance_callbacks_may_wait: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "client_options", kafka_client_options(self.client_options))
 
     # The transport factories: components take "a transport" (this, or pipeline.memory.MemoryBroker
     # for single-process runs without Kafka) and open their clients through these.
@@ -92,13 +171,16 @@ class KafkaSettings:
     def reader(self, topic: str, **options: Any) -> PartitionReader:
         return PartitionReader(self, topic, **options)
 
-    def common(self) -> dict[str, Any]:
-        return {
+    def common(self, client: type[Any]) -> dict[str, Any]:
+        """Options for one kafka-python client class: the ones it knows (e.g. no consumer settings
+        for a producer)."""
+        options = {
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "request_timeout_ms": self.request_timeout_ms,
             "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
             **dict(self.client_options),
         }
+        return {k: v for k, v in options.items() if k in client.DEFAULT_CONFIG}
 
 
 def _connect(factory: Callable[[], Any], settings: KafkaSettings) -> Any:
@@ -119,7 +201,7 @@ class KafkaAdmin:
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
         self._admin: KafkaAdminClient = _connect(
-            lambda: KafkaAdminClient(**settings.common()), settings
+            lambda: KafkaAdminClient(**settings.common(KafkaAdminClient)), settings
         )
 
     def __enter__(self) -> KafkaAdmin:
@@ -260,7 +342,7 @@ class TransactionalProducer:
                 retry_backoff_ms=20,
                 max_request_size=MAX_RECORD_BYTES,
                 allow_auto_create_topics=False,
-                **settings.common(),
+                **settings.common(KafkaProducer),
             ),
             settings,
         )
@@ -324,7 +406,7 @@ class PlainProducer:
                 linger_ms=linger_ms,
                 max_request_size=MAX_RECORD_BYTES,
                 allow_auto_create_topics=False,
-                **settings.common(),
+                **settings.common(KafkaProducer),
             ),
             settings,
         )
@@ -411,7 +493,7 @@ class PartitionReader:
             "heartbeat_interval_ms": max(1000, session_timeout_ms // 10),
             "allow_auto_create_topics": False,
             "max_partition_fetch_bytes": max_partition_fetch_bytes,
-            **settings.common(),
+            **settings.common(KafkaConsumer),
         }
         if client_id:
             options["client_id"] = client_id

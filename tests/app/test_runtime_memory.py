@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.app.config import parse_config
+from pipeline.app.config_file import parse_config
 from pipeline.app.runtime import build_online_run
 from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, markov_conversations, write_jsonl
 

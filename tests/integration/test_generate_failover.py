@@ -1,6 +1,6 @@
 """Generator workers in group mode, in separate processes: SIGKILL and SIGTERM lose nothing.
 
-Two ``python -m pipeline.app.cli generate`` processes share the 4 prompt partitions through the
+Two ``specstream generate`` processes share the 4 prompt partitions through the
 generators' consumer group. One is killed by SIGKILL in the middle of a batch (its refs are in
 the log, its transaction open); the survivor takes its partitions after the session timeout,
 resumes the per-partition counts from the committed offset metadata, and the samples topic read

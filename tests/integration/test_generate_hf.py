@@ -1,6 +1,6 @@
 """Source + two HF generator processes over 4 partitions, on the tiny trained target.
 
-The source turns conversations into prompts; two ``python -m pipeline.app.cli generate --backend hf``
+The source turns conversations into prompts; two ``specstream generate --backend hf``
 processes share the prompt partitions as members of the generators' group. Every prompt must
 yield exactly one visible ref, every file must match its ref (size, checksum, header) and hold
 the hidden states the target really produces, and every samples partition must end with an

@@ -1,4 +1,8 @@
-"""The single-process runtime and the CLI on a real broker: endings, signals, bad configs, processes."""
+"""The single-process runtime and the CLI on a real broker: endings, signals, bad configs, processes.
+
+Every process is started through the one entry point, ``specstream`` (``torchrun --no-python
+specstream train`` for several trainer ranks).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.app.config import load_config
+from pipeline.app.config_file import load_config
 from pipeline.app.runtime import build_online_run
 from pipeline.core.topics import RunTopics
 from pipeline.transport.kafka import KafkaSettings
-from tests.support import spawn, wait_exit
+from tests.support import spawn, specstream_command, wait_exit
 
 pytestmark = pytest.mark.integration
 
@@ -40,8 +44,8 @@ def write_config(
         "data": {"path": str(data), "max_length": 128, "partitions": 4},
         "target": {"backend": "hf", "model": str(target), "aux_layer_ids": list(TINY_AUX_LAYER_IDS), "batch_size": 4},
         "generate": {"high_watermark": 24, "low_watermark": 16},
-        "train": {"batch_size": 2, "lr": 3e-3, "ttt_steps": 2, "draft_vocab_size": 128, "save_interval": 4,
-                  "prefetch": 2, "output_dir": str(tmp_path / "out")},
+        "train": {"device": "cpu", "batch_size": 2, "lr": 3e-3, "ttt_steps": 2, "draft_vocab_size": 128,
+                  "save_interval": 4, "prefetch": 2, "output_dir": str(tmp_path / "out")},
     }  # fmt: skip
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
@@ -154,8 +158,13 @@ def test_sigterm_checkpoints_and_exits_zero(kafka, run_id, tmp_path, tiny_target
         (lambda c: c["broker"].update(bootstrap_servers="127.0.0.1:1", client_options={"bootstrap_timeout_ms": 3000}),
          "127.0.0.1:1"),
         (lambda c: c["storage"].update(root="/proc/specstream/features"), "storage.root"),
+        (lambda c: c["broker"].update(client_options={"sasl.passwrd": "x"}), "broker.client_options.sasl.passwrd"),
+        (lambda c: c["storage"].update(options={"secret": "${SPECSTREAM_TEST_UNSET}"}), "SPECSTREAM_TEST_UNSET"),
+        (lambda c: c["train"].update(world_size=2), "train.world_size"),
+        (lambda c: c["train"].update(device="cdua"), "train.device"),
     ],
-    ids=["typo", "missing-model", "unreachable-broker", "unwritable-storage"],
+    ids=["typo", "missing-model", "unreachable-broker", "unwritable-storage", "client-option", "unset-variable",
+         "world-size", "device"],
 )
 def test_bad_config_stops_at_start_with_one_message_and_writes_nothing(
     kafka, run_id, tmp_path, tiny_target_dir, mutate, key
@@ -165,7 +174,7 @@ def test_bad_config_stops_at_start_with_one_message_and_writes_nothing(
     mutate(raw)
     path.write_text(yaml.safe_dump(raw))
     code, out = wait_exit(spawn(["run", "--config", str(path)]), timeout_s=120)
-    assert code != 0
+    assert code == 2, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and key in errors[0], out
     assert "Traceback" not in out
@@ -186,13 +195,18 @@ def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp
     changed = tmp_path / "changed.yaml"
     changed.write_text(path.read_text().replace("lr: 0.003", "lr: 0.001"))
     code, out = wait_exit(spawn(["generate", "--config", str(changed), "--worker-id", "stray"]), timeout_s=120)
-    assert code == 2 and "another configuration" in out, out  # a stage with another config is refused
-    generators = [spawn(["generate", "--config", str(path), "--worker-id", f"gen-{i}"]) for i in range(2)]
+    assert code == 2 and "train.lr: 0.003 in the run, 0.001 here" in out, out  # another config is refused, by key
+    # What does not change the trained result may differ per node: capture batch size, queue depth.
+    other_node = tmp_path / "other-node.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["target"]["batch_size"], raw["generate"]["queue_depth"] = 2, 1
+    other_node.write_text(yaml.safe_dump(raw))
+    generators = [spawn(["generate", "--config", str(p), "--worker-id", f"gen-{i}"]) for i, p in enumerate([path, other_node])]
     code = -1
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     trainer = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "pipeline.app.cli", "train", "--config", str(path), "--device", "cpu"],
+         "--no-python", specstream_command(), "train", "--config", str(path)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -202,7 +216,8 @@ def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp
             if proc.poll() is None and code != 0:
                 proc.kill()
     assert code == 0, out
-    assert "64 of 64 prompts trained, 0 missing" in out
+    assert out.count("64 of 64 prompts trained, 0 missing") == 1, out  # the summary, on rank 0 only
+    assert out.count("optimizer steps (end_of_stream)") == 1, out
     for proc in generators:
         gcode, gout = wait_exit(proc, timeout_s=120)
         assert gcode == 0, gout

@@ -27,15 +27,15 @@ from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.metrics import read_metrics
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 from tests.support import read_messages
-from tests.train_support import publish_samples, run_train, train_cmd, write_tiny_target, write_vocab
+from tests.train_support import publish_samples, run_train, train_cmd, write_run_vocab, write_tiny_target
 
 pytestmark = pytest.mark.integration
 
 SAMPLES, PARTITIONS = 26, 4  # 6 steps of 2 x 2 samples, 2 tail samples
-COMMON = [
-    "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--schedule", "constant", "--warmup-ratio", "0",
-    "--ttt-steps", "3", "--max-length", "64", "--save-interval", "2", "--deterministic", "-v",
-]  # fmt: skip
+COMMON = {
+    "batch_size": 2, "grad_accum": 2, "lr": 3e-3, "lr_schedule": "constant", "warmup_ratio": 0.0,
+    "ttt_steps": 3, "max_length": 64, "save_interval": 2, "deterministic": True,
+}  # fmt: skip
 
 
 @pytest.fixture
@@ -74,29 +74,32 @@ def test_sigkill_between_checkpoints_resumes_bit_identically(
     kafka: KafkaSettings, tmp_path: Path, two_runs
 ) -> None:
     runs, storage = two_runs
-    target, vocab = write_tiny_target(tmp_path / "target"), write_vocab(tmp_path / "vocab.safetensors")
+    target = write_tiny_target(tmp_path / "target")
     a, b = runs["a"].run_id, runs["b"].run_id
+    for run_id in (a, b):
+        write_run_vocab(storage, run_id)
 
-    def cmd(run_id: str, name: str, *extra: str) -> list[str]:
+    def cmd(run_id: str, name: str, retention: str, **train: object) -> list[str]:
         return train_cmd(
+            tmp_path / f"{name}.yaml",
             kafka=kafka,
             run_id=run_id,
             storage=storage,
-            ckpt=tmp_path / f"ckpt-{name}",
+            out=tmp_path / f"out-{name}",
             target=target,
-            vocab=vocab,
-            extra=[*COMMON, "--metrics", str(tmp_path / f"{name}.jsonl"), *extra],
+            retention=retention,
+            train={**COMMON, **train},
         )
 
-    code, out_a = run_train(cmd(a, "a", "--retention", "retain"))
+    code, out_a = run_train(cmd(a, "a", "retain"))
     assert code == 0, out_a
     assert "24 of 26 prompts trained, 0 missing, 0 duplicates dropped, 2 tail samples not stepped" in out_a
 
     # B: killed after step 5, between the checkpoints of steps 4 and 6.
-    b_args = cmd(b, "b", "--retention", "delete", "--keep-last", "1")
+    b_args = cmd(b, "b", "delete", keep_last=1)
     code, out_b1 = run_train(b_args, env={"SPECSTREAM_CRASH_AT": "train.after_step:5"})
     assert code == -signal.SIGKILL, out_b1
-    manager = CheckpointManager(tmp_path / "ckpt-b", keep_last=1)
+    manager = CheckpointManager(tmp_path / "out-b" / "checkpoints", keep_last=1)
     assert [(i.step, i.end) for i in manager.list()] == [(4, False)]
     store = FeatureStore(storage, b)
     refs_b = _sample_refs(kafka, b)
@@ -108,16 +111,16 @@ def test_sigkill_between_checkpoints_resumes_bit_identically(
     assert "24 of 26 prompts trained, 0 missing, 0 duplicates dropped, 2 tail samples not stepped" in out_b2
 
     # Losses: every step of B (the resumed ones included) equals A's, bit for bit.
-    rows_a, rows_b = read_metrics(tmp_path / "a.jsonl"), read_metrics(tmp_path / "b.jsonl")
+    rows_a, rows_b = read_metrics(tmp_path / "out-a" / "metrics.jsonl"), read_metrics(tmp_path / "out-b" / "metrics.jsonl")
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(rows_a, rows_b, strict=True):
         assert (ra["loss"], ra["ploss"], ra["acc"]) == (rb["loss"], rb["ploss"], rb["acc"]), ra["step"]
-    killed = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    killed = [json.loads(line) for line in (tmp_path / "out-b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in killed] == [1, 2, 3, 4, 5, 5, 6]  # step 5 ran twice, identically
     assert killed[4]["loss"] == killed[5]["loss"]
 
     # Final weights equal.
-    end_a = CheckpointManager(tmp_path / "ckpt-a").latest()
+    end_a = CheckpointManager(tmp_path / "out-a" / "checkpoints").latest()
     end_b = manager.latest()
     assert (
         end_a is not None and end_b is not None and end_a.end and end_b.end and end_a.step == end_b.step == 6

@@ -21,8 +21,8 @@ from tests.train_support import (
     spawn_train,
     train_cmd,
     wait_train,
+    write_run_vocab,
     write_tiny_target,
-    write_vocab,
 )
 
 pytestmark = pytest.mark.integration
@@ -33,25 +33,16 @@ def test_sigterm_while_waiting_for_data_checkpoints_and_exits_zero(
 ) -> None:
     run_id = run_topics.run_id
     publish_open_stream(kafka, run_id, storage_root, 4, 12)
+    write_run_vocab(storage_root, run_id)
     proc = spawn_train(
         train_cmd(
+            tmp_path / "run.yaml",
             kafka=kafka,
             run_id=run_id,
             storage=storage_root,
-            ckpt=tmp_path / "ckpt",
+            out=tmp_path / "out",
             target=write_tiny_target(tmp_path / "target"),
-            vocab=write_vocab(tmp_path / "vocab.safetensors"),
-            extra=[
-                "--batch-size",
-                "2",
-                "--ttt-steps",
-                "2",
-                "--schedule",
-                "constant",
-                "--save-interval",
-                "100",
-                "-v",
-            ],
+            train={"batch_size": 2, "ttt_steps": 2, "lr_schedule": "constant", "save_interval": 100},
         )
     )
     tail = LedgerTail(kafka, run_id)
@@ -67,7 +58,7 @@ def test_sigterm_while_waiting_for_data_checkpoints_and_exits_zero(
     code, out = wait_train(proc, timeout_s=60)
     assert code == 0, out[-4000:]
     assert "stopped at step 6" in out, out[-4000:]
-    latest_ckpt = CheckpointManager(tmp_path / "ckpt").latest()
+    latest_ckpt = CheckpointManager(tmp_path / "out" / "checkpoints").latest()
     assert latest_ckpt is not None and (latest_ckpt.step, latest_ckpt.end) == (6, False)
     with KafkaAdmin(kafka) as admin:
         committed = admin.group_offsets(run_topics.trainer_group, run_topics.samples)

@@ -18,7 +18,7 @@ from pipeline.core.topics import RunTopics
 from pipeline.ledger import effective_history, read_ledger
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
-from tests.train_support import publish_samples, run_train, train_cmd, write_tiny_target, write_vocab
+from tests.train_support import publish_samples, run_train, train_cmd, write_run_vocab, write_tiny_target
 
 pytestmark = pytest.mark.integration
 
@@ -41,29 +41,18 @@ def test_two_ranks_on_uneven_partitions_end_at_the_same_step(
     run_id = five_partitions.run_id
     storage = str(tmp_path / "features")
     publish_samples(kafka, run_id, storage, PARTITIONS, SAMPLES)
+    write_run_vocab(storage, run_id)
     args = train_cmd(
+        tmp_path / "run.yaml",
         kafka=kafka,
         run_id=run_id,
         storage=storage,
-        ckpt=tmp_path / "ckpt",
+        out=tmp_path / "out",
         target=write_tiny_target(tmp_path / "target"),
-        vocab=write_vocab(tmp_path / "vocab.safetensors"),
-        extra=[
-            "--batch-size",
-            "2",
-            "--grad-accum",
-            "2",
-            "--ttt-steps",
-            "2",
-            "--schedule",
-            "constant",
-            "--save-interval",
-            "0",
-            "--retention",
-            "retain",
-            "-v",
-        ],
-    )
+        retention="retain",
+        train={"world_size": 2, "batch_size": 2, "grad_accum": 2, "ttt_steps": 2, "lr_schedule": "constant",
+               "save_interval": 0},
+    )  # the config says 4 partitions (a run config refuses 5 over 2 ranks); the topic has 5
     code, out = run_train(args, torchrun=2, timeout_s=240)
     assert code == 0, out[-6000:]
     assert "16 of 23 prompts trained, 0 missing, 0 duplicates dropped, 7 tail samples not stepped" in out, (
@@ -81,5 +70,5 @@ def test_two_ranks_on_uneven_partitions_end_at_the_same_step(
             [1, 3],
         ]
 
-    latest = CheckpointManager(tmp_path / "ckpt").latest()
+    latest = CheckpointManager(tmp_path / "out" / "checkpoints").latest()
     assert latest is not None and latest.end and latest.step == 2

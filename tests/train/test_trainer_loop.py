@@ -10,12 +10,11 @@ import torch
 
 from pipeline.core.errors import RunMismatchError
 from pipeline.core.messages import LedgerStep
-from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import DistContext
 from pipeline.train.metrics import read_metrics
 from pipeline.train.runner import ModelSpec, build_draft, seed_everything
 from pipeline.train.trainer import Trainer, TrainResult, trainable_state
-from tests.train_support import MemorySource, write_tiny_target, write_vocab
+from tests.train_support import MemorySource, loop_settings, write_tiny_target, write_vocab
 
 LENGTHS = [10 + (i * 7) % 9 for i in range(15)]  # 7 steps of 2 samples, 1 tail sample
 
@@ -64,7 +63,7 @@ def make_trainer(
         progress=False,
     )
     values.update(overrides)
-    config = TrainConfig(**values)  # type: ignore[arg-type]
+    config = loop_settings(**values)
     seed_everything(config.seed, deterministic=True)
     draft, lm_head, _ = build_draft(spec, seed=config.seed, device=torch.device("cpu"))
     return Trainer(

@@ -1,0 +1,143 @@
+"""Each stage's settings, derived from the one ``RunConfig`` in one function per stage.
+
+The stages take plain dataclasses (``SourceConfig``, ``GeneratorConfig``, ``TrainerSettings``,
+``ModelSpec``, ``KafkaSettings``); these functions are the only place that fills them from a run
+config, so every default a run uses is the ``RunConfig`` default.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.app.config import RunConfig
+from pipeline.generate.backpressure import TrainerWindow, Watermarks
+from pipeline.generate.worker import GeneratorConfig
+from pipeline.source.stage import SourceConfig
+from pipeline.transport.kafka import KafkaSettings
+
+if TYPE_CHECKING:
+    from pipeline.train.config import TrainerSettings
+    from pipeline.train.runner import ModelSpec
+
+__all__ = (
+    "source_settings",
+    "generator_settings",
+    "trainer_settings",
+    "model_spec",
+    "kafka_settings",
+    "vocab_mapping_url",
+)
+
+
+def kafka_settings(cfg: RunConfig, bootstrap_servers: str) -> KafkaSettings:
+    """The Kafka clients' settings: the broker's address and the config's client options."""
+    return KafkaSettings(bootstrap_servers, client_options=dict(cfg.broker.client_options))
+
+
+def source_settings(cfg: RunConfig) -> SourceConfig:
+    """The source stage: which conversations, how they are cut, how the draft vocab is sized."""
+    return SourceConfig(
+        run_id=cfg.run_id,
+        data=cfg.data.path,
+        tokenizer=str(cfg.target.model),
+        partitions=cfg.data.partitions,
+        storage_root=cfg.storage.root,
+        max_length=cfg.data.max_length,
+        on_malformed=cfg.data.on_malformed,
+        draft_vocab_size=cfg.train.draft_vocab_size,
+        limit=cfg.data.limit,
+        transaction_timeout_ms=cfg.broker.transaction_timeout_ms,
+        storage_options=dict(cfg.storage.options),
+    )
+
+
+def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | None) -> GeneratorConfig:
+    """One generator worker: capture batch, transactions, backpressure against the trainer's window."""
+    g, t = cfg.generate, cfg.train
+    return GeneratorConfig(
+        run_id=cfg.run_id,
+        worker_id=worker_id,
+        partitions=partitions,
+        batch_size=cfg.target.batch_size,
+        transaction_timeout_ms=cfg.broker.transaction_timeout_ms,
+        session_timeout_ms=cfg.broker.session_timeout_ms,
+        backpressure=Watermarks(
+            high=g.high_watermark,
+            low=g.low_watermark,
+            high_bytes=g.high_watermark_bytes,
+            low_bytes=g.low_watermark_bytes,
+        ),
+        trainer=TrainerWindow(
+            world_size=t.world_size,
+            batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+            prefetch=t.prefetch * t.batch_size,
+        ),
+        queue_depth=g.queue_depth,
+        drain_timeout_s=g.drain_timeout_s,
+    )
+
+
+def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSettings:
+    """The training loop. ``schedule_steps``: the cosine schedule's length (None: constant rate).
+
+    The progress bar shows only when stderr is a terminal (not in logs, CI or tests).
+    """
+    # The trainer's modules load torch and the whole training stack: imported here, so that a
+    # source or generator process (which uses this module too) starts without them.
+    from pipeline.train.config import TrainerSettings  # noqa: PLC0415
+
+    t = cfg.train
+    out = Path(t.output_dir)
+    cosine = t.lr_schedule == "cosine" and bool(schedule_steps or t.max_steps)
+    return TrainerSettings(
+        run_id=cfg.run_id,
+        checkpoint_dir=str(out / "checkpoints"),
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        lr=t.lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        warmup_ratio=t.warmup_ratio,
+        schedule="cosine" if cosine else "constant",
+        schedule_steps=schedule_steps if cosine else None,
+        max_steps=t.max_steps,
+        grad_clip=t.grad_clip,
+        ttt_steps=t.ttt_steps,
+        loss_decay=t.loss_decay,
+        max_length=t.max_length or cfg.data.max_length,
+        seed=t.seed,
+        bf16=t.bf16,
+        deterministic=t.deterministic,
+        save_interval=t.save_interval,
+        keep_last=t.keep_last,
+        retention=cfg.storage.retention,
+        resume=t.resume,
+        prefetch=t.prefetch,
+        idle_timeout_s=t.idle_timeout_s,
+        drain_timeout_s=t.drain_timeout_s,
+        collective_timeout_s=t.collective_timeout_s,
+        metrics_path=str(out / "metrics.jsonl"),
+        plot_path=str(out / "curves.png"),
+        progress=sys.stderr.isatty(),
+    )
+
+
+def vocab_mapping_url(cfg: RunConfig, storage_root_url: str) -> str:
+    """Where the source stored the draft vocabulary mapping."""
+    return f"{storage_root_url.rstrip('/')}/{cfg.run_id}/vocab_mapping.safetensors"
+
+
+def model_spec(cfg: RunConfig, storage_root_url: str) -> ModelSpec:
+    """Where the draft comes from: the target's directory, its aux layers and the vocab mapping."""
+    from pipeline.train.runner import ModelSpec  # noqa: PLC0415 - see trainer_settings
+
+    ids = cfg.target.aux_layer_ids
+    return ModelSpec(
+        target_model_path=str(cfg.target.model),
+        vocab_mapping=vocab_mapping_url(cfg, storage_root_url),
+        aux_layer_ids=(ids[0], ids[1], ids[2]) if ids else None,
+    )
+

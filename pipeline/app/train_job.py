@@ -1,0 +1,114 @@
+"""``specstream train``: one trainer rank per process; torchrun starts one per GPU.
+
+    torchrun --nproc-per-node N --no-python specstream train --config run.yaml
+
+Rank and world size come from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``),
+and ``train.world_size`` must match it: the config's global batch is the one trained, or the
+trainer stops before it writes anything. Rank 0 decides the learning-rate schedule for every
+rank and attempt, and reports.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.app.config import RunConfig
+from pipeline.app.manifest import verify_run
+from pipeline.app.preflight import check_broker, check_local
+from pipeline.app.runtime import build_online_run
+from pipeline.app.settings import trainer_settings
+from pipeline.core.errors import ConfigError
+from pipeline.core.topics import RunTopics, Transport
+from pipeline.source.stage import committed_prompt_counts
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.distributed import init_distributed
+from pipeline.train.runner import run_trainer
+from pipeline.train.trainer import TrainResult
+
+__all__ = ("TrainJobResult", "launched_world_size", "check_world_size", "schedule_steps", "train_rank")
+
+LAUNCH = "torchrun --nproc-per-node {n} --no-python specstream train --config FILE"
+
+
+@dataclass(frozen=True)
+class TrainJobResult:
+    result: TrainResult
+    is_main: bool
+
+
+def launched_world_size() -> int | None:
+    """torchrun's ``WORLD_SIZE``, or None when this process was not started by torchrun."""
+    raw = os.environ.get("WORLD_SIZE")
+    if raw in (None, ""):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError("WORLD_SIZE", f"{raw!r} is not an integer", "launch with torchrun, or unset it") from None
+
+
+def check_world_size(cfg: RunConfig, launched: int | None) -> None:
+    """``train.world_size`` must be the number of ranks that were started: the global batch depends on it."""
+    wanted = cfg.train.world_size
+    if launched is None and wanted > 1:
+        raise ConfigError(
+            "train.world_size",
+            f"is {wanted}, but this process was not started by torchrun (no WORLD_SIZE)",
+            f"launch `{LAUNCH.format(n=wanted)}`, or set train.world_size: 1",
+        )
+    if launched is not None and launched != wanted:
+        raise ConfigError(
+            "train.world_size",
+            f"is {wanted}, but torchrun started {launched} ranks (WORLD_SIZE={launched}); the global batch "
+            f"would be {launched * cfg.train.batch_size * cfg.train.grad_accum} instead of {cfg.global_batch}",
+            f"set train.world_size: {launched}, or start {wanted} ranks in all (`--nproc-per-node` x nodes)",
+        )
+
+
+def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], object]) -> int | None:
+    """The cosine schedule's length: max_steps; else, when resuming, the one the checkpoint was
+    trained with (a schedule is part of what a resume must match); else one pass over the
+    prompts once the source has closed every partition; else None (constant rate)."""
+    if cfg.train.lr_schedule == "constant":
+        return None
+    if cfg.train.max_steps:
+        return int(cfg.train.max_steps)
+    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints")
+    latest = manager.latest()
+    if latest is not None:
+        total = manager.read_meta(latest).get("config", {}).get("lr_schedule", {}).get("total_steps")
+        return int(total) if total is not None else None
+    counts, closed = committed_prompt_counts(transport, RunTopics(cfg.run_id), cfg.data.partitions)
+    if len(closed) < cfg.data.partitions:
+        warn("the source has not finished: constant learning rate (set train.max_steps for cosine)")
+        return None
+    return max(1, sum(counts.values()) // cfg.global_batch)
+
+
+def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], object]) -> TrainJobResult:
+    """Check, join the run, train this rank to the end of the stream, max_steps or a stop."""
+    check_world_size(cfg, launched_world_size())
+    check_local(cfg, ("train",))
+    online = build_online_run(cfg)
+    check_broker(online.transport)
+    verify_run(online.transport, cfg)
+    dist = init_distributed(timeout_s=cfg.train.collective_timeout_s, device=cfg.train.device)
+    try:
+        # One schedule for every rank and every attempt: rank 0 decides, the others follow.
+        steps = dist.broadcast_object(schedule_steps(online.transport, cfg, warn) if dist.is_main else None)
+        result = run_trainer(
+            trainer_settings(cfg, schedule_steps=steps),
+            transport=online.transport,
+            storage_root=cfg.storage.root,
+            model=online.model_spec(),
+            stop=stop,
+            dist=dist,
+            storage_options=dict(cfg.storage.options),
+        )
+    finally:
+        dist.close()
+    return TrainJobResult(result, dist.is_main)
