@@ -35,7 +35,8 @@ from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import DistContext
-from pipeline.train.runner import ModelSpec, run_trainer
+from pipeline.train.model import ModelSpec
+from pipeline.train.runner import run_trainer
 from pipeline.transport.broker import env_or_local_broker as broker
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 from pipeline.vocab import build_vocab_mapping

@@ -79,7 +79,7 @@ def interleaved(config: RunConfig) -> tuple[float, float]:
 
 def drain_then_fit(config: RunConfig) -> tuple[float, float, float, float]:
     from pipeline.train.distributed import DistContext
-    from pipeline.train.exporting import export_checkpoint
+    from pipeline.train.export import export_checkpoint
     from pipeline.train.runner import run_trainer
 
     started = time.time()

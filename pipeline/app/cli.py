@@ -384,7 +384,7 @@ def export(
     """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
     from pipeline.app.runtime import build_online_run  # noqa: PLC0415
     from pipeline.train.checkpoint import CheckpointManager  # noqa: PLC0415
-    from pipeline.train.exporting import export_checkpoint  # noqa: PLC0415
+    from pipeline.train.export import export_checkpoint  # noqa: PLC0415
 
     cfg = _load(config)
     if checkpoint is None:

@@ -280,7 +280,7 @@ class OnlineRun:
         return GeneratorWorker(self.transport, self.store, self.make_backend(), config)
 
     def model_spec(self) -> Any:
-        from pipeline.train.runner import ModelSpec  # noqa: PLC0415
+        from pipeline.train.model import ModelSpec  # noqa: PLC0415
 
         target = self.config.target
         ids = tuple(target.aux_layer_ids) if target.aux_layer_ids else None
@@ -366,7 +366,7 @@ class OnlineRun:
         result = outcome.trainer
         export_dir = None
         if result.checkpoint:
-            from pipeline.train.exporting import export_checkpoint  # noqa: PLC0415
+            from pipeline.train.export import export_checkpoint  # noqa: PLC0415
 
             export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))
         summary = result.completeness.line() if result.completeness else f"{result.samples_trained} samples trained"

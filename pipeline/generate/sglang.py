@@ -51,6 +51,7 @@ import torch
 
 from pipeline.core.errors import CaptureContractError, ConfigError
 from pipeline.core.messages import TargetInfo
+from pipeline.core.model_dir import read_text_config
 from pipeline.generate.backend import (
     BaseTarget,
     Capture,
@@ -58,7 +59,6 @@ from pipeline.generate.backend import (
     assemble_features,
     dtype_name,
     normalize_prompts,
-    read_text_config,
     resolve_aux_layer_ids,
     weights_fingerprint,
 )

@@ -29,10 +29,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.core.errors import DecodeError, RunMismatchError
+from pipeline.core.errors import ConfigError, DecodeError, RunMismatchError
 from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, decode, encode, now
-from pipeline.core.topics import RunTopics, Transport, read_to_end
+from pipeline.core.model_dir import read_text_config
+from pipeline.core.topics import RunTopics, TransactionalProducer, Transport, read_to_end
+from pipeline.source.conversations import MalformedLine, load_tokenizer, read_conversations
 from pipeline.storage import FeatureStore
+from pipeline.vocab import TokenCounter, VocabMapping, build_vocab_mapping
 
 __all__ = (
     "PromptPublisher",
@@ -53,6 +56,8 @@ VOCAB_MAPPING_URI = "vocab_mapping.safetensors"
 
 @dataclass
 class SourceStats:
+    """What one publishing attempt did, so a restart can be told from a first run."""
+
     published: int = 0
     skipped: int = 0  # already committed by an earlier attempt
     dead_letters: int = 0
@@ -61,12 +66,12 @@ class SourceStats:
 
 
 def committed_prompt_counts(
-    settings: Transport, topics: RunTopics, partitions: int, *, timeout_s: float = 120.0
+    transport: Transport, topics: RunTopics, partitions: int, *, timeout_s: float = 120.0
 ) -> tuple[dict[int, int], set[int]]:
     """Per partition: prompts already committed, and which partitions are already closed."""
     counts = {p: 0 for p in range(partitions)}
     closed: set[int] = set()
-    for record in read_to_end(settings, topics.prompts, range(partitions), timeout_s=timeout_s):
+    for record in read_to_end(transport, topics.prompts, range(partitions), timeout_s=timeout_s):
         message = decode(record.value or b"")
         if isinstance(message, Prompt):
             counts[record.partition] += 1
@@ -80,14 +85,14 @@ class PromptPublisher:
 
     def __init__(
         self,
-        settings: Transport,
+        transport: Transport,
         run_id: str,
         partitions: int,
         *,
         chunk_size: int = 256,
         transaction_timeout_ms: int = 60_000,
     ) -> None:
-        self.settings = settings
+        self.transport = transport
         self.run_id = run_id
         self.topics = RunTopics(run_id)
         self.partitions = partitions
@@ -98,7 +103,6 @@ class PromptPublisher:
         self,
         prompts: Iterable[Prompt | DeadLetter],
         *,
-        fail_reason: str | None = None,
         before_close: Callable[[], None] | None = None,
     ) -> SourceStats:
         """Send every prompt (DeadLetters go to the DLQ, keeping the prompt numbering).
@@ -109,11 +113,11 @@ class PromptPublisher:
         chunk is aborted, every open partition is closed as failed with that reason, and the
         error is re-raised; any other error just aborts the chunk (a restart resumes).
         """
-        producer = self.settings.transactional_producer(
+        producer = self.transport.transactional_producer(
             f"{self.run_id}.source", transaction_timeout_ms=self.transaction_timeout_ms
         )
         try:
-            done, closed = committed_prompt_counts(self.settings, self.topics, self.partitions)
+            done, closed = committed_prompt_counts(self.transport, self.topics, self.partitions)
             stats = SourceStats(per_partition=dict(done))
             sent = {p: 0 for p in range(self.partitions)}
             committed = dict(done)
@@ -124,22 +128,21 @@ class PromptPublisher:
                 self._close(producer, closed, committed, str(exc))
                 stats.failed = str(exc)
                 raise
-            if before_close is not None and not fail_reason:
+            if before_close is not None:
                 before_close()
             producer.begin()
             if len(closed) < self.partitions:  # letters after the last prompt go with the markers
                 for letter in trailing:
                     producer.send(self.topics.dlq, 0, encode(letter))
                     stats.dead_letters += 1
-            self._close(producer, closed, sent, fail_reason, begun=True)
-            stats.failed = fail_reason
+            self._close(producer, closed, sent, None, begun=True)
             return stats
         finally:
             producer.close()
 
     def _send_all(
         self,
-        producer: Any,
+        producer: TransactionalProducer,
         items: Iterable[Prompt | DeadLetter],
         done: dict[int, int],
         closed: set[int],
@@ -186,7 +189,7 @@ class PromptPublisher:
 
     def _close(
         self,
-        producer: Any,
+        producer: TransactionalProducer,
         closed: set[int],
         counts: dict[int, int],
         fail_reason: str | None,
@@ -261,29 +264,25 @@ class SourceResult:
 class SourceStage:
     """Conversations in, prompts and the draft vocabulary mapping out (see module docstring)."""
 
-    def __init__(self, settings: Transport, config: SourceConfig, *, tokenizer: Any = None) -> None:
-        from pipeline.core.errors import ConfigError  # noqa: PLC0415
-
+    def __init__(self, transport: Transport, config: SourceConfig, *, tokenizer: Any = None) -> None:
         if config.on_malformed not in ("dlq", "fail"):
             raise ConfigError("data.on_malformed", f"unknown policy {config.on_malformed!r}", "use dlq or fail")
         if config.partitions < 1:
             raise ConfigError("data.partitions", f"must be positive, got {config.partitions}")
-        self.settings = settings
+        self.transport = transport
         self.config = config
         self._tokenizer = tokenizer
         self.store = FeatureStore(config.storage_root, config.run_id, storage_options=config.storage_options)
 
     def run(self) -> SourceResult:
-        from pipeline.source.conversations import load_tokenizer  # noqa: PLC0415 - transformers is heavy
-        from pipeline.vocab import TokenCounter  # noqa: PLC0415
-
+        """Publish every prompt and store the vocabulary mapping; safe to rerun after a crash."""
         cfg = self.config
         tokenizer = self._tokenizer if self._tokenizer is not None else load_tokenizer(cfg.tokenizer)
         target_vocab = cfg.target_vocab_size or _target_vocab_size(cfg.tokenizer, tokenizer)
         counter = TokenCounter(target_vocab)
         result = SourceResult(stats=SourceStats(), target_vocab_size=target_vocab)
         publisher = PromptPublisher(
-            self.settings,
+            self.transport,
             cfg.run_id,
             cfg.partitions,
             chunk_size=cfg.chunk_size,
@@ -309,10 +308,10 @@ class SourceStage:
         )
         return result
 
-    def _items(self, tokenizer: Any, counter: Any, result: SourceResult) -> Iterator[Prompt | DeadLetter]:
+    def _items(
+        self, tokenizer: Any, counter: TokenCounter, result: SourceResult
+    ) -> Iterator[Prompt | DeadLetter]:
         """Prompts in source order (and dead letters for bad lines), counting tokens as they pass."""
-        from pipeline.source.conversations import MalformedLine, read_conversations  # noqa: PLC0415
-
         cfg = self.config
         seen = 0
         start = 0
@@ -344,10 +343,8 @@ class SourceStage:
                 yield item.to_prompt(cfg.run_id)
             start += last_line  # the next file's ids continue after this one's lines
 
-    def _store_vocab(self, counter: Any, target_vocab: int, result: SourceResult) -> None:
+    def _store_vocab(self, counter: TokenCounter, target_vocab: int, result: SourceResult) -> None:
         """Build d2t/t2d from every supervised token and store it beside the features."""
-        from pipeline.vocab import build_vocab_mapping  # noqa: PLC0415
-
         draft_vocab = min(self.config.draft_vocab_size, target_vocab)
         if draft_vocab < self.config.draft_vocab_size:
             logger.warning(
@@ -373,10 +370,8 @@ class SourceStage:
                     result.vocab_mapping_url)
 
 
-def read_vocab_mapping(store: FeatureStore) -> Any:
+def read_vocab_mapping(store: FeatureStore) -> VocabMapping | None:
     """The run's stored ``VocabMapping``, or None when the source has not stored it yet."""
-    from pipeline.vocab import VocabMapping  # noqa: PLC0415
-
     path = store.resolve(VOCAB_MAPPING_URI)
     try:
         data = store.fs.cat_file(path)
@@ -388,9 +383,6 @@ def read_vocab_mapping(store: FeatureStore) -> Any:
 def _target_vocab_size(model_dir: str, tokenizer: Any) -> int:
     """The target's lm_head width: ``config.json`` ``vocab_size`` (padded ids included), else the
     tokenizer's length."""
-    from pipeline.core.errors import ConfigError  # noqa: PLC0415
-    from pipeline.generate.backend import read_text_config  # noqa: PLC0415
-
     try:
         size = read_text_config(model_dir).get("vocab_size")
     except ConfigError:
@@ -398,7 +390,7 @@ def _target_vocab_size(model_dir: str, tokenizer: Any) -> int:
     return int(size) if isinstance(size, int) and size > 0 else len(tokenizer)
 
 
-def _dead_letter(run_id: str, line: Any) -> DeadLetter:
+def _dead_letter(run_id: str, line: MalformedLine) -> DeadLetter:
     """A malformed input line as a dead letter: file and line number in the reason."""
     return DeadLetter(
         run_id=run_id,

@@ -19,7 +19,8 @@ import threading
 
 from pipeline.core.errors import SpecstreamError
 from pipeline.train.config import TrainConfig
-from pipeline.train.runner import ModelSpec, parse_layer_ids, run_trainer
+from pipeline.train.model import ModelSpec
+from pipeline.train.runner import parse_layer_ids, run_trainer
 from pipeline.transport.kafka import KafkaSettings
 
 logger = logging.getLogger("pipeline.train")
