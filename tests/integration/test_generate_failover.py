@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.core.messages import SampleRef
 from pipeline.core.topics import RunTopics
-from pipeline.generate.backpressure import generator_commits
+from pipeline.generate.backlog import generator_commits
 from pipeline.source.stage import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
