@@ -55,7 +55,7 @@ SHAPES: dict[str, dict] = {
 def model_dir(shape: str, scratch: Path) -> Path:
     """The tiny trained target, or a randomly initialised Llama of the shape (seeded)."""
     if shape == "tiny":
-        from pipeline.devkit.tiny import build_tiny_target  # noqa: PLC0415
+        from pipeline.devkit.target import build_tiny_target  # noqa: PLC0415
 
         return build_tiny_target()
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415

@@ -23,7 +23,8 @@ import torch
 
 from pipeline.app.config import RunConfig, parse_config
 from pipeline.app.runtime import build_online_run, claim_run, train_config_for
-from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
+from pipeline.devkit.chats import markov_conversations, write_jsonl
+from pipeline.devkit.target import TINY_AUX_LAYER_IDS, build_tiny_target
 from pipeline.transport.broker import env_or_local_broker as broker
 
 

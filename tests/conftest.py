@@ -101,6 +101,6 @@ def storage_root(tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_target_dir() -> Path:
     """The tiny trained Llama target (built once per machine, cached under SPECSTREAM_HOME)."""
-    from pipeline.devkit.tiny import build_tiny_target  # noqa: PLC0415
+    from pipeline.devkit.target import build_tiny_target  # noqa: PLC0415
 
     return build_tiny_target()

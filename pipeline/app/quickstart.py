@@ -23,12 +23,8 @@ def quickstart_config(
     workdir: Path, *, conversations: int = 192, bootstrap: str | None = None, max_steps: int | None = None
 ) -> RunConfig:
     """Prepare the target and data under ``workdir``; return the run's config (also saved as YAML)."""
-    from pipeline.devkit.tiny import (  # noqa: PLC0415
-        TINY_AUX_LAYER_IDS,
-        build_tiny_target,
-        markov_conversations,
-        write_jsonl,
-    )
+    from pipeline.devkit.chats import markov_conversations, write_jsonl  # noqa: PLC0415
+    from pipeline.devkit.target import TINY_AUX_LAYER_IDS, build_tiny_target  # noqa: PLC0415
 
     workdir = workdir.resolve()
     target = build_tiny_target()

@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.core.errors import ConfigError, DecodeError
 from pipeline.core.messages import Prompt, decode, encode, prompt_id_for
-from pipeline.devkit.tiny import build_tiny_tokenizer, markov_conversations, write_jsonl
+from pipeline.devkit.chats import markov_conversations, write_jsonl
+from pipeline.devkit.target import build_tiny_tokenizer
 from pipeline.source.conversations import (
     ConversationError,
     MalformedLine,
