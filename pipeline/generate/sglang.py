@@ -86,7 +86,7 @@ class SGLangEngine(Protocol):
 
 def sglang_available() -> bool:
     try:
-        import sglang  # noqa: F401, PLC0415
+        import sglang  # noqa: F401  # lazy: sglang is optional (a GPU extra)
     except ImportError:
         return False
     return True
@@ -266,7 +266,7 @@ class SGLangTarget(BaseTarget):
 
 def _start_engine(model_path: Path, dtype: str, engine_kwargs: Mapping[str, Any]) -> Any:
     try:
-        import sglang  # noqa: PLC0415
+        import sglang  # lazy: sglang is optional (a GPU extra)
     except ImportError as exc:
         raise ConfigError(
             "target.backend",

@@ -32,6 +32,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import fsspec
+
 from pipeline.core.errors import ConfigError, DecodeError
 from pipeline.core.messages import Prompt, prompt_id_for
 
@@ -145,7 +147,7 @@ class TokenizedConversation:
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """The fast tokenizer of a local model directory (nothing is downloaded)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer  # lazy: transformers is optional
 
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     _check_tokenizer(tokenizer)
@@ -331,8 +333,6 @@ def read_conversations(
     nothing), so prompt ids do not shift when a bad line is dropped or the file is re-read;
     give each file of a multi-file source its own ``start_index`` range.
     """
-    import fsspec  # noqa: PLC0415
-
     if policy not in ("dlq", "fail"):
         raise ConfigError("source.policy", f"unknown policy {policy!r}", "use 'dlq' or 'fail'")
     if max_length < 1:

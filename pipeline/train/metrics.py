@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 __all__ = ("StepRecord", "RankTiming", "MetricsLog", "ProgressBar", "read_metrics", "ThroughputTotals")
 
 logger = logging.getLogger(__name__)
@@ -158,21 +160,16 @@ class ProgressBar:
     """tqdm on rank 0 when stderr is a terminal; silent otherwise (logs and JSONL carry the numbers)."""
 
     def __init__(self, *, enabled: bool, total: int | None, initial: int = 0) -> None:
-        self._bar = None
+        self._bar: tqdm[Any] | None = None
         if enabled:
-            try:
-                from tqdm import tqdm  # noqa: PLC0415
-
-                self._bar = tqdm(
-                    total=total,
-                    initial=initial,
-                    unit="step",
-                    dynamic_ncols=True,
-                    disable=None,
-                    file=sys.stderr,
-                )
-            except ImportError:  # rich/tqdm are optional for library users
-                self._bar = None
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
+                file=sys.stderr,
+            )
 
     def update(self, record: StepRecord) -> None:
         if self._bar is None:

@@ -166,7 +166,7 @@ class Trainer:
             reporter.close()
             prefetcher.close()
         if self.dist.is_main and cfg.plot_path and cfg.metrics_path:
-            from pipeline.train.plot import plot_metrics_file  # lazy: matplotlib is optional and slow to load
+            from pipeline.train.plot import plot_metrics_file  # lazy: start-up, plotting loads at a run end
 
             try:
                 plot_metrics_file(cfg.metrics_path, cfg.plot_path, title=f"{cfg.run_id}: draft training")
