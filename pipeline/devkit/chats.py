@@ -104,7 +104,7 @@ def markov_chain(chain_seed: int = CHAIN_SEED) -> MarkovChain:
         weights[word] = 1.0 / (rank + 1) ** _ZIPF_EXPONENT
     total = sum(weights)
     unigram = tuple(w / total for w in weights)
-    successors = []
+    successors: list[tuple[int, ...]] = []
     for _ in range(n):
         chosen: list[int] = []
         while len(chosen) < len(_SUCCESSOR_PROBS):

@@ -117,6 +117,8 @@ def build_tiny_tokenizer(style: Literal["llama3", "chatml"] = "llama3") -> Any:
     """
     from transformers import PreTrainedTokenizerFast  # lazy: transformers is optional
 
+    specials: tuple[str, ...]
+    plain: tuple[str, ...]
     if style == "llama3":
         specials, plain, template = LLAMA3_SPECIALS, _LLAMA3_PLAIN, _LLAMA3_TEMPLATE
         named = {

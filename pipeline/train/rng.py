@@ -32,7 +32,8 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
-    kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+    kind, keys, pos, has_gauss, cached = numpy.random.get_state(legacy=True)
+    assert isinstance(keys, numpy.ndarray)
     state["numpy"] = (
         kind,
         torch.from_numpy(keys.astype("int64")),

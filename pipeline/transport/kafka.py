@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import OffsetSpec
@@ -42,6 +42,7 @@ from pipeline.core.topics import (
     MAX_RECORD_BYTES,
     Committed,
     FencedError,
+    ReaderOptions,
     Record,
     RunTopics,
     Start,
@@ -81,18 +82,27 @@ class KafkaSettings:
     # for single-process runs without Kafka) and open their clients through these.
 
     def admin(self) -> KafkaAdmin:
+        """Topic administration and offset queries on this cluster."""
         return KafkaAdmin(self)
 
-    def transactional_producer(self, transactional_id: str, **options: Any) -> TransactionalProducer:
-        return TransactionalProducer(self, transactional_id, **options)
+    def transactional_producer(
+        self, transactional_id: str, *, linger_ms: int = 5, transaction_timeout_ms: int = 60_000
+    ) -> TransactionalProducer:
+        """An exactly-once producer; fences any earlier instance with the same id."""
+        return TransactionalProducer(
+            self, transactional_id, linger_ms=linger_ms, transaction_timeout_ms=transaction_timeout_ms
+        )
 
-    def plain_producer(self, **options: Any) -> PlainProducer:
-        return PlainProducer(self, **options)
+    def plain_producer(self, *, linger_ms: int = 5) -> PlainProducer:
+        """An idempotent producer for records that need no transaction."""
+        return PlainProducer(self, linger_ms=linger_ms)
 
-    def reader(self, topic: str, **options: Any) -> PartitionReader:
+    def reader(self, topic: str, **options: Unpack[ReaderOptions]) -> PartitionReader:
+        """A ``read_committed`` consumer of fixed partitions, or a member of ``group_id``."""
         return PartitionReader(self, topic, **options)
 
     def common(self) -> dict[str, Any]:
+        """The options every kafka-python client of this cluster gets."""
         return {
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "request_timeout_ms": self.request_timeout_ms,
