@@ -31,7 +31,7 @@ from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.train.config import TrainConfig
 from pipeline.train.distributed import DistContext

@@ -35,7 +35,7 @@ from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
 from pipeline.generate.hf import HFTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.transport.broker import env_or_local_broker as broker
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings

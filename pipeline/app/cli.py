@@ -341,7 +341,7 @@ def _schedule_steps(transport: Any, cfg: Any) -> int | None:
     trained with (a schedule is part of what a resume must match); else one pass over the
     prompts once the source has closed every partition; else None (constant rate)."""
     from pipeline.core.topics import RunTopics  # noqa: PLC0415
-    from pipeline.source.stage import committed_prompt_counts  # noqa: PLC0415
+    from pipeline.source.publisher import committed_prompt_counts  # noqa: PLC0415
     from pipeline.train.checkpoint import CheckpointManager  # noqa: PLC0415
 
     if cfg.train.max_steps:

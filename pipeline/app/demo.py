@@ -10,7 +10,7 @@ from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings

@@ -65,6 +65,8 @@ def rank_partitions(partitions: int, world_size: int, rank: int) -> list[int]:
 
 @dataclass(frozen=True)
 class StreamItem:
+    """One verified sample the read side hands out, with where it sat in its partition."""
+
     ref: SampleRef
     tensors: dict[str, Any]  # name -> torch.Tensor (core does not import torch)
     partition: int

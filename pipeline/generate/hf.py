@@ -92,6 +92,7 @@ def plan_batches(
 
 
 def padded_width(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple, so padded batches reuse a few kernel shapes."""
     return -(-length // multiple) * multiple
 
 

@@ -85,6 +85,7 @@ class SGLangEngine(Protocol):
 
 
 def sglang_available() -> bool:
+    """Whether the optional SGLang extra is installed (the backend needs it)."""
     try:
         import sglang  # noqa: F401  # lazy: sglang is optional (a GPU extra)
     except ImportError:

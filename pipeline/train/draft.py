@@ -212,6 +212,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys by their positions (RoPE), as the target does."""
     return x * cos + _rotate_half(x) * sin
 
 

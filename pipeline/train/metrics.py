@@ -37,6 +37,8 @@ class RankTiming:
 
 @dataclass(frozen=True)
 class StepRecord:
+    """One optimizer step's losses, accuracies, throughput and data wait: one metrics JSONL row."""
+
     step: int
     loss: float
     ploss: list[float]

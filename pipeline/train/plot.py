@@ -51,4 +51,5 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str 
 
 
 def plot_metrics_file(metrics_path: str | Path, png_path: str | Path, *, title: str = "") -> Path | None:
+    """Plot a run's metrics JSONL (a resumed run's superseded rows dropped) as a PNG."""
     return plot_curves(read_metrics(metrics_path), png_path, title=title)

@@ -131,6 +131,7 @@ def rope_fields(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def read_target_config(model_dir: str | Path) -> TargetConfig:
+    """The target's ``config.json`` as the fields a draft is derived from."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(

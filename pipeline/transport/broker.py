@@ -69,6 +69,7 @@ def home_dir() -> Path:
 
 
 def libs_dir(version: str = KAFKA_VERSION) -> Path:
+    """Where the broker jars of ``version`` are installed."""
     return home_dir() / f"kafka-{version}" / "libs"
 
 
@@ -334,6 +335,8 @@ def env_or_local_broker() -> Iterator[str]:
 
 @dataclass(frozen=True)
 class DetachedBroker:
+    """A broker started in the background: enough to find, check and stop it later."""
+
     pid: int
     bootstrap: str
     workdir: str

@@ -19,7 +19,7 @@ from pipeline.generate.backlog import generator_commits
 from pipeline.generate.backpressure import TrainerWindow, Watermarks
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PlainProducer

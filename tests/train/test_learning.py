@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from pipeline.source.conversations import load_tokenizer, normalize_messages, tokenize_conversation
+from pipeline.source.conversations import normalize_messages
+from pipeline.source.template import load_tokenizer, tokenize_conversation
 from pipeline.train.collate import Batch, collate
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.target_head import load_target_head
