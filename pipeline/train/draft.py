@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.core.errors import ConfigError, RunMismatchError
 from pipeline.core.features import default_aux_layer_ids
 from pipeline.train.attention import AttentionImpl, KVSteps, ttt_attention
-from pipeline.train.target_head import TargetConfig, TargetHead, load_target_head
+from pipeline.train.target_head import TargetArchitecture, TargetHead, load_target_head
 from pipeline.vocab import VocabMapping
 
 __all__ = ("DraftConfig", "RMSNorm", "RotaryEmbedding", "Eagle3Attention", "Eagle3MLP",
@@ -90,7 +90,7 @@ class DraftConfig:
     @classmethod
     def from_target_config(
         cls,
-        target: TargetConfig,
+        target: TargetArchitecture,
         *,
         draft_vocab_size: int = 32000,
         aux_layer_ids: Sequence[int] | None = None,
