@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Unpack
+from typing import Any, ClassVar, TypeVar, Unpack
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import OffsetSpec
@@ -111,7 +111,11 @@ class KafkaSettings:
         }
 
 
-def _connect(factory: Callable[[], Any], settings: KafkaSettings) -> Any:
+_Client = TypeVar("_Client")
+
+
+def _connect(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client:
+    """Open a kafka-python client; a broker that does not answer becomes one BrokerError line."""
     try:
         return factory()
     except KafkaTimeoutError as exc:
@@ -291,7 +295,7 @@ class TransactionalProducer:
     def commit(
         self,
         offsets: Mapping[tuple[str, int], Committed] | None = None,
-        group: Any = None,
+        group: object = None,
     ) -> None:
         """Commit the open transaction, with the consumed offsets (next offset + metadata)."""
         with _translated():
@@ -503,7 +507,7 @@ class PartitionReader:
                 {TopicPartition(self.topic, p): OffsetAndMetadata(o, metadata, -1) for p, o in offsets.items()}
             )
 
-    def group_metadata(self) -> Any:
+    def group_metadata(self) -> object:
         """Opaque token for ``TransactionalProducer.commit(group=...)`` (KIP-447 fencing)."""
         if self._consumer.assignment() and self._consumer.subscription():
             return self._consumer.group_metadata()

@@ -186,7 +186,7 @@ class _TxProducer:
     def flush(self, timeout: float | None = None) -> None:
         """Nothing to flush: records become visible only at commit."""
 
-    def commit(self, offsets: Mapping[tuple[str, int], Committed] | None = None, group: Any = None) -> None:
+    def commit(self, offsets: Mapping[tuple[str, int], Committed] | None = None, group: object = None) -> None:
         with self._b._lock:
             self._check_fenced()
             self._check_generation(offsets, group)
@@ -200,7 +200,7 @@ class _TxProducer:
         self._pending = []
         self.in_transaction = False
 
-    def _check_generation(self, offsets: Mapping[tuple[str, int], Committed] | None, group: Any) -> None:
+    def _check_generation(self, offsets: Mapping[tuple[str, int], Committed] | None, group: object) -> None:
         """KIP-447: offsets committed with a group generation that has since changed are refused."""
         if not offsets or not isinstance(group, _GroupToken) or group.generation < 0:
             return
@@ -375,7 +375,7 @@ class _Reader:
             for p, o in offsets.items():
                 self._b._offsets[(self.group_id or "", self.topic, p)] = Committed(o, metadata)
 
-    def group_metadata(self) -> Any:
+    def group_metadata(self) -> object:
         return _GroupToken(self.group_id or "", self._generation)
 
     def end_offsets(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
