@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,17 +189,3 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def summarise(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """Whole-run figures from metric rows (the benchmark prints these)."""
-    rows = list(rows)
-    if not rows:
-        return {}
-    step_s = sum(r["step_s"] for r in rows)
-    return {
-        "steps": float(len(rows)),
-        "samples_per_s": sum(r["samples"] for r in rows) / step_s if step_s else 0.0,
-        "tokens_per_s": sum(r["tokens"] for r in rows) / step_s if step_s else 0.0,
-        "data_wait_frac": rows[-1]["data_wait_frac_total"],
-    }
