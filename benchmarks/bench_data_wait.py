@@ -31,11 +31,12 @@ from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.train.config import TrainerSettings
 from pipeline.train.distributed import DistContext
-from pipeline.train.runner import ModelSpec, run_trainer
+from pipeline.train.model import ModelSpec
+from pipeline.train.runner import run_trainer
 from pipeline.transport.broker import env_or_local_broker as broker
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 from pipeline.vocab import build_vocab_mapping

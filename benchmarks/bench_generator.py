@@ -35,7 +35,7 @@ from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
 from pipeline.generate.hf import HFTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.transport.broker import env_or_local_broker as broker
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
@@ -55,7 +55,7 @@ SHAPES: dict[str, dict] = {
 def model_dir(shape: str, scratch: Path) -> Path:
     """The tiny trained target, or a randomly initialised Llama of the shape (seeded)."""
     if shape == "tiny":
-        from pipeline.devkit.tiny import build_tiny_target  # noqa: PLC0415
+        from pipeline.devkit.target import build_tiny_target  # noqa: PLC0415
 
         return build_tiny_target()
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415

@@ -26,7 +26,8 @@ from pipeline.app.config_file import parse_config
 from pipeline.app.manifest import claim_run
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
-from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
+from pipeline.devkit.chats import markov_conversations, write_jsonl
+from pipeline.devkit.target import TINY_AUX_LAYER_IDS, build_tiny_target
 from pipeline.transport.broker import env_or_local_broker as broker
 
 
@@ -82,7 +83,7 @@ def interleaved(config: RunConfig) -> tuple[float, float]:
 
 def drain_then_fit(config: RunConfig) -> tuple[float, float, float, float]:
     from pipeline.train.distributed import DistContext
-    from pipeline.train.exporting import export_checkpoint
+    from pipeline.train.export import export_checkpoint
     from pipeline.train.runner import run_trainer
 
     started = time.time()

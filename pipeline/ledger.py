@@ -31,9 +31,9 @@ _PARTITION = 0  # the ledger topic has one partition: a total order of steps
 class LedgerWriter:
     """Rank 0's producer of ledger records (idempotent, asynchronous; flushed at checkpoints)."""
 
-    def __init__(self, settings: Transport, run_id: str) -> None:
+    def __init__(self, transport: Transport, run_id: str) -> None:
         self.topic = RunTopics(run_id).ledger
-        self._producer = settings.plain_producer()
+        self._producer = transport.plain_producer()
 
     def write(self, record: LedgerStep) -> None:
         self._producer.send(self.topic, encode(record), partition=_PARTITION, key=str(record.step).encode())
@@ -58,11 +58,11 @@ def _decode_step(value: bytes | None, run_id: str, where: str) -> LedgerStep | N
     return message
 
 
-def read_ledger(settings: Transport, run_id: str, *, timeout_s: float = 60.0) -> list[LedgerStep]:
+def read_ledger(transport: Transport, run_id: str, *, timeout_s: float = 60.0) -> list[LedgerStep]:
     """Every ledger record of the run in log order (dead attempts included)."""
     topic = RunTopics(run_id).ledger
     out: list[LedgerStep] = []
-    for record in read_to_end(settings, topic, [_PARTITION], timeout_s=timeout_s):
+    for record in read_to_end(transport, topic, [_PARTITION], timeout_s=timeout_s):
         step = _decode_step(record.value, run_id, f"{topic}:{record.offset}")
         if step is not None:
             out.append(step)
@@ -90,11 +90,11 @@ class LedgerTail:
     reads the last record (``end - 1``), stepping back further if that one is not a ledger step.
     """
 
-    def __init__(self, settings: Transport, run_id: str, *, lookback: int = 16) -> None:
+    def __init__(self, transport: Transport, run_id: str, *, lookback: int = 16) -> None:
         self.run_id = run_id
         self.topic = RunTopics(run_id).ledger
         self._lookback = lookback
-        self._reader = settings.reader(self.topic, partitions=[_PARTITION], start="latest")
+        self._reader = transport.reader(self.topic, partitions=[_PARTITION], start="latest")
         self._end = -1
         self._latest: LedgerStep | None = None
 
@@ -127,9 +127,9 @@ class LedgerTail:
         self._reader.close()
 
 
-def latest_ledger_step(settings: Transport, run_id: str, *, timeout_s: float = 10.0) -> LedgerStep | None:
+def latest_ledger_step(transport: Transport, run_id: str, *, timeout_s: float = 10.0) -> LedgerStep | None:
     """The newest ledger record of the run, or None when no step was trained yet (one-shot)."""
-    tail = LedgerTail(settings, run_id)
+    tail = LedgerTail(transport, run_id)
     try:
         return tail.latest(timeout_s)
     finally:

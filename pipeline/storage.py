@@ -20,18 +20,16 @@ import struct
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import crc32c
 import fsspec
 import numpy as np
+import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.core.errors import ConfinementError, IntegrityError
 from pipeline.core.messages import SampleRef, TensorSpec
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ("FeatureStore", "StoredFeature", "SafetensorsLayout", "checksum_of", "parse_header", "tensors_from_buffer")
 
@@ -290,8 +288,6 @@ class SafetensorsLayout:
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> SafetensorsLayout:
-        import torch  # noqa: PLC0415 - storage stays importable without torch for control-plane tools
-
         entries: dict[str, Any] = {}
         if metadata:
             entries["__metadata__"] = dict(metadata)
@@ -334,8 +330,6 @@ def tensors_from_buffer(buffer: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 def _views(buffer: np.ndarray) -> dict[str, torch.Tensor]:
-    import torch  # noqa: PLC0415
-
     (size,) = struct.unpack("<Q", buffer[:8].tobytes())
     header = json.loads(buffer[8 : 8 + size].tobytes())
     whole = torch.from_numpy(buffer)

@@ -42,7 +42,7 @@ class SampleStream:
 
     def __init__(
         self,
-        settings: Transport,
+        transport: Transport,
         store: FeatureStore,
         run_id: str,
         partitions: Iterable[int],
@@ -78,7 +78,7 @@ class SampleStream:
         self._poll_timeout_s = poll_timeout_s
         self._max_buffered = max_buffered
         self._buffers: dict[int, deque[Record]] = {p: deque() for p in self.partitions}
-        self._reader = settings.reader(self.topics.samples,
+        self._reader = transport.reader(self.topics.samples,
             partitions=self.partitions,
             start=dict(self.positions),
             max_poll_records=max_poll_records,

@@ -44,9 +44,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    from pipeline.transport import broker  # noqa: PLC0415
+    from pipeline.transport import broker, kafka_jars  # lazy: start-up (only when no broker is given)
 
-    if shutil.which("java") and (broker.libs_dir().is_dir() or shutil.which("mvn")):
+    if shutil.which("java") and (kafka_jars.libs_dir().is_dir() or shutil.which("mvn")):
         with broker.LocalKafka(tmp_path_factory.mktemp("kafka")) as local:
             logger.info("local Kafka %s at %s (%.1f s)", local.version, local.bootstrap, local.startup_seconds)
             yield local.bootstrap
@@ -101,6 +101,6 @@ def storage_root(tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_target_dir() -> Path:
     """The tiny trained Llama target (built once per machine, cached under SPECSTREAM_HOME)."""
-    from pipeline.devkit.tiny import build_tiny_target  # noqa: PLC0415
+    from pipeline.devkit.target import build_tiny_target  # noqa: PLC0415
 
     return build_tiny_target()

@@ -42,7 +42,7 @@ from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.train.config import TrainerSettings
 from pipeline.transport.kafka import KafkaSettings, PlainProducer

@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from pipeline.app.cli_broker import broker_app
 from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, SpecstreamError
-from pipeline.transport import broker as local_broker
+from pipeline.transport import background_broker as local_broker
 
 if TYPE_CHECKING:
     from pipeline.app.config import RunConfig
@@ -94,7 +94,7 @@ def _bootstrap_or_local(bootstrap: str | None) -> str:
 
 
 def _load(path: Path) -> RunConfig:
-    from pipeline.app.config_file import load_config  # noqa: PLC0415 - pydantic + kafka-python: only when a command reads a config
+    from pipeline.app.config_file import load_config  # lazy: start-up, pydantic + kafka-python: only when a command reads a config
 
     return load_config(path)
 
@@ -124,8 +124,8 @@ def quickstart(
     completeness summary. The config it ran is saved as WORKDIR/config.yaml.
     """
     _setup_logging(verbose)
-    from pipeline.app.quickstart import quickstart_config  # noqa: PLC0415 - torch, transformers
-    from pipeline.app.runtime import build_online_run  # noqa: PLC0415 - torch, transformers
+    from pipeline.app.quickstart import quickstart_config  # lazy: start-up, torch, transformers
+    from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
 
     bootstrap = bootstrap or _start_local_broker()
     console.print("building the tiny target and synthetic data (cached after the first run)...")
@@ -136,8 +136,8 @@ def quickstart(
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Run every stage in this process: source, generators and trainer, interleaved."""
     _setup_logging(verbose)
-    from pipeline.app.preflight import check_local  # noqa: PLC0415 - fsspec
-    from pipeline.app.runtime import build_online_run  # noqa: PLC0415 - torch, transformers
+    from pipeline.app.preflight import check_local  # lazy: start-up, fsspec
+    from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
 
     cfg = _load(config)
     check_local(cfg)  # before the local broker may be started for it
@@ -159,9 +159,9 @@ def _run_and_report(online: OnlineRun) -> None:
 def source(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Tokenize the conversations, store the draft vocabulary and publish the prompts (once)."""
     _setup_logging(verbose)
-    from pipeline.app.manifest import claim_run  # noqa: PLC0415 - kafka-python
-    from pipeline.app.preflight import check_broker, check_local  # noqa: PLC0415 - fsspec
-    from pipeline.app.runtime import build_online_run  # noqa: PLC0415 - torch, transformers
+    from pipeline.app.manifest import claim_run  # lazy: start-up, kafka-python
+    from pipeline.app.preflight import check_broker, check_local  # lazy: start-up, fsspec
+    from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
 
     cfg = _load(config)
     check_local(cfg, ("source",))
@@ -202,7 +202,7 @@ def generate(
     benchmarks); unset ones take the run config's defaults.
     """
     _setup_logging(verbose)
-    from pipeline.app.generate_job import ad_hoc_generator, configured_generator  # noqa: PLC0415 - torch
+    from pipeline.app.generate_job import ad_hoc_generator, configured_generator  # lazy: start-up, torch
 
     owned = [int(p) for p in partitions.split(",")] if partitions else None
     if config is not None:
@@ -232,7 +232,7 @@ def train(config: ConfigOption, verbose: VerboseOption = False) -> None:
     torchrun --nproc-per-node N --no-python specstream train --config run.yaml
     """
     _setup_logging(verbose)
-    from pipeline.app.train_job import train_rank  # noqa: PLC0415 - torch
+    from pipeline.app.train_job import train_rank  # lazy: start-up, torch
 
     job = train_rank(_load(config), _stop_on_signals(), warn=lambda line: console.print(f"[yellow]{escape(line)}"))
     if job.is_main:  # the summary line itself comes from the trainer, on rank 0
@@ -248,11 +248,11 @@ def status(
     bootstrap: BootstrapOption = None,
 ) -> None:
     """Per partition: produced, dropped, consumed, lag and end-of-stream state; DLQ; samples/s."""
-    from pipeline.app.status import render_status, run_status  # noqa: PLC0415 - kafka-python
-    from pipeline.transport.kafka import KafkaSettings  # noqa: PLC0415 - kafka-python
+    from pipeline.app.status import render_status, run_status  # lazy: start-up, kafka-python
+    from pipeline.transport.kafka import KafkaSettings  # lazy: start-up, kafka-python
 
     if config is not None:
-        from pipeline.app.settings import kafka_settings  # noqa: PLC0415 - torch, through the stage dataclasses
+        from pipeline.app.settings import kafka_settings  # lazy: start-up, torch, through the stage dataclasses
 
         cfg = _load(config)
         transport = kafka_settings(cfg, _bootstrap_or_local(bootstrap or cfg.broker.bootstrap_servers))
@@ -269,10 +269,10 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="Output directory; default OUTPUT_DIR/export.")] = None,
 ) -> None:
     """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
-    from pipeline.app.settings import model_spec  # noqa: PLC0415 - torch
-    from pipeline.storage import FeatureStore  # noqa: PLC0415 - fsspec
-    from pipeline.train.checkpoint import CheckpointManager  # noqa: PLC0415 - torch
-    from pipeline.train.exporting import export_checkpoint  # noqa: PLC0415 - torch
+    from pipeline.app.settings import model_spec  # lazy: start-up, torch
+    from pipeline.storage import FeatureStore  # lazy: start-up, fsspec
+    from pipeline.train.checkpoint import CheckpointManager  # lazy: start-up, torch
+    from pipeline.train.export import export_checkpoint  # lazy: start-up, torch
 
     cfg = _load(config)
     if checkpoint is None:
@@ -296,7 +296,7 @@ def replay(
     on CPU the losses are bit-identical to the live run's.
     """
     _setup_logging(verbose)
-    from pipeline.app.replay import replay_run  # noqa: PLC0415 - torch
+    from pipeline.app.replay import replay_run  # lazy: start-up, torch
 
     report = replay_run(_load(config), str(out), stop=_stop_on_signals())
     typer.echo(report.line())
@@ -314,7 +314,7 @@ def demo(
 ) -> None:
     """The data plane end to end: prompts -> generator (transactions) -> verified samples."""
     _setup_logging(False)
-    from pipeline.app.demo import run_demo  # noqa: PLC0415 - torch
+    from pipeline.app.demo import run_demo  # lazy: start-up, torch
 
     bootstrap = bootstrap or _start_local_broker()
     root = storage or tempfile.mkdtemp(prefix="specstream-demo-")
@@ -330,7 +330,7 @@ def demo(
 @config_app.command("reference")
 def config_reference() -> None:
     """Print every config key with its type, default and meaning (a markdown table)."""
-    from pipeline.app.reference import render_reference  # noqa: PLC0415 - pydantic + kafka-python
+    from pipeline.app.reference import render_reference  # lazy: start-up, pydantic + kafka-python
 
     typer.echo(render_reference(), nl=False)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from pipeline.transport import broker as local_broker
+from pipeline.transport import background_broker as local_broker
+from pipeline.transport import kafka_jars
 
 __all__ = ("broker_app",)
 
@@ -14,14 +15,14 @@ console = Console(stderr=True)
 
 
 @broker_app.command("install")
-def broker_install(version: str = local_broker.KAFKA_VERSION) -> None:
+def broker_install(version: str = kafka_jars.KAFKA_VERSION) -> None:
     """Assemble the broker's jars from Maven Central into the cache (needs mvn; once)."""
-    path = local_broker.install(version)
+    path = kafka_jars.install(version)
     typer.echo(str(path))
 
 
 @broker_app.command("start")
-def broker_start(version: str = local_broker.KAFKA_VERSION, heap_mb: int = 512) -> None:
+def broker_start(version: str = kafka_jars.KAFKA_VERSION, heap_mb: int = 512) -> None:
     """Start the local broker in the background (or find the running one); print its address."""
     state = local_broker.start_detached(version, heap_mb)
     typer.echo(state.bootstrap)

@@ -78,6 +78,8 @@ def _check_device(key: str, value: str | None, null_means: str) -> str | None:
 
 
 class BrokerSection(_Section):
+    """Where the broker is and how every Kafka client of the run talks to it."""
+
     bootstrap_servers: str | None = Field(
         default=None,
         description="`host:port[,host:port]`; null: the local broker (started if needed); "
@@ -102,6 +104,8 @@ class BrokerSection(_Section):
 
 
 class StorageSection(_Section):
+    """Where the feature files live and how long they are kept."""
+
     root: str = Field(default="./runs", description="feature storage root: a path or any fsspec URL (`s3://`...)")
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options (credentials, endpoint)")
     retention: Literal["delete", "retain"] = Field(
@@ -112,6 +116,8 @@ class StorageSection(_Section):
 
 
 class DataSection(_Section):
+    """The conversations to train on and how they are cut into prompts."""
+
     path: str = Field(description="conversations JSONL (ShareGPT or OpenAI messages): a path or fsspec URL")
     max_length: int = Field(default=2048, gt=8, description="tokens per conversation; longer ones are truncated")
     partitions: int = Field(
@@ -124,6 +130,8 @@ class DataSection(_Section):
 
 
 class TargetSection(_Section):
+    """The target model whose hidden states are captured, and how."""
+
     backend: Literal["hf", "sglang", "synthetic"] = Field(
         default="hf", description="`hf` (transformers), `sglang` (GPU, extra), `synthetic` (data plane only)"
     )
@@ -154,6 +162,8 @@ class TargetSection(_Section):
 
 
 class GenerateSection(_Section):
+    """Generator workers and the backpressure that keeps them within the trainer's reach."""
+
     workers: int = Field(default=1, gt=0, description="generator threads in a single-process run (`run`, `quickstart`)")
     high_watermark: int = Field(
         default=256, gt=0, description="pause generation above this many produced-but-untrained samples"
@@ -180,6 +190,8 @@ class GenerateSection(_Section):
 
 
 class TrainSection(_Section):
+    """The draft trainer: batch shape, optimizer, schedule, checkpoints and timeouts."""
+
     world_size: int = Field(
         default=1, gt=0, description="trainer ranks: must equal torchrun's ranks (`--nproc-per-node` x nodes)"
     )
@@ -242,6 +254,8 @@ class TrainSection(_Section):
 
 
 class RunConfig(_Section):
+    """One run's whole configuration: every stage derives its settings from it."""
+
     run_id: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,100}$",
         description="names the run's topics, consumer groups and storage prefix",

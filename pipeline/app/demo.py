@@ -10,7 +10,7 @@ from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
@@ -20,6 +20,8 @@ __all__ = ("DemoSummary", "run_demo", "synthetic_prompts")
 
 @dataclass(frozen=True)
 class DemoSummary:
+    """What the data-plane demo moved, for its one summary line."""
+
     prompts: int
     received: int
     duplicates: int
@@ -40,6 +42,7 @@ class DemoSummary:
 
 
 def synthetic_prompts(run_id: str, count: int, tokens: int) -> list[Prompt]:
+    """Deterministic prompts of a given length, so the demo needs no tokenizer."""
     out = []
     for i in range(count):
         ids = [(i * 7919 + j * 104729) % 32000 for j in range(tokens)]

@@ -37,6 +37,8 @@ class ShutdownTimeout(SpecstreamError):
 
 @dataclass(frozen=True)
 class InterleaveResult(Generic[T]):
+    """The trainer's result and how the producers ended."""
+
     trainer: T
     stopped_producers: bool  # True when the trainer ended first and the producers were stopped
 

@@ -43,7 +43,7 @@ def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
     if isinstance(fs, LocalFileSystem):
         _check_writable(Path(root), config.storage.root)
     if "train" in stages and (config.train.device or "").startswith("cuda"):
-        import torch  # noqa: PLC0415 - only the trainer's check needs torch; source/generate start faster
+        import torch  # lazy: start-up, only the trainer's check needs torch; source/generate start faster
 
         if not torch.cuda.is_available():
             raise ConfigError(

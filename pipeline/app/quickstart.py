@@ -23,13 +23,9 @@ def quickstart_config(
     workdir: Path, *, conversations: int = 192, bootstrap: str | None = None, max_steps: int | None = None
 ) -> RunConfig:
     """Prepare the target and data under ``workdir``; return the run's config (also saved as YAML)."""
-    # The devkit (transformers, tokenizers) is loaded only when a quickstart is prepared.
-    from pipeline.devkit.tiny import (  # noqa: PLC0415
-        TINY_AUX_LAYER_IDS,
-        build_tiny_target,
-        markov_conversations,
-        write_jsonl,
-    )
+    # lazy: start-up (the devkit loads transformers and tokenizers only when a quickstart is prepared)
+    from pipeline.devkit.chats import markov_conversations, write_jsonl  # lazy: start-up
+    from pipeline.devkit.target import TINY_AUX_LAYER_IDS, build_tiny_target  # lazy: start-up
 
     workdir = workdir.resolve()
     target = build_tiny_target()

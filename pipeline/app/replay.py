@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReplayReport:
+    """How a replay compared with the live run's ledger, step by step."""
+
     steps: int
     identical: int
     first_difference: str | None

@@ -47,8 +47,8 @@ from pipeline.source.stage import SourceResult, SourceStage
 from pipeline.storage import FeatureStore
 
 if TYPE_CHECKING:
-    from pipeline.train.runner import ModelSpec
-    from pipeline.train.trainer import TrainResult
+    from pipeline.train.model import ModelSpec
+    from pipeline.train.result import TrainResult
 
 __all__ = ("OnlineRun", "RunResult", "build_online_run", "resolve_transport", "target_backend")
 
@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
+    """What a single-process run did: its summary, steps, outputs and timings."""
+
     summary: str
     steps: int
     reason: str
@@ -75,14 +77,14 @@ def target_backend(config: RunConfig, *, synthetic_hidden_size: int = 64) -> Tar
     target = config.target
     # Each backend is imported when chosen: transformers and sglang are heavy or optional.
     if target.backend == "synthetic":
-        from pipeline.generate.synthetic import SyntheticTarget  # noqa: PLC0415
+        from pipeline.generate.synthetic import SyntheticTarget  # lazy: start-up, a backend loads only when chosen
 
         return SyntheticTarget(hidden_size=synthetic_hidden_size, dtype=target.dtype or "float32")
     if target.backend == "hf":
-        from pipeline.generate.hf import HFTarget  # noqa: PLC0415
+        from pipeline.generate.hf import HFTarget  # lazy: start-up, a backend loads only when chosen
 
         return HFTarget(str(target.model), device=target.device, dtype=target.dtype, aux_layer_ids=target.aux_layer_ids)
-    from pipeline.generate.sglang import SGLangTarget  # noqa: PLC0415
+    from pipeline.generate.sglang import SGLangTarget  # lazy: start-up, a backend loads only when chosen
 
     return SGLangTarget(str(target.model), aux_layer_ids=target.aux_layer_ids, dtype=target.dtype or "auto")
 
@@ -90,12 +92,12 @@ def target_backend(config: RunConfig, *, synthetic_hidden_size: int = 64) -> Tar
 def resolve_transport(config: RunConfig) -> Transport:
     """The config's broker, else the local broker (started in the background if needed)."""
     if config.broker.bootstrap_servers == "memory":  # in-process: a single process, no Kafka
-        from pipeline.transport.memory import MemoryBroker  # noqa: PLC0415 - rarely used
+        from pipeline.transport.memory import MemoryBroker  # lazy: start-up, rarely used
 
         return MemoryBroker()
     if config.broker.bootstrap_servers:
         return kafka_settings(config, config.broker.bootstrap_servers)
-    from pipeline.transport.broker import start_detached  # noqa: PLC0415 - only without a configured broker
+    from pipeline.transport.background_broker import start_detached  # lazy: start-up, only without a configured broker
 
     state = start_detached()
     logger.info("using the local broker at %s", state.bootstrap)
@@ -152,8 +154,8 @@ class OnlineRun:
         """
         # The training stack (torch, the loop, export) is imported when a run starts, not with this
         # module: the source and generator processes compose an OnlineRun without training.
-        from pipeline.train.exporting import export_checkpoint  # noqa: PLC0415
-        from pipeline.train.runner import run_trainer, single_rank  # noqa: PLC0415
+        from pipeline.train.export import export_checkpoint  # lazy: start-up, torch loads only when the trainer runs
+        from pipeline.train.runner import run_trainer, single_rank  # lazy: start-up, torch loads only when the trainer runs
 
         say = announce or logger.info
         started = time.perf_counter()

@@ -19,7 +19,7 @@ from pipeline.transport.kafka import KafkaSettings
 
 if TYPE_CHECKING:
     from pipeline.train.config import TrainerSettings
-    from pipeline.train.runner import ModelSpec
+    from pipeline.train.model import ModelSpec
 
 __all__ = (
     "source_settings",
@@ -87,7 +87,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
     """
     # The trainer's modules load torch and the whole training stack: imported here, so that a
     # source or generator process (which uses this module too) starts without them.
-    from pipeline.train.config import TrainerSettings  # noqa: PLC0415
+    from pipeline.train.config import TrainerSettings  # lazy: start-up, torch loads only when the trainer runs
 
     t = cfg.train
     out = Path(t.output_dir)
@@ -132,7 +132,7 @@ def vocab_mapping_url(cfg: RunConfig, storage_root_url: str) -> str:
 
 def model_spec(cfg: RunConfig, storage_root_url: str) -> ModelSpec:
     """Where the draft comes from: the target's directory, its aux layers and the vocab mapping."""
-    from pipeline.train.runner import ModelSpec  # noqa: PLC0415 - see trainer_settings
+    from pipeline.train.model import ModelSpec  # lazy: start-up, see trainer_settings
 
     ids = cfg.target.aux_layer_ids
     return ModelSpec(

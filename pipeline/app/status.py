@@ -20,6 +20,8 @@ __all__ = ("PartitionStatus", "RunStatus", "run_status", "render_status")
 
 @dataclass(frozen=True)
 class PartitionStatus:
+    """One partition: produced, dropped and consumed counts and whether it ended."""
+
     partition: int
     produced: int
     dropped: int
@@ -33,6 +35,8 @@ class PartitionStatus:
 
 @dataclass(frozen=True)
 class RunStatus:
+    """Where a run stands, read from Kafka alone."""
+
     run_id: str
     partitions: list[PartitionStatus]
     step: int | None
@@ -67,6 +71,7 @@ def _recent_steps(transport: Transport, topics: RunTopics, lookback: int, timeou
 
 
 def run_status(transport: Transport, run_id: str, *, timeout_s: float = 30.0) -> RunStatus:
+    """Read the run's counters, ledger and DLQ (nothing is written)."""
     topics = RunTopics(run_id)
     with transport.admin() as admin:
         count = admin.partition_count(topics.samples)

@@ -23,11 +23,11 @@ from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
 from pipeline.core.errors import ConfigError
 from pipeline.core.topics import RunTopics, Transport
-from pipeline.source.stage import committed_prompt_counts
+from pipeline.source.publisher import committed_prompt_counts
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.distributed import init_distributed
 from pipeline.train.runner import run_trainer
-from pipeline.train.trainer import TrainResult
+from pipeline.train.result import TrainResult
 
 __all__ = ("TrainJobResult", "launched_world_size", "check_world_size", "schedule_steps", "train_rank")
 
@@ -36,6 +36,8 @@ LAUNCH = "torchrun --nproc-per-node {n} --no-python specstream train --config FI
 
 @dataclass(frozen=True)
 class TrainJobResult:
+    """One trainer rank's result and what the command prints about it."""
+
     result: TrainResult
     is_main: bool
 

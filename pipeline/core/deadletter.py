@@ -12,6 +12,7 @@ PAYLOAD_LIMIT = 64 * 1024
 
 
 def dead_letter(run_id: str, record: Record, error: Exception, sample_id: str | None = None) -> DeadLetter:
+    """A bad record as a dead letter: where it was, why it failed, and its (capped) payload."""
     payload = record.value or b""
     text = payload[:PAYLOAD_LIMIT].decode("utf-8", errors="replace")
     return DeadLetter(

@@ -20,6 +20,8 @@ __all__ = ("PartitionState", "CompletenessTracker", "Completeness")
 
 @dataclass
 class PartitionState:
+    """One partition's counts and end-of-stream markers, as the tracker sees them."""
+
     partition: int
     used: int = 0
     rejected: int = 0

@@ -10,6 +10,7 @@ __all__ = (
     "SpecstreamError",
     "ConfigError",
     "DecodeError",
+    "ConversationError",
     "PayloadError",
     "IntegrityError",
     "ConfinementError",
@@ -40,6 +41,22 @@ class ConfigError(SpecstreamError):
 
 class DecodeError(SpecstreamError):
     """A record is not a valid message of a known schema; it goes to the DLQ with this reason."""
+
+
+class ConversationError(DecodeError):
+    """A conversation record that cannot become a prompt.
+
+    ``kind`` classifies the defect (see :class:`MalformedLine`); ``url`` and ``line`` name the
+    place when the record came from a file.
+    """
+
+    def __init__(self, kind: str, reason: str, *, url: str | None = None, line: int | None = None) -> None:
+        self.kind = kind
+        self.reason = reason
+        self.url = url
+        self.line = line
+        where = f"{url}:{line}: " if url is not None else ""
+        super().__init__(f"{where}{kind}: {reason}")
 
 
 class PayloadError(SpecstreamError):

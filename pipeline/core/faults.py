@@ -28,6 +28,7 @@ def _target() -> tuple[str, int] | None:
 
 
 def crash_point(name: str, before_kill: Callable[[], None] | None = None) -> None:
+    """Die here (SIGKILL) when the crash tests name this point; otherwise do nothing."""
     target = _target()
     if target is None or target[0] != name:
         return

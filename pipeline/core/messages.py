@@ -293,6 +293,7 @@ def sample_id_for(run_id: str, epoch: int, prompt_id: str) -> str:
 
 
 def now() -> float:
+    """The wall-clock time messages carry as ``created_at`` (one place to stub in tests)."""
     return time.time()
 
 
@@ -308,10 +309,12 @@ def json_schemas() -> dict[str, dict[str, Any]]:
 
 
 def render_schema(schema: dict[str, Any]) -> str:
+    """A schema as stable JSON text, so the committed files only change when a message does."""
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
 def write_schemas(directory: Path) -> list[Path]:
+    """Write every message's JSON Schema under ``directory`` (the committed ``schemas/``)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, schema in json_schemas().items():

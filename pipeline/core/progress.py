@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,14 +29,33 @@ class PartitionCounters:
     ended: bool = False
 
     def to_metadata(self) -> str:
+        """The offset-commit metadata that carries these counts to the partition's next owner."""
         return json.dumps({"refs": self.refs, "dropped": self.dropped, "ended": self.ended})
 
     @classmethod
     def from_metadata(cls, text: str) -> PartitionCounters:
+        """Strictly read the generators' commit metadata (empty: a partition not started)."""
         if not text:
             return cls()
         data = json.loads(text)
         return cls(int(data["refs"]), int(data["dropped"]), bool(data["ended"]))
+
+    @classmethod
+    def parse(cls, text: str) -> PartitionCounters:
+        """Leniently read commit metadata for monitoring: a missing or garbled field counts as 0
+        (or not ended), so a foreign commit never stops backpressure."""
+
+        return cls(
+            _lenient(text, "refs", int, 0), _lenient(text, "dropped", int, 0), _lenient(text, "ended", bool, False)
+        )
+
+
+def _lenient(text: str, name: str, kind: Callable[[Any], Any], default: Any) -> Any:
+    """One field of JSON metadata as ``kind``, or ``default`` when absent or unreadable."""
+    try:
+        return kind(json.loads(text).get(name, default)) if text else default
+    except (ValueError, AttributeError, TypeError):
+        return default
 
 
 def rank_partitions(partitions: int, world_size: int, rank: int) -> list[int]:
@@ -45,6 +65,8 @@ def rank_partitions(partitions: int, world_size: int, rank: int) -> list[int]:
 
 @dataclass(frozen=True)
 class StreamItem:
+    """One verified sample the read side hands out, with where it sat in its partition."""
+
     ref: SampleRef
     tensors: dict[str, Any]  # name -> torch.Tensor (core does not import torch)
     partition: int

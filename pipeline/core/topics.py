@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypedDict, Unpack
 
 from pipeline.core.errors import SpecstreamError, StreamError
 
@@ -26,6 +26,7 @@ __all__ = (
     "TransactionalProducer",
     "Producer",
     "Reader",
+    "ReaderOptions",
     "Transport",
     "read_to_end",
 )
@@ -200,13 +201,37 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
+class ReaderOptions(TypedDict, total=False):
+    """How a reader is opened: fixed partitions or a group, where it starts, client tuning.
+
+    The defaults live with each transport's reader; the in-process broker ignores the tuning.
+    """
+
+    partitions: Iterable[int] | None
+    group_id: str | None
+    start: Start | Mapping[int, int]
+    max_poll_records: int
+    max_poll_interval_ms: int
+    session_timeout_ms: int
+    on_assigned: Callable[[list[int]], None] | None
+    on_revoked: Callable[[list[int]], None] | None
+    client_id: str | None
+    max_partition_fetch_bytes: int
+
+
 class Transport(Protocol):
     """What components need from a broker: Kafka (``KafkaSettings``) or in-process (``MemoryBroker``)."""
 
-    bootstrap_servers: str
-    #: Whether a rebalance callback may wait for other threads (Kafka runs it on the consumer's
-    #: thread; the in-process broker under its own lock, where waiting would deadlock).
-    rebalance_callbacks_may_wait: bool
+    @property
+    def bootstrap_servers(self) -> str:
+        """Where the broker is (``"memory"`` for the in-process one), for messages and manifests."""
+        ...
+
+    @property
+    def rebalance_callbacks_may_wait(self) -> bool:
+        """Whether a rebalance callback may wait for other threads (Kafka runs it on the
+        consumer's thread; the in-process broker under its own lock, where waiting would deadlock)."""
+        ...
 
     def admin(self) -> Admin: ...
 
@@ -216,21 +241,7 @@ class Transport(Protocol):
 
     def plain_producer(self, *, linger_ms: int = 5) -> Producer: ...
 
-    def reader(
-        self,
-        topic: str,
-        *,
-        partitions: Iterable[int] | None = None,
-        group_id: str | None = None,
-        start: Start | Mapping[int, int] = "committed",
-        max_poll_records: int = 500,
-        max_poll_interval_ms: int = 300_000,
-        session_timeout_ms: int = 45_000,
-        on_assigned: Callable[[list[int]], None] | None = None,
-        on_revoked: Callable[[list[int]], None] | None = None,
-        client_id: str | None = None,
-        max_partition_fetch_bytes: int = 1024 * 1024,
-    ) -> Reader: ...
+    def reader(self, topic: str, **options: Unpack[ReaderOptions]) -> Reader: ...
 
 
 def read_to_end(

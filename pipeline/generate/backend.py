@@ -10,7 +10,6 @@ the same words when a capture breaks the contract.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,13 +264,3 @@ def weights_fingerprint(model_dir: str | Path) -> str:
                 digest.update(fh.read(_CHUNK_BYTES))
     return f"sha256:{digest.hexdigest()[:32]}"
 
-
-def read_text_config(model_dir: str | Path) -> dict:
-    """``config.json`` of a local checkpoint, the text part for multimodal ones."""
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("target.model", f"cannot read {path}: {exc}") from None
-    text = config.get("text_config")
-    return text if isinstance(text, dict) and "hidden_size" in text else config

@@ -4,7 +4,7 @@ The backlog of a samples partition is what the generators produced there minus w
 trainer has consumed:
 
 - *produced*: the running ``refs`` count the generators commit with their prompt offsets (the
-  metadata of the generators' group, read with ``KafkaAdmin.group_offsets``), or, for the
+  metadata of the generators' group, read by :mod:`pipeline.generate.backlog`), or, for the
   partitions this worker owns, its own count, which also covers the batches it has captured but
   not yet committed (so a worker never outruns its own view by more than one batch);
 - *consumed*: the trainer's step progress, i.e. the newest ledger record's ``records`` count per
@@ -31,18 +31,11 @@ a partition below what the trainer needs for one step, so they cannot deadlock e
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from pipeline.core.errors import ConfigError, StreamError
-from pipeline.core.messages import LedgerStep
-from pipeline.core.topics import Committed, RunTopics, Transport, TransportError
-from pipeline.ledger import LedgerTail
+from pipeline.core.errors import ConfigError
 
 __all__ = (
     "TrainerWindow",
@@ -52,12 +45,7 @@ __all__ = (
     "check_watermarks",
     "FlowControl",
     "Backlog",
-    "BacklogMonitor",
-    "consumed_from",
-    "generator_commits",
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -273,98 +261,3 @@ class FlowControl:
             by_bytes = math.floor((self.high_bytes[partition] - backlog * bytes_per_sample) / bytes_per_sample)
             allowed = min(allowed, max(by_bytes, self.needs[partition] - backlog))
         return max(allowed, 0)
-
-
-def consumed_from(step: LedgerStep | None) -> dict[int, int]:
-    """Records consumed per samples partition according to one ledger step (none: nothing)."""
-    if step is None:
-        return {}
-    return {position.partition: position.records for rank in step.ranks for position in rank.next_offsets}
-
-
-def refs_from_metadata(text: str) -> int:
-    """The generators' running ``refs`` count from committed offset metadata (0 when absent)."""
-    if not text:
-        return 0
-    try:
-        return int(json.loads(text).get("refs", 0))
-    except (ValueError, AttributeError, TypeError):
-        return 0
-
-
-def _ended_in(text: str) -> bool:
-    try:
-        return bool(json.loads(text).get("ended", False)) if text else False
-    except (ValueError, AttributeError, TypeError):
-        return False
-
-
-def generator_commits(
-    admin: Any, topics: RunTopics, *, timeout_s: float = 30.0
-) -> dict[int, Committed]:
-    """The generators' committed prompt offsets, retrying the broker's transient answers
-    (a fresh broker has no group coordinator for a moment)."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        try:
-            return admin.group_offsets(topics.generator_group, topics.prompts)
-        except TransportError as exc:
-            if not getattr(exc, "retriable", False) or time.monotonic() + delay > deadline:
-                raise
-            logger.debug("group offsets not available yet (%s); retrying", exc)
-            time.sleep(delay)  # backoff between retries of a transient broker error
-            delay = min(delay * 2, 1.0)
-
-
-class BacklogMonitor:
-    """The remote half of the backlog (other workers' commits, trainer progress), rate-limited."""
-
-    def __init__(
-        self,
-        settings: Transport,
-        topics: RunTopics,
-        *,
-        interval_s: float = 0.5,
-        admin: Any = None,
-    ) -> None:
-        self.topics = topics
-        self.interval_s = interval_s
-        self._own_admin = admin is None
-        self._admin = admin or settings.admin()
-        self._ledger = LedgerTail(settings, topics.run_id)
-        self.produced: dict[int, int] = {}
-        self.ended: set[int] = set()
-        self.consumed: dict[int, int] = {}
-        self._checked_at = -math.inf
-        self.refreshes = 0
-        self.ledger_timeout_s = 2.0
-
-    def refresh(self, *, force: bool = False) -> bool:
-        """Re-read the remote state when the interval has passed; True when it did."""
-        now = time.monotonic()
-        if not force and now - self._checked_at < self.interval_s:
-            return False
-        self._checked_at = now
-        committed = generator_commits(self._admin, self.topics)
-        self.produced = {p: refs_from_metadata(c.metadata) for p, c in committed.items()}
-        self.ended = {p for p, c in committed.items() if _ended_in(c.metadata)}
-        try:
-            self.consumed = consumed_from(self._ledger.latest(timeout_s=self.ledger_timeout_s))
-        except StreamError as exc:  # a slow read keeps the older (lower, so safe) progress
-            logger.warning("backpressure: trainer progress not read (%s); keeping the last", exc)
-        self.refreshes += 1
-        return True
-
-    def backlog(self, partitions: Iterable[int], local_produced: Mapping[int, int]) -> dict[int, Backlog]:
-        """Per partition: produced (local view wins, it includes uncommitted batches) - consumed."""
-        out = {}
-        for p in partitions:
-            produced = max(local_produced.get(p, 0), self.produced.get(p, 0))
-            out[p] = Backlog(produced, self.consumed.get(p, 0))
-        return out
-
-    def close(self) -> None:
-        self._ledger.close()
-        if self._own_admin:
-            self._admin.close()

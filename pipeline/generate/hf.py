@@ -92,6 +92,7 @@ def plan_batches(
 
 
 def padded_width(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple, so padded batches reuse a few kernel shapes."""
     return -(-length // multiple) * multiple
 
 
@@ -123,7 +124,7 @@ class HFTarget(BaseTarget):
         attn_implementation: str | None = None,
         capture_mode: CaptureMode = "auto",
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+        from transformers import AutoConfig, AutoModelForCausalLM  # lazy: transformers is optional
 
         self.model_dir = Path(model_dir).expanduser()
         if not (self.model_dir / "config.json").is_file():
@@ -335,7 +336,7 @@ class HFTarget(BaseTarget):
 
 def _has_accelerate() -> bool:
     try:
-        import accelerate  # noqa: F401, PLC0415
+        import accelerate  # noqa: F401  # lazy: accelerate is optional (transformers' device_map)
     except ImportError:
         return False
     return True

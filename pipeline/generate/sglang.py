@@ -51,6 +51,7 @@ import torch
 
 from pipeline.core.errors import CaptureContractError, ConfigError
 from pipeline.core.messages import TargetInfo
+from pipeline.core.model_dir import read_text_config
 from pipeline.generate.backend import (
     BaseTarget,
     Capture,
@@ -58,7 +59,6 @@ from pipeline.generate.backend import (
     assemble_features,
     dtype_name,
     normalize_prompts,
-    read_text_config,
     resolve_aux_layer_ids,
     weights_fingerprint,
 )
@@ -85,8 +85,9 @@ class SGLangEngine(Protocol):
 
 
 def sglang_available() -> bool:
+    """Whether the optional SGLang extra is installed (the backend needs it)."""
     try:
-        import sglang  # noqa: F401, PLC0415
+        import sglang  # noqa: F401  # lazy: sglang is optional (a GPU extra)
     except ImportError:
         return False
     return True
@@ -266,7 +267,7 @@ class SGLangTarget(BaseTarget):
 
 def _start_engine(model_path: Path, dtype: str, engine_kwargs: Mapping[str, Any]) -> Any:
     try:
-        import sglang  # noqa: PLC0415
+        import sglang  # lazy: sglang is optional (a GPU extra)
     except ImportError as exc:
         raise ConfigError(
             "target.backend",

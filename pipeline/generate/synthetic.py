@@ -14,6 +14,7 @@ import torch
 
 from pipeline.core.features import AUX_HIDDEN, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
 from pipeline.core.messages import TargetInfo
+from pipeline.generate.backend import Capture, PromptTokens
 
 __all__ = ("SyntheticTarget",)
 
@@ -46,10 +47,11 @@ class SyntheticTarget:
             dtype=dtype,
         )
 
-    def capture(self, prompts: Sequence[tuple[list[int], list[int]]]) -> list[dict[str, torch.Tensor]]:
+    def capture(self, prompts: Sequence[PromptTokens]) -> list[Capture]:
+        """Deterministic features per prompt: the same prompt always gets the same tensors."""
         return [self._one(ids, mask) for ids, mask in prompts]
 
-    def _one(self, input_ids: list[int], loss_mask: list[int]) -> dict[str, torch.Tensor]:
+    def _one(self, input_ids: Sequence[int], loss_mask: Sequence[int]) -> Capture:
         digest = hashlib.blake2b(repr((self.seed, input_ids)).encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
         length, hidden = len(input_ids), self.info.hidden_size
@@ -61,4 +63,4 @@ class SyntheticTarget:
         }
 
     def close(self) -> None:
-        pass
+        """Nothing to free (the protocol's close)."""

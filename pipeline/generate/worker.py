@@ -32,35 +32,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
 
-from pipeline.core.deadletter import dead_letter
-from pipeline.core.errors import CaptureContractError, ConfigError, DecodeError, StreamError
+from pipeline.core.errors import ConfigError, StreamError
 from pipeline.core.faults import crash_point
-from pipeline.core.features import check_capture
-from pipeline.core.messages import EndOfStream, Prompt, decode, encode, sample_id_for
+from pipeline.core.messages import Prompt
 from pipeline.core.progress import PartitionCounters
-from pipeline.core.topics import Committed, Record, RunTopics, Transport
-from pipeline.generate.backpressure import (
-    Backlog,
-    BacklogMonitor,
-    FlowControl,
-    TrainerWindow,
-    Watermarks,
-    check_watermarks,
-    generator_commits,
-)
-from pipeline.generate.writer import BatchWriter, PlannedBatch, Publish, Sample
+from pipeline.core.topics import Admin, Reader, RunTopics, Transport
+from pipeline.generate.backend import TargetBackend
+from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commits
+from pipeline.generate.backpressure import FlowControl, TrainerWindow, Watermarks, check_watermarks
+from pipeline.generate.planner import BatchPlanner, Decoded, decode_prompts
+from pipeline.generate.stats import GeneratorStats
+from pipeline.generate.writer import BatchWriter, PlannedBatch
 from pipeline.storage import FeatureStore
 
 __all__ = ("GeneratorConfig", "GeneratorWorker", "GeneratorStats")
 
 logger = logging.getLogger(__name__)
-
-#: A polled record and what it decoded to (or why it did not).
-Decoded = tuple[Record, "Prompt | EndOfStream | Exception"]
 
 
 @dataclass
@@ -89,6 +78,7 @@ class GeneratorConfig:
     done_check_interval_s: float = 1.0
 
     def validate(self) -> None:
+        """Refuse a bad batch size or a watermark that could deadlock, before anything starts."""
         if self.batch_size < 1:
             raise ConfigError("generate.batch_size", f"must be at least 1, got {self.batch_size}")
         if self.backpressure is not None:
@@ -101,73 +91,34 @@ class GeneratorConfig:
             check_watermarks(self.backpressure, self.trainer)
 
 
-@dataclass
-class GeneratorStats:
-    batches: int = 0
-    refs: int = 0
-    dropped: int = 0
-    ended_partitions: list[int] = field(default_factory=list)
-    capture_s: float = 0.0
-    write_s: float = 0.0
-    commit_s: float = 0.0
-    tokens: int = 0
-    nbytes: int = 0
-    stale_batches: int = 0
-    aborted_batches: int = 0
-    rebalances: int = 0
-    pauses: int = 0
-    paused_s: float = 0.0
-    max_backlog: int = 0
-    trimmed: int = 0  # polled records left for later because their partition was at its cap
-    wall_s: float = 0.0
-    busy_s: float = 0.0  # from the first polled prompt to the last commit: steady-state time
-
-    @property
-    def tokens_per_busy_s(self) -> float:
-        return self.tokens / self.busy_s if self.busy_s else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else 0.0
-
-
 class GeneratorWorker:
     """One target replica: a member of the generators' group (or a fixed set of partitions)."""
 
     def __init__(
-        self,
-        settings: Transport,
-        store: FeatureStore,
-        backend: object,
-        config: GeneratorConfig,
-        *,
-        should_pause: Callable[[], bool] | None = None,
+        self, transport: Transport, store: FeatureStore, backend: TargetBackend, config: GeneratorConfig
     ) -> None:
         config.validate()  # refuse a deadlocking watermark before touching anything
-        self.settings = settings
+        self.transport = transport
         self.store = store
         self.backend = backend
         self.config = config
         self.topics = RunTopics(config.run_id)
         self.stats = GeneratorStats()
-        self._should_pause = should_pause
         self._lock = threading.Lock()
         self._epoch = 0  # bumped on every assignment change and rewind
         self._synced_epoch = -1  # the epoch our positions and counters were last resynced at
         self._counters: dict[int, PartitionCounters] = {}  # optimistic: includes queued batches
-        self._reader: Any = None  # the transport's reader (PartitionReader on Kafka)
+        self._reader: Reader | None = None
         self._writer: BatchWriter | None = None
-        self._admin: Any = None
+        self._admin: Admin | None = None
         # In-process transports run rebalance callbacks under their own lock, where the writer
         # could not make progress; only Kafka's (on its IO thread) can wait for it.
-        self._drain_on_revoke = settings.rebalance_callbacks_may_wait
-        self._monitor: BacklogMonitor | None = None
-        self._flow: FlowControl | None = None
+        self._drain_on_revoke = transport.rebalance_callbacks_may_wait
+        self._planner = BatchPlanner(backend, run_id=config.run_id, epoch=config.epoch)
+        self._throttle: Throttle | None = None  # only with backpressure
         self._partition_count = 0
         self._done_checked_at = 0.0
-        self._paused_since: float | None = None
         self._first_records_at: float | None = None
-        self._bytes_per_sample = 0.0
 
     @property
     def transactional_id(self) -> str:
@@ -191,17 +142,18 @@ class GeneratorWorker:
 
     def _open(self) -> None:
         cfg = self.config
-        self._admin = self.settings.admin()
+        self._admin = self.transport.admin()
         self._partition_count = self._admin.partition_count(self.topics.prompts) or 0
         if self._partition_count == 0:
             raise ConfigError("run_id", f"topic {self.topics.prompts} does not exist", "run the source first")
         if cfg.backpressure is not None:
             assert cfg.trainer is not None
-            self._flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
-            self._monitor = BacklogMonitor(
-                self.settings, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin
+            flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
+            monitor = BacklogMonitor(
+                self.transport, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin
             )
-        producer = self.settings.transactional_producer(
+            self._throttle = Throttle(flow, monitor, self.stats, name=cfg.worker_id)
+        producer = self.transport.transactional_producer(
             self.transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms
         )
         self._writer = BatchWriter(
@@ -210,14 +162,14 @@ class GeneratorWorker:
             run_id=cfg.run_id,
             producer_id=cfg.worker_id,
             epoch=cfg.epoch,
-            target=self.backend.info,  # type: ignore[attr-defined]
+            target=self.backend.info,
             samples_topic=self.topics.samples,
             is_stale=lambda epoch: epoch != self._epoch,
             on_committed=self._on_committed,
             depth=cfg.queue_depth,
         )
         self._writer.start()
-        self._reader = self.settings.reader(
+        self._reader = self.transport.reader(
             self.topics.prompts,
             partitions=cfg.partitions,
             group_id=self.topics.generator_group,
@@ -247,7 +199,8 @@ class GeneratorWorker:
                 if not self._writer.take_reset():
                     return
                 continue
-            self._apply_backpressure()
+            if self._throttle is not None:
+                self._throttle.apply(self._reader, self._local_counters(), self._planner.bytes_per_sample)
             records = self._reader.poll(cfg.poll_timeout_s, max_records=cfg.batch_size)
             if records and self._first_records_at is None:
                 self._first_records_at = time.perf_counter()
@@ -255,7 +208,11 @@ class GeneratorWorker:
                 epoch = self._epoch
             if not records or epoch != self._synced_epoch:
                 continue  # records of a changed assignment: the resync re-reads them
-            decoded = self._trim(self._decode(records))
+            decoded = decode_prompts(records, cfg.run_id)
+            if self._throttle is not None:
+                decoded = self._throttle.trim(
+                    self._reader, decoded, self._local_counters(), self._planner.bytes_per_sample
+                )
             if not decoded:
                 continue
             group = self._reader.group_metadata()
@@ -309,15 +266,13 @@ class GeneratorWorker:
         if self._reader is not None:
             self._reader.close()  # leaves the group: the partitions move now, not at session timeout
             self._reader = None
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
+        if self._throttle is not None:
+            self._throttle.monitor.close()
+            self._throttle = None
         if self._admin is not None:
             self._admin.close()
             self._admin = None
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     def _on_committed(self, batch: PlannedBatch) -> None:
         """Live stats, from the writer thread, once a batch's transaction has committed."""
@@ -428,198 +383,18 @@ class GeneratorWorker:
         ended = [p for p, c in committed.items() if PartitionCounters.from_metadata(c.metadata).ended]
         return len(ended) == self._partition_count and self._writer is not None and self._writer.pending == 0
 
-    # --- backpressure ----------------------------------------------------------------------
-
-    def _backlog(self, assigned: list[int]) -> dict[int, Backlog]:
-        """Per partition: produced (ours exact, with queued batches; others' as committed)
-        minus the trainer's newest reported progress."""
-        assert self._monitor is not None
+    def _local_counters(self) -> dict[int, PartitionCounters]:
+        """A snapshot of our own counts (queued batches included), for the throttle."""
         with self._lock:
-            local = {p: c.refs for p, c in self._counters.items() if p in assigned}
-        return self._monitor.backlog(range(self._partition_count), local)
-
-    def _ended(self) -> set[int]:
-        assert self._monitor is not None
-        with self._lock:
-            own = {p for p, c in self._counters.items() if c.ended}
-        return own | self._monitor.ended
-
-    def _apply_backpressure(self) -> None:
-        """Pause the owned partitions whose backlog reached their cap, resume those below low."""
-        assert self._reader is not None
-        assigned = self._reader.assignment()
-        want: set[int] = set()
-        if self._should_pause is not None and self._should_pause():
-            want = set(assigned)
-        elif self._flow is not None and self._monitor is not None and assigned:
-            self._monitor.refresh()
-            backlog = self._backlog(assigned)
-            self.stats.max_backlog = max(self.stats.max_backlog, sum(b.samples for b in backlog.values()))
-            want = self._flow.update(backlog, self._bytes_per_sample, self._ended()) & set(assigned)
-        have = set(self._reader.paused())
-        if want - have:
-            self._reader.pause(sorted(want - have))
-            self.stats.pauses += 1
-            logger.info("%s: backlog high, pausing prompt partitions %s", self.config.worker_id, sorted(want - have))
-        if have - want:
-            self._reader.resume(sorted(have - want))
-            logger.info("%s: backlog low, resuming prompt partitions %s", self.config.worker_id, sorted(have - want))
-        now_ = time.monotonic()
-        if want and assigned and want >= set(assigned):
-            if self._paused_since is None:
-                self._paused_since = now_
-        elif self._paused_since is not None:
-            self.stats.paused_s += now_ - self._paused_since
-            self._paused_since = None
-
-    def _trim(self, decoded: list[Decoded]) -> list[Decoded]:
-        """Keep, per partition, only the prompts its cap still allows; rewind past the cut.
-
-        Markers and bad records cost nothing and pass (an end-of-stream marker must never wait
-        on the trainer), but nothing after a cut does: the partition resumes exactly there.
-        """
-        if self._flow is None or self._monitor is None or self._reader is None:
-            return decoded
-        backlog = self._backlog(self._reader.assignment())
-        allowance: dict[int, int] = {}
-        cut: dict[int, int] = {}
-        kept: list[Decoded] = []
-        for record, item in decoded:
-            p = record.partition
-            if p in cut:
-                continue
-            if isinstance(item, Prompt):
-                if p not in allowance:
-                    allowance[p] = self._flow.allowance(p, backlog[p].samples, self._bytes_per_sample)
-                if allowance[p] <= 0:
-                    cut[p] = record.offset
-                    continue
-                allowance[p] -= 1
-            kept.append((record, item))
-        for p, offset in cut.items():
-            self._reader.seek(p, offset)
-        if cut:
-            self.stats.trimmed += len(decoded) - len(kept)
-        return kept
-
-    def _decode(self, records: list[Record]) -> list[Decoded]:
-        cfg = self.config
-        decoded: list[Decoded] = []
-        for record in records:
-            try:
-                message = decode(record.value or b"")
-                if message.run_id != cfg.run_id:
-                    raise DecodeError(f"record of run {message.run_id!r} in run {cfg.run_id!r}")
-                if not isinstance(message, (Prompt, EndOfStream)):
-                    raise DecodeError(f"a {type(message).__name__} does not belong on the prompts topic")
-                decoded.append((record, message))
-            except DecodeError as exc:
-                decoded.append((record, exc))
-        return decoded
+            return dict(self._counters)
 
     # --- one batch -----------------------------------------------------------------------
 
-    def process(self, records: list[Record]) -> None:
-        """Capture, store and publish one polled batch synchronously (no overlap)."""
-        assert self._reader is not None and self._writer is not None
-        with self._lock:
-            epoch = self._epoch
-        batch = self._plan(self._decode(records), epoch, self._reader.group_metadata())
-        with self._lock:
-            self._counters.update(batch.counters)
-        self._writer.write_now(batch)
-
     def _plan(self, decoded: list[Decoded], epoch: int, group: object) -> PlannedBatch:
-        """Decide, in record order, what the batch's transaction will hold; run the capture."""
-        cfg = self.config
-        records = [r for r, _ in decoded]
+        """Run the capture, then decide, in record order, what the batch's transaction will hold."""
         prompts = [m for _, m in decoded if isinstance(m, Prompt)]
         started = time.perf_counter()
-        features = self._capture(prompts)
+        features = self._planner.capture(prompts)
         self.stats.capture_s += time.perf_counter() - started
-
-        counters = self._counters_for(sorted({r.partition for r in records}))
-        info = self.backend.info  # type: ignore[attr-defined]
-        batch = PlannedBatch(epoch=epoch, group=group, items=[], offsets={})
-        last_offset: dict[int, int] = {}
-        nbytes = 0
-        for record, item in decoded:
-            p = record.partition
-            last_offset[p] = record.offset
-            c = counters[p]
-            if isinstance(item, Prompt):
-                sample_id = sample_id_for(cfg.run_id, cfg.epoch, item.prompt_id)
-                tensors = features[id(item)]
-                try:
-                    if isinstance(tensors, Exception):
-                        raise tensors
-                    check_capture(tensors, info, len(item.input_ids))
-                except CaptureContractError as exc:
-                    batch.items.append(self._letter(record, exc, sample_id))
-                    counters[p] = replace(c, dropped=c.dropped + 1)
-                    batch.dropped[p] = batch.dropped.get(p, 0) + 1
-                    continue
-                batch.items.append(Sample(p, item, sample_id, tensors))
-                counters[p] = replace(c, refs=c.refs + 1)
-                batch.refs[p] = batch.refs.get(p, 0) + 1
-                batch.tokens += len(item.input_ids)
-                nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            elif isinstance(item, EndOfStream):
-                batch.items.append(self._forward_eos(item, p, c))
-                counters[p] = replace(c, ended=True)
-                batch.ended.append(p)
-            else:
-                batch.items.append(self._letter(record, item))
-                counters[p] = replace(c, dropped=c.dropped + 1)
-                batch.dropped[p] = batch.dropped.get(p, 0) + 1
-        batch.offsets = {
-            (self.topics.prompts, p): Committed(o + 1, counters[p].to_metadata()) for p, o in last_offset.items()
-        }
-        batch.counters = {p: counters[p] for p in last_offset}
-        if batch.samples:
-            per_sample = nbytes / batch.samples
-            self._bytes_per_sample = per_sample if not self._bytes_per_sample else 0.9 * self._bytes_per_sample + 0.1 * per_sample
-        return batch
-
-    def _capture(self, prompts: list[Prompt]) -> dict[int, object]:
-        """Features per prompt (by identity); a prompt the backend refuses gets its error."""
-        if not prompts:
-            return {}
-        capture = self.backend.capture  # type: ignore[attr-defined]
-        try:
-            out = capture([(p.input_ids, p.loss_mask) for p in prompts])
-            return dict(zip((id(p) for p in prompts), out, strict=True))
-        except CaptureContractError:
-            if len(prompts) == 1:
-                raise
-        # One bad prompt must not sink the batch: capture one by one to find it.
-        result: dict[int, object] = {}
-        for p in prompts:
-            try:
-                result[id(p)] = capture([(p.input_ids, p.loss_mask)])[0]
-            except CaptureContractError as exc:
-                result[id(p)] = exc
-        return result
-
-    def _letter(self, record: Record, error: Exception, sample_id: str | None = None) -> Publish:
-        return Publish(self.topics.dlq, 0, encode(dead_letter(self.config.run_id, record, error, sample_id)))
-
-    def _forward_eos(self, marker: EndOfStream, partition: int, c: PartitionCounters) -> Publish:
-        """Close the samples partition; a count that does not add up closes it as failed."""
-        seen = c.refs + c.dropped
-        status, reason = marker.status, marker.reason
-        if status == "complete" and seen != marker.count:
-            status = "failed"
-            reason = f"source wrote {marker.count} prompts to partition {partition}, generators saw {seen}"
-        out = EndOfStream(
-            run_id=self.config.run_id,
-            stage="generate",
-            partition=partition,
-            count=c.refs,
-            dropped=c.dropped,
-            status=status,
-            reason=reason,
-            producer_id="generate",
-        )
-        return Publish(self.topics.samples, partition, encode(out))
-
+        counters = self._counters_for(sorted({r.partition for r, _ in decoded}))
+        return self._planner.plan(decoded, features, counters, epoch=epoch, group=group)

@@ -28,7 +28,9 @@ from typing import Any
 from pipeline.core.errors import StreamError
 from pipeline.core.faults import crash_point
 from pipeline.core.messages import Prompt, SampleRef, TargetInfo, encode, now
-from pipeline.core.topics import Committed, TransportError
+from pipeline.core.progress import PartitionCounters
+from pipeline.core.topics import Committed, TransactionalProducer, TransportError
+from pipeline.generate.backend import Capture
 from pipeline.storage import FeatureStore
 
 __all__ = ("Publish", "Sample", "PlannedBatch", "BatchWriter", "WriterStats", "merge")
@@ -53,7 +55,7 @@ class Sample:
     partition: int
     prompt: Prompt
     sample_id: str
-    tensors: dict[str, Any]
+    tensors: Capture
 
 
 @dataclass
@@ -61,14 +63,14 @@ class PlannedBatch:
     """Everything one transaction will do, decided by the main thread in record order."""
 
     epoch: int
-    group: Any
+    group: object  # the consumer-group metadata snapshot taken at poll time (KIP-447)
     items: list[Publish | Sample]
     offsets: dict[tuple[str, int], Committed]
     refs: dict[int, int] = field(default_factory=dict)  # partition -> refs added
     dropped: dict[int, int] = field(default_factory=dict)
     ended: list[int] = field(default_factory=list)
     tokens: int = 0
-    counters: dict[int, Any] = field(default_factory=dict)  # partition -> counts after the batch
+    counters: dict[int, PartitionCounters] = field(default_factory=dict)  # partition -> counts after the batch
 
     @property
     def samples(self) -> int:
@@ -77,6 +79,8 @@ class PlannedBatch:
 
 @dataclass
 class WriterStats:
+    """What the writer thread stored and committed, and the batches it dropped or aborted."""
+
     batches: int = 0
     refs: int = 0
     dropped: int = 0
@@ -115,7 +119,7 @@ class BatchWriter:
 
     def __init__(
         self,
-        producer: Any,  # the transport's transactional producer
+        producer: TransactionalProducer,
         store: FeatureStore,
         *,
         run_id: str,

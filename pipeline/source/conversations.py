@@ -1,5 +1,8 @@
 """Conversation JSONL -> tokenized prompts with assistant-only loss masks, for any chat template.
 
+The two record shapes and the reading live here; rendering and the masks live in
+:mod:`pipeline.source.template`.
+
 Input: one JSON object per line at any fsspec URL (local path, ``file://``, ``memory://``,
 ``s3://``...; ``.gz``/``.bz2``/``.xz``/``.zst`` are decompressed by extension), in either shape:
 
@@ -28,27 +31,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.core.errors import ConfigError, DecodeError
-from pipeline.core.messages import Prompt, prompt_id_for
+import fsspec
 
-__all__ = (
-    "Policy",
-    "ConversationError",
-    "MalformedLine",
-    "TokenizedConversation",
-    "read_conversations",
-    "normalize_messages",
-    "assistant_spans",
-    "tokenize_conversation",
-    "load_tokenizer",
-)
+from pipeline.core.errors import ConfigError, ConversationError
+from pipeline.core.messages import Prompt, prompt_id_for
+from pipeline.source.template import AssistantTurns, check_tokenizer, tokenize_conversation
+
+__all__ = ("Policy", "MalformedLine", "TokenizedConversation", "read_conversations", "normalize_messages")
 
 Policy = Literal["dlq", "fail"]
-AssistantTurns = Literal["all", "last"]
 
 _ROLES = {
     "human": "user",
@@ -62,22 +57,6 @@ _ROLES = {
     "system": "system",
 }
 _RAW_LIMIT = 4096
-
-
-class ConversationError(DecodeError):
-    """A conversation record that cannot become a prompt.
-
-    ``kind`` classifies the defect (see :class:`MalformedLine`); ``url`` and ``line`` name the
-    place when the record came from a file.
-    """
-
-    def __init__(self, kind: str, reason: str, *, url: str | None = None, line: int | None = None) -> None:
-        self.kind = kind
-        self.reason = reason
-        self.url = url
-        self.line = line
-        where = f"{url}:{line}: " if url is not None else ""
-        super().__init__(f"{where}{kind}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -143,30 +122,6 @@ class TokenizedConversation:
         )
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """The fast tokenizer of a local model directory (nothing is downloaded)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
-
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
-    _check_tokenizer(tokenizer)
-    return tokenizer
-
-
-def _check_tokenizer(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(
-            "source.tokenizer",
-            f"{type(tokenizer).__name__} is not a fast tokenizer (no offset mapping)",
-            "use a model whose tokenizer.json loads as a fast tokenizer",
-        )
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            "source.tokenizer",
-            "the tokenizer has no chat_template",
-            "use an instruct model's tokenizer or set tokenizer.chat_template",
-        )
-
-
 # -- record shape --------------------------------------------------------------------------
 
 
@@ -223,94 +178,6 @@ def _text(value: Any, where: str) -> str:
     raise ConversationError("schema", f"{where} content is a {type(value).__name__}, not a string")
 
 
-# -- masks for any template ----------------------------------------------------------------
-
-
-def _render(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, str]],
-    *,
-    add_generation_prompt: bool,
-    template_kwargs: Mapping[str, Any],
-) -> str:
-    try:
-        text = tokenizer.apply_chat_template(
-            list(messages),
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
-    except Exception as exc:  # jinja errors, raise_exception() in templates, ...
-        raise ConversationError("template", f"the chat template failed: {exc}") from None
-    if not isinstance(text, str):
-        raise ConversationError("template", f"the chat template returned {type(text).__name__}")
-    return text
-
-
-def assistant_spans(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, str]],
-    *,
-    assistant_turns: AssistantTurns = "all",
-    template_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the ``[start, end)`` character spans of assistant replies.
-
-    A span starts where the template's generation prompt ends and ends where the rendered turn
-    ends, so it holds the reply plus the template's end-of-turn text.
-    """
-    kwargs = dict(template_kwargs or {})
-    full = _render(tokenizer, messages, add_generation_prompt=False, template_kwargs=kwargs)
-    indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if assistant_turns == "last":
-        indices = indices[-1:]
-    spans = []
-    for i in indices:
-        if i == 0:
-            raise ConversationError("schema", "an assistant turn cannot open the conversation")
-        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True, template_kwargs=kwargs)
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, template_kwargs=kwargs)
-        if not upto.startswith(prefix) or not full.startswith(upto):
-            raise ConversationError(
-                "template",
-                f"the chat template does not render assistant turn {i} as an extension of "
-                "the conversation before it (prefix-unstable template); use "
-                "assistant_turns='last' or a template that renders earlier turns unchanged",
-            )
-        if len(upto) > len(prefix):
-            spans.append((len(prefix), len(upto)))
-    return full, spans
-
-
-def tokenize_conversation(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, str]],
-    *,
-    max_length: int | None = None,
-    assistant_turns: AssistantTurns = "all",
-    template_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[list[int], list[int], bool]:
-    """``(input_ids, loss_mask, truncated)`` for normalized messages (see module docstring)."""
-    text, spans = assistant_spans(
-        tokenizer, messages, assistant_turns=assistant_turns, template_kwargs=template_kwargs
-    )
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    offsets = encoding["offset_mapping"]
-    loss_mask = [0] * len(input_ids)
-    j = 0
-    for t, (start, end) in enumerate(offsets):
-        end = max(end, start + 1)  # a zero-width token counts at its position
-        while j < len(spans) and spans[j][1] <= start:
-            j += 1
-        if j < len(spans) and start < spans[j][1] and end > spans[j][0]:
-            loss_mask[t] = 1
-    truncated = max_length is not None and len(input_ids) > max_length
-    if truncated:
-        input_ids, loss_mask = input_ids[:max_length], loss_mask[:max_length]
-    return input_ids, loss_mask, truncated
-
-
 # -- files ---------------------------------------------------------------------------------
 
 
@@ -331,13 +198,11 @@ def read_conversations(
     nothing), so prompt ids do not shift when a bad line is dropped or the file is re-read;
     give each file of a multi-file source its own ``start_index`` range.
     """
-    import fsspec  # noqa: PLC0415
-
     if policy not in ("dlq", "fail"):
         raise ConfigError("source.policy", f"unknown policy {policy!r}", "use 'dlq' or 'fail'")
     if max_length < 1:
         raise ConfigError("source.max_length", f"must be positive, got {max_length}")
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     name = os.fspath(url)
     with fsspec.open(name, "rb", compression="infer", **(storage_options or {})) as fh:
         for line_number, raw_bytes in enumerate(fh, start=1):

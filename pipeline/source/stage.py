@@ -10,14 +10,10 @@ its mapping. A malformed line goes to the DLQ with its file and line number (``o
 dlq``), or stops the run (``fail``): every open partition is closed with a *failed* marker that
 carries the reason, so generators and trainers stop with it instead of waiting.
 
-:class:`PromptPublisher` is exactly once and restartable: prompt i always goes to partition
-``i % P`` and every chunk is one transaction (cut only after a prompt, so a dead letter commits
-with the prompt after it), so after a crash the publisher counts the committed prompts per
-partition (the source's transactional id fences the dead instance and aborts its open chunk) and
-continues from there, without repeating a prompt or a dead letter. A partition that already
-carries its end-of-stream marker is left alone. A restart reads the whole input again (so the
-token counts are complete) and refuses a vocabulary mapping that differs from the stored one:
-the data changed between the attempts.
+The prompts go out through :class:`~pipeline.source.publisher.PromptPublisher` (exactly once,
+restartable). A restart reads the whole input again (so the token counts are complete) and
+refuses a vocabulary mapping that differs from the stored one: the data changed between the
+attempts.
 """
 
 from __future__ import annotations
@@ -25,191 +21,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.core.errors import DecodeError, RunMismatchError
-from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, decode, encode, now
-from pipeline.core.topics import RunTopics, Transport, read_to_end
+from pipeline.core.errors import ConfigError, RunMismatchError
+from pipeline.core.messages import DeadLetter, Prompt, now
+from pipeline.core.model_dir import read_text_config
+from pipeline.core.topics import Transport
+from pipeline.source.conversations import MalformedLine, read_conversations
+from pipeline.source.publisher import PromptPublisher, SourceStats
+from pipeline.source.template import load_tokenizer
 from pipeline.storage import FeatureStore
+from pipeline.vocab import TokenCounter, VocabMapping, build_vocab_mapping
 
-__all__ = (
-    "PromptPublisher",
-    "SourceStats",
-    "SourceConfig",
-    "SourceResult",
-    "SourceStage",
-    "committed_prompt_counts",
-    "VOCAB_MAPPING_URI",
-    "read_vocab_mapping",
-)
+__all__ = ("SourceConfig", "SourceResult", "SourceStage", "VOCAB_MAPPING_URI", "read_vocab_mapping")
 
 logger = logging.getLogger(__name__)
 
 #: Where the draft vocabulary mapping lives, relative to the run's storage root.
 VOCAB_MAPPING_URI = "vocab_mapping.safetensors"
-
-
-@dataclass
-class SourceStats:
-    published: int = 0
-    skipped: int = 0  # already committed by an earlier attempt
-    dead_letters: int = 0
-    per_partition: dict[int, int] = field(default_factory=dict)
-    failed: str | None = None  # the reason the partitions were closed as failed
-
-
-def committed_prompt_counts(
-    settings: Transport, topics: RunTopics, partitions: int, *, timeout_s: float = 120.0
-) -> tuple[dict[int, int], set[int]]:
-    """Per partition: prompts already committed, and which partitions are already closed."""
-    counts = {p: 0 for p in range(partitions)}
-    closed: set[int] = set()
-    for record in read_to_end(settings, topics.prompts, range(partitions), timeout_s=timeout_s):
-        message = decode(record.value or b"")
-        if isinstance(message, Prompt):
-            counts[record.partition] += 1
-        elif isinstance(message, EndOfStream):
-            closed.add(record.partition)
-    return counts, closed
-
-
-class PromptPublisher:
-    """Publishes a run's prompts exactly once and closes every partition."""
-
-    def __init__(
-        self,
-        settings: Transport,
-        run_id: str,
-        partitions: int,
-        *,
-        chunk_size: int = 256,
-        transaction_timeout_ms: int = 60_000,
-    ) -> None:
-        self.settings = settings
-        self.run_id = run_id
-        self.topics = RunTopics(run_id)
-        self.partitions = partitions
-        self.chunk_size = chunk_size
-        self.transaction_timeout_ms = transaction_timeout_ms
-
-    def publish(
-        self,
-        prompts: Iterable[Prompt | DeadLetter],
-        *,
-        fail_reason: str | None = None,
-        before_close: Callable[[], None] | None = None,
-    ) -> SourceStats:
-        """Send every prompt (DeadLetters go to the DLQ, keeping the prompt numbering).
-
-        ``before_close`` runs after the last prompt is committed and before the end-of-stream
-        markers are (the vocabulary mapping is stored there). When iterating ``prompts`` raises
-        a :class:`~pipeline.core.errors.DecodeError` (bad input under a ``fail`` policy), the open
-        chunk is aborted, every open partition is closed as failed with that reason, and the
-        error is re-raised; any other error just aborts the chunk (a restart resumes).
-        """
-        producer = self.settings.transactional_producer(
-            f"{self.run_id}.source", transaction_timeout_ms=self.transaction_timeout_ms
-        )
-        try:
-            done, closed = committed_prompt_counts(self.settings, self.topics, self.partitions)
-            stats = SourceStats(per_partition=dict(done))
-            sent = {p: 0 for p in range(self.partitions)}
-            committed = dict(done)
-            try:
-                trailing = self._send_all(producer, prompts, done, closed, sent, committed, stats)
-            except DecodeError as exc:
-                producer.abort()
-                self._close(producer, closed, committed, str(exc))
-                stats.failed = str(exc)
-                raise
-            if before_close is not None and not fail_reason:
-                before_close()
-            producer.begin()
-            if len(closed) < self.partitions:  # letters after the last prompt go with the markers
-                for letter in trailing:
-                    producer.send(self.topics.dlq, 0, encode(letter))
-                    stats.dead_letters += 1
-            self._close(producer, closed, sent, fail_reason, begun=True)
-            stats.failed = fail_reason
-            return stats
-        finally:
-            producer.close()
-
-    def _send_all(
-        self,
-        producer: Any,
-        items: Iterable[Prompt | DeadLetter],
-        done: dict[int, int],
-        closed: set[int],
-        sent: dict[int, int],
-        committed: dict[int, int],
-        stats: SourceStats,
-    ) -> list[DeadLetter]:
-        """Send the items in chunk transactions; ``committed`` follows what each commit made
-        durable (per partition), for the failed markers if the input turns out bad. Returns the
-        dead letters after the last prompt (they commit with the end-of-stream markers)."""
-        index = 0
-        in_chunk = 0
-        pending: list[DeadLetter] = []  # sent with the next prompt: committed together or not at all
-        producer.begin()
-        for item in items:
-            if isinstance(item, DeadLetter):
-                pending.append(item)
-                continue
-            p = index % self.partitions
-            index += 1
-            if p in closed or sent[p] < done[p]:  # committed by an earlier attempt, letters too
-                sent[p] += 1
-                stats.skipped += 1
-                pending.clear()
-                continue
-            for letter in pending:
-                producer.send(self.topics.dlq, 0, encode(letter))
-                stats.dead_letters += 1
-                in_chunk += 1
-            pending.clear()
-            producer.send(self.topics.prompts, p, encode(item), key=item.prompt_id.encode())
-            sent[p] += 1
-            stats.published += 1
-            stats.per_partition[p] = sent[p]
-            in_chunk += 1
-            if in_chunk >= self.chunk_size:
-                producer.commit()
-                committed.update({q: max(committed[q], n) for q, n in sent.items()})
-                producer.begin()
-                in_chunk = 0
-        producer.commit()
-        committed.update({q: max(committed[q], n) for q, n in sent.items()})
-        return pending
-
-    def _close(
-        self,
-        producer: Any,
-        closed: set[int],
-        counts: dict[int, int],
-        fail_reason: str | None,
-        *,
-        begun: bool = False,
-    ) -> None:
-        """One transaction with an end-of-stream marker on every open partition."""
-        if not begun:
-            producer.begin()
-        for p in range(self.partitions):
-            if p in closed:
-                continue
-            marker = EndOfStream(
-                run_id=self.run_id,
-                stage="source",
-                partition=p,
-                count=counts[p],
-                status="failed" if fail_reason else "complete",
-                reason=fail_reason or "",
-                producer_id="source",
-            )
-            producer.send(self.topics.prompts, p, encode(marker))
-        producer.commit()
 
 
 @dataclass(frozen=True)
@@ -261,29 +92,25 @@ class SourceResult:
 class SourceStage:
     """Conversations in, prompts and the draft vocabulary mapping out (see module docstring)."""
 
-    def __init__(self, settings: Transport, config: SourceConfig, *, tokenizer: Any = None) -> None:
-        from pipeline.core.errors import ConfigError  # noqa: PLC0415
-
+    def __init__(self, transport: Transport, config: SourceConfig, *, tokenizer: Any = None) -> None:
         if config.on_malformed not in ("dlq", "fail"):
             raise ConfigError("data.on_malformed", f"unknown policy {config.on_malformed!r}", "use dlq or fail")
         if config.partitions < 1:
             raise ConfigError("data.partitions", f"must be positive, got {config.partitions}")
-        self.settings = settings
+        self.transport = transport
         self.config = config
         self._tokenizer = tokenizer
         self.store = FeatureStore(config.storage_root, config.run_id, storage_options=config.storage_options)
 
     def run(self) -> SourceResult:
-        from pipeline.source.conversations import load_tokenizer  # noqa: PLC0415 - transformers is heavy
-        from pipeline.vocab import TokenCounter  # noqa: PLC0415
-
+        """Publish every prompt and store the vocabulary mapping; safe to rerun after a crash."""
         cfg = self.config
         tokenizer = self._tokenizer if self._tokenizer is not None else load_tokenizer(cfg.tokenizer)
         target_vocab = cfg.target_vocab_size or _target_vocab_size(cfg.tokenizer, tokenizer)
         counter = TokenCounter(target_vocab)
         result = SourceResult(stats=SourceStats(), target_vocab_size=target_vocab)
         publisher = PromptPublisher(
-            self.settings,
+            self.transport,
             cfg.run_id,
             cfg.partitions,
             chunk_size=cfg.chunk_size,
@@ -309,10 +136,10 @@ class SourceStage:
         )
         return result
 
-    def _items(self, tokenizer: Any, counter: Any, result: SourceResult) -> Iterator[Prompt | DeadLetter]:
+    def _items(
+        self, tokenizer: Any, counter: TokenCounter, result: SourceResult
+    ) -> Iterator[Prompt | DeadLetter]:
         """Prompts in source order (and dead letters for bad lines), counting tokens as they pass."""
-        from pipeline.source.conversations import MalformedLine, read_conversations  # noqa: PLC0415
-
         cfg = self.config
         seen = 0
         start = 0
@@ -344,10 +171,8 @@ class SourceStage:
                 yield item.to_prompt(cfg.run_id)
             start += last_line  # the next file's ids continue after this one's lines
 
-    def _store_vocab(self, counter: Any, target_vocab: int, result: SourceResult) -> None:
+    def _store_vocab(self, counter: TokenCounter, target_vocab: int, result: SourceResult) -> None:
         """Build d2t/t2d from every supervised token and store it beside the features."""
-        from pipeline.vocab import build_vocab_mapping  # noqa: PLC0415
-
         draft_vocab = min(self.config.draft_vocab_size, target_vocab)
         if draft_vocab < self.config.draft_vocab_size:
             logger.warning(
@@ -373,10 +198,8 @@ class SourceStage:
                     result.vocab_mapping_url)
 
 
-def read_vocab_mapping(store: FeatureStore) -> Any:
+def read_vocab_mapping(store: FeatureStore) -> VocabMapping | None:
     """The run's stored ``VocabMapping``, or None when the source has not stored it yet."""
-    from pipeline.vocab import VocabMapping  # noqa: PLC0415
-
     path = store.resolve(VOCAB_MAPPING_URI)
     try:
         data = store.fs.cat_file(path)
@@ -388,9 +211,6 @@ def read_vocab_mapping(store: FeatureStore) -> Any:
 def _target_vocab_size(model_dir: str, tokenizer: Any) -> int:
     """The target's lm_head width: ``config.json`` ``vocab_size`` (padded ids included), else the
     tokenizer's length."""
-    from pipeline.core.errors import ConfigError  # noqa: PLC0415
-    from pipeline.generate.backend import read_text_config  # noqa: PLC0415
-
     try:
         size = read_text_config(model_dir).get("vocab_size")
     except ConfigError:
@@ -398,7 +218,7 @@ def _target_vocab_size(model_dir: str, tokenizer: Any) -> int:
     return int(size) if isinstance(size, int) and size > 0 else len(tokenizer)
 
 
-def _dead_letter(run_id: str, line: Any) -> DeadLetter:
+def _dead_letter(run_id: str, line: MalformedLine) -> DeadLetter:
     """A malformed input line as a dead letter: file and line number in the reason."""
     return DeadLetter(
         run_id=run_id,

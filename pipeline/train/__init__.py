@@ -1,4 +1,6 @@
-"""EAGLE3 trainer core: draft model, training-time test, vocab mapping, collation and export.
+"""EAGLE3 training: the draft model and TTT loss (pure torch), the loop, checkpoints and export.
 
-Pure torch: nothing here knows whether samples came live from Kafka, from replay or from memory.
+The loop (``trainer`` and what it imports) knows nothing of Kafka: it reads an item source and
+reports through small sinks. ``runner`` is the one module that wires it to the live stream,
+ledger, feature store and transport.
 """

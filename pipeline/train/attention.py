@@ -126,6 +126,7 @@ def ttt_attention(
     *,
     impl: AttentionImpl = "cached",
 ) -> torch.Tensor:
+    """TTT attention by the chosen implementation (the dense one exists to check the cached one)."""
     if impl == "cached":
         return cached_ttt_attention(q, keys, values, key_padding_mask)
     if impl == "dense":

@@ -65,6 +65,7 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """The settings that differ between a checkpoint and this run, named one by one."""
     keys = sorted(set(saved) | set(current))
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} != this run {current.get(k)!r}"
@@ -76,6 +77,8 @@ def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> s
 
 @dataclass(frozen=True, order=True)
 class CheckpointInfo:
+    """A complete checkpoint directory: its step and whether it was written at the stream's end."""
+
     step: int
     end: bool
     path: Path
@@ -87,6 +90,8 @@ class CheckpointInfo:
 
 @dataclass
 class LoadedCheckpoint:
+    """A checkpoint read back: its metadata, trainable weights and optimizer/scheduler/RNG state."""
+
     info: CheckpointInfo
     meta: dict[str, Any]
     model: dict[str, torch.Tensor]

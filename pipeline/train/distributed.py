@@ -91,10 +91,6 @@ class DistContext:
         dist.broadcast_object_list(box, src=src, group=self.control_group)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier(group=self.control_group)
-
     # --- data plane (default group: NCCL or gloo) ------------------------------------------
 
     def all_reduce_mean_(self, tensors: Iterable[torch.Tensor]) -> None:
@@ -104,6 +100,13 @@ class DistContext:
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor.div_(self.world_size)
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+        """Overwrite every rank's tensors with rank ``src``'s, in place, in a fixed order."""
+        if not self.distributed:
+            return
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.core.errors import ConfigError, RunMismatchError
 from pipeline.core.features import default_aux_layer_ids
 from pipeline.train.attention import AttentionImpl, KVSteps, ttt_attention
-from pipeline.train.target_head import TargetArch, TargetHead, load_target_head
+from pipeline.train.target_head import TargetArchitecture, TargetHead, load_target_head
 from pipeline.vocab import VocabMapping
 
 __all__ = ("DraftConfig", "RMSNorm", "RotaryEmbedding", "Eagle3Attention", "Eagle3MLP",
@@ -90,7 +90,7 @@ class DraftConfig:
     @classmethod
     def from_target_config(
         cls,
-        target: TargetArch,
+        target: TargetArchitecture,
         *,
         draft_vocab_size: int = 32000,
         aux_layer_ids: Sequence[int] | None = None,
@@ -212,6 +212,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys by their positions (RoPE), as the target does."""
     return x * cos + _rotate_half(x) * sin
 
 

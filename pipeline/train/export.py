@@ -1,5 +1,10 @@
 """Export the draft as an SGLang-loadable EAGLE3 directory, and load such a directory back.
 
+:func:`export_checkpoint` goes from a training checkpoint to such a directory: a checkpoint holds
+only the draft's trainable weights, so the frozen embedding and the vocabulary mapping come from
+the target and the run exactly as when training started, and the exported draft is the one that
+was trained.
+
 The directory is a HF ``config.json`` (``LlamaForCausalLMEagle3``) plus ``model.safetensors``
 holding ``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t`` and ``t2d`` under the trainer's own
 names (the key map is the identity). ``embed_tokens`` is left out because SGLang substitutes the
@@ -18,14 +23,24 @@ from typing import Any
 import fsspec
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from pipeline.core.errors import ConfigError, PayloadError
+from pipeline.core.errors import ConfigError, PayloadError, RunMismatchError
 from pipeline.core.features import default_aux_layer_ids
+from pipeline.train.checkpoint import MODEL_FILE
 from pipeline.train.draft import DraftConfig, Eagle3Draft
+from pipeline.train.model import ModelSpec, build_draft
 from pipeline.train.target_head import TargetHead, load_target_head, read_target_config, rope_fields
 
-__all__ = ("ARCHITECTURE", "export_config", "export_draft", "load_exported")
+__all__ = (
+    "ARCHITECTURE",
+    "export_config",
+    "export_draft",
+    "load_exported",
+    "draft_from_checkpoint",
+    "export_checkpoint",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,3 +191,23 @@ def load_exported(directory: str | Path, target: str | Path | TargetHead | None 
         draft.load_target_embedding(head.embed_tokens.to(draft.embed_tokens.weight.dtype))
     draft.vocab_mapping()  # validates d2t/t2d consistency
     return draft
+
+
+def draft_from_checkpoint(checkpoint: str | Path, spec: ModelSpec) -> Eagle3Draft:
+    """The trained draft: rebuilt from the target and vocab map, with the checkpoint's weights."""
+    draft, _, _ = build_draft(spec, seed=0, device=torch.device("cpu"))
+    weights = load_file(str(Path(checkpoint) / MODEL_FILE))
+    trainable = {name for name, p in draft.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        missing, extra = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
+        raise RunMismatchError(
+            f"checkpoint {checkpoint} does not fit this draft (missing {missing[:5]}, unexpected {extra[:5]}): "
+            "export with the target model and vocabulary mapping the run was trained with"
+        )
+    draft.load_state_dict(weights, strict=False)
+    return draft
+
+
+def export_checkpoint(checkpoint: str | Path, spec: ModelSpec, out: str, *, dtype: torch.dtype | None = None) -> str:
+    """Write ``config.json`` + ``model.safetensors`` for SGLang; returns the directory."""
+    return export_draft(draft_from_checkpoint(checkpoint, spec), out, dtype=dtype)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 __all__ = ("StepRecord", "RankTiming", "MetricsLog", "ProgressBar", "read_metrics", "ThroughputTotals")
 
@@ -35,6 +36,8 @@ class RankTiming:
 
 @dataclass(frozen=True)
 class StepRecord:
+    """One optimizer step's losses, accuracies, throughput and data wait: one metrics JSONL row."""
+
     step: int
     loss: float
     ploss: list[float]
@@ -158,21 +161,16 @@ class ProgressBar:
     """tqdm on rank 0 when stderr is a terminal; silent otherwise (logs and JSONL carry the numbers)."""
 
     def __init__(self, *, enabled: bool, total: int | None, initial: int = 0) -> None:
-        self._bar = None
+        self._bar: tqdm[Any] | None = None
         if enabled:
-            try:
-                from tqdm import tqdm  # noqa: PLC0415
-
-                self._bar = tqdm(
-                    total=total,
-                    initial=initial,
-                    unit="step",
-                    dynamic_ncols=True,
-                    disable=None,
-                    file=sys.stderr,
-                )
-            except ImportError:  # rich/tqdm are optional for library users
-                self._bar = None
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
+                file=sys.stderr,
+            )
 
     def update(self, record: StepRecord) -> None:
         if self._bar is None:
@@ -191,17 +189,3 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def summarise(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """Whole-run figures from metric rows (the benchmark prints these)."""
-    rows = list(rows)
-    if not rows:
-        return {}
-    step_s = sum(r["step_s"] for r in rows)
-    return {
-        "steps": float(len(rows)),
-        "samples_per_s": sum(r["samples"] for r in rows) / step_s if step_s else 0.0,
-        "tokens_per_s": sum(r["tokens"] for r in rows) / step_s if step_s else 0.0,
-        "data_wait_frac": rows[-1]["data_wait_frac_total"],
-    }

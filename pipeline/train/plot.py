@@ -22,10 +22,10 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str 
     if not rows:
         logger.info("no training steps: no curves to plot")
         return None
-    import matplotlib  # noqa: PLC0415 - heavy, and the backend must be chosen before pyplot
+    import matplotlib  # lazy: matplotlib is optional; its backend must be chosen before pyplot
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # lazy: matplotlib is optional; after the backend is chosen
 
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_tau) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
@@ -51,4 +51,5 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str 
 
 
 def plot_metrics_file(metrics_path: str | Path, png_path: str | Path, *, title: str = "") -> Path | None:
+    """Plot a run's metrics JSONL (a resumed run's superseded rows dropped) as a PNG."""
     return plot_curves(read_metrics(metrics_path), png_path, title=title)

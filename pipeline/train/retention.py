@@ -31,6 +31,8 @@ RetentionPolicy = Literal["delete", "retain"]
 
 @dataclass(frozen=True)
 class RetentionReport:
+    """What one retention pass removed, for the log."""
+
     checkpoints_removed: list[str]
     features_deleted: int
 

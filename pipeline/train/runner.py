@@ -10,11 +10,7 @@ stop.
 from __future__ import annotations
 
 import logging
-import os
-import random
 import threading
-from dataclasses import dataclass
-
 import torch
 
 from pipeline.core.errors import ConfigError, StreamError
@@ -25,40 +21,14 @@ from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.train.config import TrainerSettings
 from pipeline.train.distributed import DistContext, init_distributed
-from pipeline.train.draft import Eagle3Draft
-from pipeline.train.target_head import load_target_head
-from pipeline.train.trainer import Trainer, TrainResult
-from pipeline.vocab import VocabMapping
+from pipeline.train.model import ModelSpec, build_draft
+from pipeline.train.result import TrainResult
+from pipeline.train.rng import seed_everything
+from pipeline.train.trainer import Trainer
 
-__all__ = ("ModelSpec", "OffsetCommitter", "build_draft", "seed_everything", "single_rank", "run_trainer")
+__all__ = ("OffsetCommitter", "single_rank", "run_trainer")
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where the draft comes from: the target's directory (embedding, lm_head) and the vocab map."""
-
-    target_model_path: str
-    vocab_mapping: str
-    aux_layer_ids: tuple[int, int, int] | None = None
-    head_dtype: str | None = None  # e.g. "bfloat16" to keep the target lm_head small on GPU
-
-
-def seed_everything(seed: int, *, deterministic: bool) -> None:
-    """Seed every RNG the trainer touches; optionally force deterministic kernels."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy  # noqa: PLC0415
-
-        numpy.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
 def single_rank(device: str | None) -> DistContext:
@@ -67,18 +37,6 @@ def single_rank(device: str | None) -> DistContext:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return DistContext(device=torch.device(device))
-
-
-def build_draft(
-    spec: ModelSpec, *, seed: int, device: torch.device
-) -> tuple[Eagle3Draft, torch.Tensor, VocabMapping]:
-    """Seeded draft with the target's frozen embedding; returns (draft, target lm_head, vocab map)."""
-    dtype = getattr(torch, spec.head_dtype) if spec.head_dtype else None
-    head = load_target_head(spec.target_model_path, dtype=dtype)
-    vocab = VocabMapping.load(spec.vocab_mapping)
-    torch.manual_seed(seed)
-    draft = Eagle3Draft.from_target(head, vocab, aux_layer_ids=spec.aux_layer_ids)
-    return draft.to(device), head.lm_head, vocab
 
 
 class OffsetCommitter:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from pipeline.core.errors import ConfigError
 
-__all__ = ("TargetArch", "TargetHead", "read_target_config", "load_target_head", "rope_fields")
+__all__ = ("TargetArchitecture", "TargetHead", "read_target_config", "load_target_head", "rope_fields")
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _SINGLE_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
-class TargetArch:
+class TargetArchitecture:
     """The target fields a draft is derived from (a normalised view of ``config.json``)."""
 
     hidden_size: int
@@ -62,7 +62,7 @@ class TargetArch:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> TargetArch:
+    def from_dict(cls, config: Mapping[str, Any]) -> TargetArchitecture:
         """Read a HF config dict (transformers 4 or 5 layout; VLM ``text_config`` unwrapped)."""
         text = config.get("text_config")
         cfg: Mapping[str, Any] = (
@@ -130,14 +130,15 @@ def rope_fields(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta if theta is not None else 10000.0), scaling
 
 
-def read_target_config(model_dir: str | Path) -> TargetArch:
+def read_target_config(model_dir: str | Path) -> TargetArchitecture:
+    """The target's ``config.json`` as the fields a draft is derived from."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(
             "target_model_path", f"{path} does not exist",
             "pass a local Hugging Face model directory (download it beforehand)",
         )
-    return TargetArch.from_dict(json.loads(path.read_text()))
+    return TargetArchitecture.from_dict(json.loads(path.read_text()))
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -180,7 +181,7 @@ def _read_tensor(names: Mapping[str, Path], name: str) -> torch.Tensor:
 class TargetHead:
     """Frozen target embedding ``[V, Ht]`` and lm_head ``[V, Ht]`` with the target config."""
 
-    config: TargetArch
+    config: TargetArchitecture
     embed_tokens: torch.Tensor
     lm_head: torch.Tensor
 

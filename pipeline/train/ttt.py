@@ -135,6 +135,7 @@ class StepTargets:
 
 
 def step_targets(batch: Batch, teacher: Teacher, k: int) -> StepTargets:
+    """What TTT step ``k`` predicts: the inputs, masks and teacher rows shifted ``k`` ahead."""
     target_ids, log_q, log_mass, in_draft = teacher.rows(k)
     loss_mask = shift_left(batch.loss_mask, k, 0)
     return StepTargets(
@@ -243,6 +244,8 @@ class TTTStats:
 
 @dataclass(frozen=True)
 class TTTResult:
+    """One batch's TTT loss (differentiable) and its detached statistics."""
+
     loss: torch.Tensor  # differentiable scalar: sum_k decay^k * step_losses[k]
     step_losses: list[torch.Tensor]  # differentiable ploss_k
     stats: TTTStats  # detached sums for logging and all-reduce

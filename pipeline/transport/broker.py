@@ -1,17 +1,17 @@
 """A real single-node Apache Kafka broker (KRaft) assembled from Maven Central jars.
 
-No Docker, no tarball: ``install()`` runs Maven once over ``infra/kafka/pom.xml`` to copy the
-broker's runtime jars into a cache directory; ``LocalKafka`` starts ``kafka.Kafka`` as a JVM on
-loopback ports over a work directory, waits until the broker accepts connections and stops it with
-SIGTERM (what ``kafka-server-stop.sh`` does). Logs go to ``<workdir>/kafka.log``.
+No Docker, no tarball: the jars come from ``pipeline.transport.kafka_jars``; ``LocalKafka`` starts
+``kafka.Kafka`` as a JVM on loopback ports over a work directory, waits until the broker accepts
+connections and stops it with SIGTERM (what ``kafka-server-stop.sh`` does). Logs go to
+``<workdir>/kafka.log``.
 
 Durable like a database: the KRaft storage is formatted only when it is empty, and the ports are
 chosen once (the default ports, or free ones when those are taken) and remembered in
 ``<workdir>/ports.json``, so a broker stopped (or killed) and started again over the same work
 directory serves the same topics at the same address.
 
-Used by the test fixture (one broker per pytest session), by ``specstream broker start|stop``
-and by ``specstream quickstart``. Anyone with a broker already can skip all of this by setting
+Used by the test fixture (one broker per pytest session) and by the background broker of
+``specstream broker start|stop`` (``pipeline.transport.background_broker``). Anyone with a broker already can skip all of this by setting
 ``KAFKA_BOOTSTRAP_SERVERS``.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -32,102 +31,25 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from pipeline.core.errors import BrokerError
+from pipeline.transport.kafka_jars import KAFKA_VERSION, install, libs_dir, libs_ready
 
-__all__ = (
-    "KAFKA_VERSION",
-    "LocalKafka",
-    "install",
-    "libs_dir",
-    "home_dir",
-    "start_detached",
-    "stop_detached",
-    "detached_status",
-    "DetachedBroker",
-    "env_or_local_broker",
-    "delete_detached_data",
-    "DEFAULT_PORTS",
-)
+__all__ = ("DEFAULT_PORTS", "STOP_TIMEOUT_S", "LocalKafka", "env_or_local_broker")
 
 logger = logging.getLogger(__name__)
 
-KAFKA_VERSION = "4.3.1"
-#: The ports the user's local broker takes when they are free (broker, controller).
 DEFAULT_PORTS = (9092, 9093)
 # A 2-core machine starts the broker in ~5-10 s; a loaded CI machine can take much longer.
 _READY_TIMEOUT_S = 120.0
-_STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
 _NO_JAVA = (
     "java (17 or newer) is not on PATH: install a JDK 17+ (e.g. `apt-get install "
     "openjdk-17-jre-headless`), or use a broker you already run by setting "
     "KAFKA_BOOTSTRAP_SERVERS=host:port"
 )
-_NO_MAVEN = (
-    "the Kafka broker jars are not installed and `mvn` is not on PATH: install Maven "
-    "(e.g. `apt-get install maven`) and run `specstream broker install`, or use a broker you "
-    "already run by setting KAFKA_BOOTSTRAP_SERVERS=host:port"
-)
-
-
-def home_dir() -> Path:
-    """Cache and state live under ``$SPECSTREAM_HOME`` (default ``~/.cache/specstream``)."""
-    return Path(os.environ.get("SPECSTREAM_HOME", Path.home() / ".cache" / "specstream"))
-
-
-def libs_dir(version: str = KAFKA_VERSION) -> Path:
-    return home_dir() / f"kafka-{version}" / "libs"
-
-
-def _pom_path() -> Path:
-    """The POM ships in the wheel (``pipeline/_infra``) or sits in the source checkout."""
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "_infra" / "kafka" / "pom.xml", package.parent / "infra/kafka/pom.xml"):
-        if candidate.is_file():
-            return candidate
-    raise BrokerError("infra/kafka/pom.xml not found: reinstall specstream")
-
-
-def _libs_ready(libs: Path, version: str) -> bool:
-    return (libs / f"kafka_2.13-{version}.jar").is_file() and any(libs.glob("log4j-slf4j-impl-*.jar"))
-
-
-def install(version: str = KAFKA_VERSION, *, force: bool = False) -> Path:
-    """Copy the broker's runtime jars from Maven Central into the cache (once); return the dir."""
-    libs = libs_dir(version)
-    if _libs_ready(libs, version) and not force:
-        return libs
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise BrokerError(_NO_MAVEN)
-    staging = Path(tempfile.mkdtemp(prefix="libs-", dir=_mkdir(libs.parent)))
-    cmd = [
-        mvn, "-B", "-q", "-f", str(_pom_path()), "package",
-        f"-Dkafka.version={version}", f"-Dlibs.dir={staging}",
-        f"-Dproject.build.directory={staging.parent / 'mvn-target'}",
-    ]  # fmt: skip
-    logger.info("assembling Kafka %s jars from Maven Central into %s", version, libs)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0 or not (staging / f"kafka_2.13-{version}.jar").is_file():
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BrokerError(
-            f"mvn could not assemble Kafka {version} (exit {proc.returncode}):\n"
-            f"{(proc.stdout + proc.stderr)[-3000:]}"
-        )
-    if libs.exists():
-        shutil.rmtree(libs)
-    staging.rename(libs)  # atomic: a half-copied folder is never taken for a complete one
-    return libs
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
@@ -255,7 +177,7 @@ class LocalKafka:
         """Launch the JVM over the work directory (formatting it when empty) and wait until it
         serves; return the bootstrap address (the same one on every start of this directory)."""
         libs = libs_dir(self.version)
-        if not _libs_ready(libs, self.version):
+        if not libs_ready(libs, self.version):
             libs = install(self.version)
         java = _java()
         fresh = not self.formatted()
@@ -293,7 +215,7 @@ class LocalKafka:
                 )
             return remembered
         ports = _choose_ports(self.preferred_ports)
-        _mkdir(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self._ports_file.write_text(json.dumps(list(ports)))
         return ports
 
@@ -312,7 +234,7 @@ class LocalKafka:
         started = time.monotonic()
         if not self.formatted():
             shutil.rmtree(data_dir, ignore_errors=True)  # a half-formatted directory from a crash
-            _mkdir(data_dir)
+            data_dir.mkdir(parents=True)
             fmt = subprocess.run(
                 [java, "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", classpath,
                  "kafka.tools.StorageTool", "format", "--standalone",
@@ -377,7 +299,7 @@ class LocalKafka:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(_STOP_TIMEOUT_S)
+            self.proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
@@ -395,107 +317,3 @@ def env_or_local_broker() -> Iterator[str]:
 
 # --- a broker that outlives the CLI command that started it -------------------------------
 
-
-@dataclass(frozen=True)
-class DetachedBroker:
-    pid: int
-    bootstrap: str
-    workdir: str
-    version: str
-
-
-def _state_file() -> Path:
-    return home_dir() / "broker" / "state.json"
-
-
-def _workdir() -> Path:
-    return home_dir() / "broker" / "run"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_our_broker(pid: int, workdir: str) -> bool:
-    """The pid is a live Kafka JVM over our work directory (pids are reused after a reboot)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return _alive(pid) and not Path("/proc/self").exists()  # no procfs: trust the pid
-    return "kafka.Kafka" in cmdline and workdir in cmdline
-
-
-@contextlib.contextmanager
-def _start_lock() -> Iterator[None]:
-    """One start at a time: two concurrent ``broker start`` must not both launch a JVM."""
-    path = _mkdir(home_dir() / "broker") / "start.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def detached_status() -> DetachedBroker | None:
-    """The broker started by ``specstream broker start``, if it still runs."""
-    path = _state_file()
-    try:
-        state = DetachedBroker(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-    if not _is_our_broker(state.pid, state.workdir):
-        path.unlink(missing_ok=True)
-        return None
-    return state
-
-
-def start_detached(version: str = KAFKA_VERSION, heap_mb: int = 512) -> DetachedBroker:
-    """Start (or find) the user's local broker; it keeps running after this process exits.
-
-    Its data and its address survive ``stop``/``start`` and machine restarts (see the module
-    docstring), so runs, their topics and saved configs stay valid.
-    """
-    with _start_lock():
-        running = detached_status()
-        if running is not None:
-            return running
-        workdir = _mkdir(_workdir())
-        broker = LocalKafka(
-            workdir, version=version, heap_mb=heap_mb, attached=False, preferred_ports=DEFAULT_PORTS
-        )
-        broker.start()
-        assert broker.proc is not None
-        state = DetachedBroker(broker.proc.pid, broker.bootstrap, str(workdir), version)
-        _state_file().write_text(json.dumps(state.__dict__))
-        return state
-
-
-def stop_detached() -> bool:
-    """Stop the broker of ``specstream broker start`` (its data stays); False if none was running."""
-    state = detached_status()
-    if state is None:
-        return False
-    os.kill(state.pid, signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_TIMEOUT_S
-    while _alive(state.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)  # waiting for another process to exit: no handle to wait() on
-    if _alive(state.pid):
-        os.kill(state.pid, signal.SIGKILL)
-    _state_file().unlink(missing_ok=True)
-    return True
-
-
-def delete_detached_data() -> Path:
-    """Forget every topic of the local broker (it must be stopped): a fresh start formats anew."""
-    if detached_status() is not None:
-        raise BrokerError("the local broker is running: `specstream broker stop` first")
-    workdir = _workdir()
-    shutil.rmtree(workdir, ignore_errors=True)
-    return workdir

@@ -22,7 +22,7 @@ import difflib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, Unpack
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import OffsetSpec
@@ -45,6 +45,7 @@ from pipeline.core.topics import (
     MAX_RECORD_BYTES,
     Committed,
     FencedError,
+    ReaderOptions,
     Record,
     RunTopics,
     Start,
@@ -160,15 +161,23 @@ class KafkaSettings:
     # for single-process runs without Kafka) and open their clients through these.
 
     def admin(self) -> KafkaAdmin:
+        """Topic administration and offset queries on this cluster."""
         return KafkaAdmin(self)
 
-    def transactional_producer(self, transactional_id: str, **options: Any) -> TransactionalProducer:
-        return TransactionalProducer(self, transactional_id, **options)
+    def transactional_producer(
+        self, transactional_id: str, *, linger_ms: int = 5, transaction_timeout_ms: int = 60_000
+    ) -> TransactionalProducer:
+        """An exactly-once producer; fences any earlier instance with the same id."""
+        return TransactionalProducer(
+            self, transactional_id, linger_ms=linger_ms, transaction_timeout_ms=transaction_timeout_ms
+        )
 
-    def plain_producer(self, **options: Any) -> PlainProducer:
-        return PlainProducer(self, **options)
+    def plain_producer(self, *, linger_ms: int = 5) -> PlainProducer:
+        """An idempotent producer for records that need no transaction."""
+        return PlainProducer(self, linger_ms=linger_ms)
 
-    def reader(self, topic: str, **options: Any) -> PartitionReader:
+    def reader(self, topic: str, **options: Unpack[ReaderOptions]) -> PartitionReader:
+        """A ``read_committed`` consumer of fixed partitions, or a member of ``group_id``."""
         return PartitionReader(self, topic, **options)
 
     def common(self, client: type[Any]) -> dict[str, Any]:
@@ -183,7 +192,11 @@ class KafkaSettings:
         return {k: v for k, v in options.items() if k in client.DEFAULT_CONFIG}
 
 
-def _connect(factory: Callable[[], Any], settings: KafkaSettings) -> Any:
+_Client = TypeVar("_Client")
+
+
+def _connect(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client:
+    """Open a kafka-python client; a broker that does not answer becomes one BrokerError line."""
     try:
         return factory()
     except KafkaTimeoutError as exc:
@@ -363,7 +376,7 @@ class TransactionalProducer:
     def commit(
         self,
         offsets: Mapping[tuple[str, int], Committed] | None = None,
-        group: Any = None,
+        group: object = None,
     ) -> None:
         """Commit the open transaction, with the consumed offsets (next offset + metadata)."""
         with _translated():
@@ -575,7 +588,7 @@ class PartitionReader:
                 {TopicPartition(self.topic, p): OffsetAndMetadata(o, metadata, -1) for p, o in offsets.items()}
             )
 
-    def group_metadata(self) -> Any:
+    def group_metadata(self) -> object:
         """Opaque token for ``TransactionalProducer.commit(group=...)`` (KIP-447 fencing)."""
         if self._consumer.assignment() and self._consumer.subscription():
             return self._consumer.group_metadata()

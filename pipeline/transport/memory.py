@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Unpack
 
 from pipeline.core.errors import BrokerError, RunMismatchError
-from pipeline.core.topics import Committed, FencedError, Record, RunTopics, Start
+from pipeline.core.topics import Committed, FencedError, ReaderOptions, Record, RunTopics, Start
 
 __all__ = ("MemoryBroker", "StaleGeneration")
 
@@ -56,17 +56,26 @@ class MemoryBroker:
 
     # --- the transport factories (same names as KafkaSettings) ---------------------------
 
+    # The client tuning knobs (linger, timeouts, fetch sizes, client id) mean nothing in process;
+    # they are accepted so that every transport has the signatures of the ``Transport`` protocol.
+
     def admin(self) -> _Admin:
+        """Topic administration on this broker."""
         return _Admin(self)
 
-    def transactional_producer(self, transactional_id: str, **_: Any) -> _TxProducer:
+    def transactional_producer(
+        self, transactional_id: str, *, linger_ms: int = 5, transaction_timeout_ms: int = 60_000
+    ) -> _TxProducer:
+        """A producer whose records and offsets commit together; fences an older one of this id."""
         return _TxProducer(self, transactional_id)
 
-    def plain_producer(self, **_: Any) -> _PlainProducer:
+    def plain_producer(self, *, linger_ms: int = 5) -> _PlainProducer:
+        """A producer whose records are visible at once (no transaction)."""
         return _PlainProducer(self)
 
-    def reader(self, topic: str, **kwargs: Any) -> _Reader:
-        return _Reader(self, topic, **kwargs)
+    def reader(self, topic: str, **options: Unpack[ReaderOptions]) -> _Reader:
+        """A committed-only reader of fixed partitions, or a member of ``group_id``."""
+        return _Reader(self, topic, **options)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -177,7 +186,7 @@ class _TxProducer:
     def flush(self, timeout: float | None = None) -> None:
         """Nothing to flush: records become visible only at commit."""
 
-    def commit(self, offsets: Mapping[tuple[str, int], Committed] | None = None, group: Any = None) -> None:
+    def commit(self, offsets: Mapping[tuple[str, int], Committed] | None = None, group: object = None) -> None:
         with self._b._lock:
             self._check_fenced()
             self._check_generation(offsets, group)
@@ -191,7 +200,7 @@ class _TxProducer:
         self._pending = []
         self.in_transaction = False
 
-    def _check_generation(self, offsets: Mapping[tuple[str, int], Committed] | None, group: Any) -> None:
+    def _check_generation(self, offsets: Mapping[tuple[str, int], Committed] | None, group: object) -> None:
         """KIP-447: offsets committed with a group generation that has since changed are refused."""
         if not offsets or not isinstance(group, _GroupToken) or group.generation < 0:
             return
@@ -245,7 +254,7 @@ class _Reader:
         max_poll_records: int = 500,
         on_assigned: Callable[[list[int]], None] | None = None,
         on_revoked: Callable[[list[int]], None] | None = None,
-        **_: Any,
+        **_tuning: object,  # the Kafka client's knobs (ReaderOptions): nothing to tune in process
     ) -> None:
         self._b = broker
         self.topic = topic
@@ -366,7 +375,7 @@ class _Reader:
             for p, o in offsets.items():
                 self._b._offsets[(self.group_id or "", self.topic, p)] = Committed(o, metadata)
 
-    def group_metadata(self) -> Any:
+    def group_metadata(self) -> object:
         return _GroupToken(self.group_id or "", self._generation)
 
     def end_offsets(self, partitions: Iterable[int] | None = None) -> dict[int, int]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pipeline.app.config_file import parse_config
 from pipeline.app.runtime import build_online_run
-from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, markov_conversations, write_jsonl
+from pipeline.devkit.chats import markov_conversations, write_jsonl
+from pipeline.devkit.target import TINY_AUX_LAYER_IDS
 
 
 def test_online_run_on_the_memory_transport(tmp_path: Path, tiny_target_dir: Path) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.progress import PartitionCounters
+from pipeline.generate.backlog import consumed_from
 from pipeline.generate.backpressure import (
     Backlog,
     FlowControl,
     TrainerWindow,
     Watermarks,
     check_watermarks,
-    consumed_from,
     partition_needs,
-    refs_from_metadata,
     required_high_watermark,
 )
 from pipeline.generate.synthetic import SyntheticTarget
@@ -85,9 +85,9 @@ def test_bytes_watermark_never_pauses_below_one_step() -> None:
 
 
 def test_refs_from_metadata_tolerates_foreign_metadata() -> None:
-    assert refs_from_metadata('{"refs": 7, "dropped": 0, "ended": false}') == 7
-    assert refs_from_metadata("") == 0
-    assert refs_from_metadata("step=12") == 0
+    assert PartitionCounters.parse('{"refs": 7, "dropped": 0, "ended": false}').refs == 7
+    assert PartitionCounters.parse("").refs == 0
+    assert PartitionCounters.parse("step=12").refs == 0
 
 
 def test_allowance_caps_each_partition_so_the_total_never_exceeds_high() -> None:

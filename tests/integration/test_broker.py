@@ -10,54 +10,55 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import BrokerError
-from pipeline.transport import broker
+from pipeline.transport import background_broker, kafka_jars
+from pipeline.transport import broker as local
 from pipeline.transport.kafka import KafkaSettings
 
 
 def test_missing_java_names_what_to_install_and_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(broker.shutil, "which", lambda name: None)
+    monkeypatch.setattr(local.shutil, "which", lambda name: None)
     with pytest.raises(BrokerError, match="openjdk-17.*KAFKA_BOOTSTRAP_SERVERS"):
-        broker._java()
+        local._java()
 
 
 def test_missing_maven_names_what_to_install_and_the_alternative(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))  # no jars cached there
-    monkeypatch.setattr(broker.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kafka_jars.shutil, "which", lambda name: None)
     with pytest.raises(BrokerError, match="apt-get install maven.*KAFKA_BOOTSTRAP_SERVERS"):
-        broker.install()
+        kafka_jars.install()
 
 
 @pytest.fixture
 def own_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A private SPECSTREAM_HOME that reuses the cached jars but keeps its own broker state."""
-    jars = broker.libs_dir()
+    jars = kafka_jars.libs_dir()
     monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
-    (tmp_path / f"kafka-{broker.KAFKA_VERSION}").mkdir()
-    (tmp_path / f"kafka-{broker.KAFKA_VERSION}" / "libs").symlink_to(jars)
+    (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}").mkdir()
+    (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}" / "libs").symlink_to(jars)
     return tmp_path
 
 
 @pytest.mark.integration
 def test_detached_broker_starts_reports_and_stops(own_home: Path) -> None:
     """What `specstream broker start|status|stop` do, with its own state directory."""
-    state = broker.start_detached(heap_mb=256)
+    state = background_broker.start_detached(heap_mb=256)
     try:
-        assert broker.detached_status() == state
-        assert broker.start_detached() == state  # a second start finds the running one
+        assert background_broker.detached_status() == state
+        assert background_broker.start_detached() == state  # a second start finds the running one
         with KafkaSettings(state.bootstrap).admin() as admin:
             admin.ensure_topics({"broker-test": 1})
             assert "broker-test" in admin.topics()
     finally:
-        assert broker.stop_detached()
-    assert broker.detached_status() is None and not broker.stop_detached()
+        assert background_broker.stop_detached()
+    assert background_broker.detached_status() is None and not background_broker.stop_detached()
 
 
 @pytest.mark.integration
 def test_a_restarted_local_broker_keeps_its_topics_and_its_address(own_home: Path) -> None:
     """stop then start: the same address, the same topics and records (DESIGN 4.8)."""
-    first = broker.start_detached(heap_mb=256)
+    first = background_broker.start_detached(heap_mb=256)
     try:
         settings = KafkaSettings(first.bootstrap)
         with settings.admin() as admin:
@@ -67,27 +68,27 @@ def test_a_restarted_local_broker_keeps_its_topics_and_its_address(own_home: Pat
         producer.flush()
         producer.close()
     finally:
-        assert broker.stop_detached()
-    second = broker.start_detached(heap_mb=256)
+        assert background_broker.stop_detached()
+    second = background_broker.start_detached(heap_mb=256)
     try:
         assert second.bootstrap == first.bootstrap and second.pid != first.pid
         with settings.admin() as admin:
             assert admin.partition_count("durable") == 2
             assert admin.end_offsets("durable", [0, 1]) == {0: 0, 1: 1}
     finally:
-        broker.stop_detached()
-    broker.delete_detached_data()
+        background_broker.stop_detached()
+    background_broker.delete_detached_data()
     assert not (own_home / "broker" / "run").exists()
 
 
 @pytest.mark.integration
 def test_concurrent_starts_share_one_broker(own_home: Path) -> None:
     with ThreadPoolExecutor(2) as pool:
-        states = list(pool.map(lambda _: broker.start_detached(heap_mb=256), range(2)))
+        states = list(pool.map(lambda _: background_broker.start_detached(heap_mb=256), range(2)))
     try:
         assert states[0] == states[1]
     finally:
-        broker.stop_detached()
+        background_broker.stop_detached()
 
 
 def test_stop_never_signals_a_process_that_is_not_our_broker(own_home: Path) -> None:
@@ -96,7 +97,7 @@ def test_stop_never_signals_a_process_that_is_not_our_broker(own_home: Path) -> 
     state_file.parent.mkdir(parents=True)
     state_file.write_text(json.dumps(
         {"pid": os.getpid(), "bootstrap": "127.0.0.1:1", "workdir": str(own_home / "broker" / "run"),
-         "version": broker.KAFKA_VERSION}
+         "version": kafka_jars.KAFKA_VERSION}
     ))  # fmt: skip
-    assert broker.detached_status() is None
-    assert not broker.stop_detached()
+    assert background_broker.detached_status() is None
+    assert not background_broker.stop_detached()

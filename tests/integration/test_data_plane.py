@@ -11,7 +11,7 @@ from pipeline.core.messages import DeadLetter, EndOfStream, SampleRef, encode, n
 from pipeline.core.progress import StreamItem, rank_partitions
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PlainProducer, TransactionalProducer

@@ -14,10 +14,12 @@ import time
 import pytest
 
 from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, encode, now
-from pipeline.generate.backpressure import TrainerWindow, Watermarks, generator_commits, refs_from_metadata
+from pipeline.core.progress import PartitionCounters
+from pipeline.generate.backlog import generator_commits
+from pipeline.generate.backpressure import TrainerWindow, Watermarks
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
-from pipeline.source.stage import PromptPublisher
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PlainProducer
@@ -92,7 +94,7 @@ def test_slow_trainer_bounds_the_backlog_by_high_watermark_plus_one_batch(kafka,
     with KafkaAdmin(kafka) as admin:
         while threads[1].is_alive() and time.monotonic() < deadline:
             before = consumed[0]  # read consumed first: the backlog can only be over-estimated
-            produced = sum(refs_from_metadata(c.metadata) for c in generator_commits(admin, run_topics).values())
+            produced = sum(PartitionCounters.parse(c.metadata).refs for c in generator_commits(admin, run_topics).values())
             worst = max(worst, produced - before)
             threads[1].join(timeout=0.02)
     stop.set()

@@ -17,8 +17,8 @@ import pytest
 
 from pipeline.core.messages import SampleRef
 from pipeline.core.topics import RunTopics
-from pipeline.generate.backpressure import generator_commits
-from pipeline.source.stage import PromptPublisher
+from pipeline.generate.backlog import generator_commits
+from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pipeline.core.messages import EndOfStream, Prompt
-from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, build_tiny_target, markov_conversations, write_jsonl
+from pipeline.devkit.chats import markov_conversations, write_jsonl
+from pipeline.devkit.target import TINY_AUX_LAYER_IDS, build_tiny_target
 from pipeline.generate.hf import HFTarget
 from pipeline.source.stage import SourceConfig, SourceStage
 from pipeline.storage import FeatureStore

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.integration
 def write_config(
     tmp_path: Path, kafka: KafkaSettings, run_id: str, target: Path, *, conversations: int = 48, **sections: Any
 ) -> Path:
-    from pipeline.devkit.tiny import TINY_AUX_LAYER_IDS, markov_conversations, write_jsonl
+    from pipeline.devkit.chats import markov_conversations, write_jsonl
+    from pipeline.devkit.target import TINY_AUX_LAYER_IDS
 
     data = tmp_path / "data.jsonl"
     if not data.exists():

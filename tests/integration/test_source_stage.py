@@ -14,10 +14,11 @@ import fsspec
 import pytest
 import torch
 
+from pipeline.core.errors import ConversationError
 from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
-from pipeline.devkit.tiny import build_tiny_target, markov_conversations
-from pipeline.source.conversations import ConversationError
+from pipeline.devkit.chats import markov_conversations
+from pipeline.devkit.target import build_tiny_target
 from pipeline.source.stage import SourceConfig, SourceStage, read_vocab_mapping
 from pipeline.storage import FeatureStore
 from pipeline.transport.kafka import KafkaSettings

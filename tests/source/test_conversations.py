@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.errors import ConfigError, DecodeError
+from pipeline.core.errors import ConfigError, ConversationError, DecodeError
 from pipeline.core.messages import Prompt, decode, encode, prompt_id_for
-from pipeline.devkit.tiny import build_tiny_tokenizer, markov_conversations, write_jsonl
+from pipeline.devkit.chats import markov_conversations, write_jsonl
+from pipeline.devkit.target import build_tiny_tokenizer
 from pipeline.source.conversations import (
-    ConversationError,
     MalformedLine,
     TokenizedConversation,
     normalize_messages,
     read_conversations,
-    tokenize_conversation,
 )
+from pipeline.source.template import tokenize_conversation
 
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 

@@ -2,7 +2,7 @@
 
 Everything is CPU, fp32 and seeded. The "fake target" here is only a directory in the Hugging Face
 layout (config.json + safetensors with an embedding and an lm_head) for the loaders; the trained
-tiny target of the learning test comes from ``pipeline.devkit.tiny``.
+tiny target of the learning test comes from ``pipeline.devkit.target``.
 """
 
 from __future__ import annotations

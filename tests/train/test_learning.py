@@ -13,14 +13,16 @@ import random
 import pytest
 import torch
 
-from pipeline.source.conversations import load_tokenizer, normalize_messages, tokenize_conversation
+from pipeline.source.conversations import normalize_messages
+from pipeline.source.template import load_tokenizer, tokenize_conversation
 from pipeline.train.collate import Batch, collate
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.target_head import load_target_head
 from pipeline.train.ttt import Teacher, TTTStats, compute_teacher, step_targets, ttt_loss
 from pipeline.vocab import TokenCounter, build_vocab_mapping
 
-tiny = pytest.importorskip("pipeline.devkit.tiny")
+chats = pytest.importorskip("pipeline.devkit.chats")
+tiny_target = pytest.importorskip("pipeline.devkit.target")
 hf = pytest.importorskip("pipeline.generate.hf")
 
 K, BATCH, MAX_STEPS, EVAL_EVERY = 3, 8, 200, 10
@@ -35,12 +37,12 @@ def _floor(batch: Batch, teacher: Teacher) -> float:
 
 @pytest.mark.slow
 def test_step0_accuracy_rises_above_0_8_on_a_trained_tiny_target() -> None:
-    target_dir = tiny.build_tiny_target()  # cached after the first build
+    target_dir = tiny_target.build_tiny_target()  # cached after the first build
     tokenizer = load_tokenizer(target_dir)
-    records = tiny.markov_conversations(256 + 64, seed=123, turns=(1, 1),
+    records = chats.markov_conversations(256 + 64, seed=123, turns=(1, 1),
                                         words_per_turn=(12, 28), system_prob=0.0)
     prompts = [tokenize_conversation(tokenizer, normalize_messages(r))[:2] for r in records]
-    aux_ids = list(tiny.TINY_AUX_LAYER_IDS)
+    aux_ids = list(tiny_target.TINY_AUX_LAYER_IDS)
     with hf.HFTarget(target_dir, aux_layer_ids=aux_ids) as target:
         features = target.capture(prompts)
     train, held_out = features[:256], features[256:]

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.core.errors import CaptureContractError, ConfigError, RunMismatchError
 from pipeline.train.draft import DraftConfig, Eagle3Draft
-from pipeline.train.target_head import TargetArch, load_target_head, read_target_config
+from pipeline.train.target_head import TargetArchitecture, load_target_head, read_target_config
 from pipeline.vocab import VocabMapping
 
 MakeTarget = Callable[..., tuple[Path, torch.Tensor, torch.Tensor]]
@@ -65,9 +65,9 @@ def test_reads_config_in_both_transformers_layouts(
 def test_rope_scaling_is_normalised() -> None:
     base = {"hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10, "num_hidden_layers": 2,
             "intermediate_size": 8}
-    v4 = TargetArch.from_dict({**base, "rope_theta": 5e5, "rope_scaling": {
+    v4 = TargetArchitecture.from_dict({**base, "rope_theta": 5e5, "rope_scaling": {
         "type": "linear", "factor": 2.0}})
-    v5 = TargetArch.from_dict({**base, "rope_parameters": {
+    v5 = TargetArchitecture.from_dict({**base, "rope_parameters": {
         "rope_theta": 5e5, "rope_type": "linear", "factor": 2.0}})
     assert v4.rope_scaling == v5.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert v4.rope_theta == v5.rope_theta == 5e5

@@ -9,7 +9,7 @@ import pytest
 from pipeline.core.errors import StreamError
 from pipeline.train.dataset import LockstepFeeder, Prefetcher
 from pipeline.train.distributed import DistContext, Vote, decide
-from pipeline.train.trainer import RunCompleteness
+from pipeline.train.result import RunCompleteness
 from tests.train_support import MemorySource
 
 LENGTHS = [8 + i % 5 for i in range(11)]

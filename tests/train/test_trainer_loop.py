@@ -12,8 +12,11 @@ from pipeline.core.errors import RunMismatchError
 from pipeline.core.messages import LedgerStep
 from pipeline.train.distributed import DistContext
 from pipeline.train.metrics import read_metrics
-from pipeline.train.runner import ModelSpec, build_draft, seed_everything
-from pipeline.train.trainer import Trainer, TrainResult, trainable_state
+from pipeline.train.model import ModelSpec, build_draft
+from pipeline.train.result import TrainResult
+from pipeline.train.resume import trainable_state
+from pipeline.train.rng import seed_everything
+from pipeline.train.trainer import Trainer
 from tests.train_support import MemorySource, loop_settings, write_tiny_target, write_vocab
 
 LENGTHS = [10 + (i * 7) % 9 for i in range(15)]  # 7 steps of 2 samples, 1 tail sample

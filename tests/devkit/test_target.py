@@ -1,17 +1,15 @@
-"""The tiny local target: tokenizer, Markov data, cached concurrent-safe build, and that it learned."""
+"""The tiny local target: tokenizer, cached concurrent-safe build, and that it learned the chain."""
 
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 
-from pipeline.devkit import tiny
+from pipeline.devkit import chats, target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,9 +21,9 @@ def _messages(record: dict) -> list[dict[str, str]]:
 
 
 def test_tokenizer_has_512_ids_and_a_llama3_chat_template() -> None:
-    tok = tiny.build_tiny_tokenizer()
+    tok = target.build_tiny_tokenizer()
     assert len(tok) == 512 and tok.is_fast
-    assert tok.convert_tokens_to_ids(list(tiny.LLAMA3_SPECIALS)) == list(range(7))
+    assert tok.convert_tokens_to_ids(list(target.LLAMA3_SPECIALS)) == list(range(7))
     messages = [{"role": "user", "content": "reve pale"}, {"role": "assistant", "content": "nize"}]
     text = tok.apply_chat_template(messages, tokenize=False)
     assert text == (
@@ -41,48 +39,6 @@ def test_tokenizer_has_512_ids_and_a_llama3_chat_template() -> None:
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_markov_conversations_are_deterministic_sharegpt_records() -> None:
-    a = tiny.markov_conversations(20, seed=5, turns=(1, 2), words_per_turn=(3, 6), system_prob=0.5)
-    assert a == tiny.markov_conversations(20, seed=5, turns=(1, 2), words_per_turn=(3, 6), system_prob=0.5)
-    assert a != tiny.markov_conversations(20, seed=6, turns=(1, 2), words_per_turn=(3, 6), system_prob=0.5)
-    vocabulary = set(tiny.WORDS)
-    saw_system = False
-    for record in a:
-        turns = record["conversations"]
-        speakers = [t["from"] for t in turns]
-        if speakers[0] == "system":
-            saw_system = True
-            speakers = speakers[1:]
-        assert speakers in (["human", "gpt"], ["human", "gpt", "human", "gpt"])
-        for turn in turns:
-            words = turn["value"].split(" ")
-            assert 3 <= len(words) <= 6 and set(words) <= vocabulary
-    assert saw_system
-
-
-def test_chain_transitions_follow_the_successor_table() -> None:
-    chain = tiny.markov_chain()
-    assert len(chain.words) == 500 and math.isclose(sum(chain.unigram), 1.0)
-    assert all(len(set(s)) == 4 and i not in s for i, s in enumerate(chain.successors))
-    counts: dict[tuple[str, str], int] = {}
-    for record in tiny.markov_conversations(200, seed=9, system_prob=0.0):
-        for turn in record["conversations"]:
-            words = turn["value"].split(" ")
-            for prev, nxt in zip(words, words[1:]):
-                assert nxt in chain.next_distribution(prev)
-                counts[(prev, nxt)] = counts.get((prev, nxt), 0) + 1
-    top = sum(n for (p, w), n in counts.items() if w == chain.most_likely_next(p))
-    assert 0.65 < top / sum(counts.values()) < 0.75  # p = .70
-
-
-def test_write_jsonl_to_any_fsspec_url(tmp_path: Path) -> None:
-    records = tiny.markov_conversations(3, seed=1)
-    for url in ("memory://tiny/data.jsonl", str(tmp_path / "data.jsonl"), f"file://{tmp_path}/b.jsonl"):
-        assert tiny.write_jsonl(records, url) == 3
-        with fsspec.open(url, "rt") as fh:
-            assert [json.loads(line) for line in fh] == records
-
-
 def _fake_build(calls: list[int], barrier: threading.Barrier | None = None):
     def fake(out_dir: Path, *, seed: int) -> dict:
         calls.append(seed)
@@ -96,10 +52,10 @@ def _fake_build(calls: list[int], barrier: threading.Barrier | None = None):
 
 def test_build_is_cached_and_safe_against_concurrent_builders(tmp_path: Path, monkeypatch) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(tiny, "_train_and_save", _fake_build(calls, threading.Barrier(2)))
+    monkeypatch.setattr(target, "_train_and_save", _fake_build(calls, threading.Barrier(2)))
     results: list[Path] = []
     threads = [
-        threading.Thread(target=lambda: results.append(tiny.build_tiny_target(tmp_path))) for _ in range(2)
+        threading.Thread(target=lambda: results.append(target.build_tiny_target(tmp_path))) for _ in range(2)
     ]
     for t in threads:
         t.start()
@@ -109,24 +65,24 @@ def test_build_is_cached_and_safe_against_concurrent_builders(tmp_path: Path, mo
     assert [p.name for p in tmp_path.iterdir()] == [results[0].name]  # no temp dirs left behind
     marker = json.loads((results[0] / "specstream-tiny.json").read_text())
     assert marker["seed"] == 0 and "build_seconds" in marker
-    monkeypatch.setattr(tiny, "_train_and_save", _fake_build(calls))
-    assert tiny.build_tiny_target(tmp_path) == results[0] and len(calls) == 2  # reused
-    assert tiny.build_tiny_target(tmp_path, seed=1) != results[0] and calls[-1] == 1  # keyed by seed
+    monkeypatch.setattr(target, "_train_and_save", _fake_build(calls))
+    assert target.build_tiny_target(tmp_path) == results[0] and len(calls) == 2  # reused
+    assert target.build_tiny_target(tmp_path, seed=1) != results[0] and calls[-1] == 1  # keyed by seed
 
 
 def test_an_incomplete_build_directory_is_replaced(tmp_path: Path, monkeypatch) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(tiny, "_train_and_save", _fake_build(calls))
-    stale = tmp_path / f"tiny-llama-{tiny._build_key(0)}"
+    monkeypatch.setattr(target, "_train_and_save", _fake_build(calls))
+    stale = tmp_path / f"tiny-llama-{target._build_key(0)}"
     stale.mkdir()
     (stale / "config.json").write_text("partial")
-    assert tiny.build_tiny_target(tmp_path) == stale
+    assert target.build_tiny_target(tmp_path) == stale
     assert (stale / "specstream-tiny.json").is_file() and calls == [0]
 
 
 def test_default_cache_root_honours_specstream_home(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
-    assert tiny.default_cache_root() == tmp_path / "tiny-target"
+    assert target.default_cache_root() == tmp_path / "tiny-target"
 
 
 def test_the_tiny_target_has_learned_the_chain(tiny_target_dir: Path) -> None:
@@ -140,11 +96,11 @@ def test_the_tiny_target_has_learned_the_chain(tiny_target_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(tiny_target_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_target_dir).eval()
-    chain = tiny.markov_chain()
-    word_ids = set(tok.convert_tokens_to_ids(list(tiny.WORDS)))
+    chain = chats.markov_chain()
+    word_ids = set(tok.convert_tokens_to_ids(list(chats.WORDS)))
     hits = agree = total = 0
     nll = 0.0
-    for record in tiny.markov_conversations(60, seed=2024):
+    for record in chats.markov_conversations(60, seed=2024):
         text = tok.apply_chat_template(_messages(record), tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():

@@ -2,12 +2,8 @@
 
 For tests, the quickstart and CI: nothing comes from a hub. The model (eagle3-spec section 6:
 4 layers, hidden 64, 4 heads, SwiGLU 256, vocab 512, RoPE theta 1e4) is trained for a few
-hundred CPU steps on synthetic conversations whose words follow a first-order Markov chain
-(Zipf-like unigram; every word has four successors with p = .70/.15/.10/.05), so it has a
-learnable, low-entropy next-token distribution (a good draft can reach ~70 % top-1 agreement).
-
-The same chain generates fresh data: :func:`markov_conversations` returns ShareGPT records and
-:func:`write_jsonl` writes them to any fsspec URL.
+hundred CPU steps on the Markov chats of :mod:`pipeline.devkit.chats`, so it has a learnable,
+low-entropy next-token distribution.
 
 :func:`build_tiny_target` caches the result under ``$SPECSTREAM_HOME/tiny-target/`` (default
 ``~/.cache/specstream/tiny-target/``) keyed by a hash of every build parameter; concurrent
@@ -22,25 +18,22 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from pipeline.devkit.chats import CHAIN_SEED, WORDS, markov_conversations
 
 __all__ = (
     "TINY_AUX_LAYER_IDS",
     "TINY_MODEL_CONFIG",
     "LLAMA3_SPECIALS",
-    "CHAIN_SEED",
-    "MarkovChain",
-    "markov_chain",
-    "markov_conversations",
-    "write_jsonl",
     "build_tiny_tokenizer",
     "build_tiny_target",
     "default_cache_root",
@@ -76,8 +69,6 @@ TRAIN_RECIPE: Mapping[str, Any] = {
     "weight_decay": 0.0,
     "betas": (0.9, 0.95),
 }
-#: The chain is a fixed part of the task: every build and every test sample uses this seed.
-CHAIN_SEED = 20250301
 
 LLAMA3_SPECIALS = (
     "<|begin_of_text|>",
@@ -112,141 +103,6 @@ _CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_SUCCESSOR_PROBS = (0.70, 0.15, 0.10, 0.05)
-_ZIPF_EXPONENT = 1.1
-
-
-# -- the word list and the Markov chain ---------------------------------------------------
-
-
-def _word_list(count: int) -> list[str]:
-    """``count`` distinct pronounceable two-syllable words, in a fixed order."""
-    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-    words = [a + b for a in syllables for b in syllables]
-    random.Random(7).shuffle(words)
-    return words[:count]
-
-
-_NUM_WORDS = TINY_MODEL_CONFIG["vocab_size"] - len(LLAMA3_SPECIALS) - len(_LLAMA3_PLAIN)
-WORDS: tuple[str, ...] = tuple(_word_list(_NUM_WORDS))
-
-
-@dataclass(frozen=True)
-class MarkovChain:
-    """A first-order chain over :data:`WORDS` (indices into it, not token ids).
-
-    ``unigram[w]``: start distribution (Zipf over a fixed random ranking);
-    ``successors[w]``: four distinct next words with probabilities :data:`_SUCCESSOR_PROBS`.
-    """
-
-    words: tuple[str, ...]
-    unigram: tuple[float, ...]
-    successors: tuple[tuple[int, ...], ...]
-    probs: tuple[float, ...] = _SUCCESSOR_PROBS
-
-    def most_likely_next(self, word: str) -> str:
-        return self.words[self.successors[self._index[word]][0]]
-
-    def next_distribution(self, word: str) -> dict[str, float]:
-        return {self.words[s]: p for s, p in zip(self.successors[self._index[word]], self.probs, strict=True)}
-
-    @property
-    def entropy(self) -> float:
-        """Nats per transition (the floor of any model's cross-entropy on in-turn words)."""
-        return -sum(p * math.log(p) for p in self.probs)
-
-    @property
-    def _index(self) -> dict[str, int]:
-        return _word_index(self.words)
-
-    def walk(self, rng: random.Random, length: int) -> list[str]:
-        word = rng.choices(range(len(self.words)), weights=self.unigram)[0]
-        out = [word]
-        for _ in range(length - 1):
-            word = rng.choices(self.successors[word], weights=self.probs)[0]
-            out.append(word)
-        return [self.words[w] for w in out]
-
-
-@lru_cache(maxsize=4)
-def _word_index(words: tuple[str, ...]) -> dict[str, int]:
-    return {w: i for i, w in enumerate(words)}
-
-
-@lru_cache(maxsize=4)
-def markov_chain(chain_seed: int = CHAIN_SEED) -> MarkovChain:
-    """The chain behind the tiny target's training data (deterministic in ``chain_seed``)."""
-    rng = random.Random(chain_seed)
-    n = len(WORDS)
-    ranking = list(range(n))
-    rng.shuffle(ranking)
-    weights = [0.0] * n
-    for rank, word in enumerate(ranking):
-        weights[word] = 1.0 / (rank + 1) ** _ZIPF_EXPONENT
-    total = sum(weights)
-    unigram = tuple(w / total for w in weights)
-    successors = []
-    for _ in range(n):
-        chosen: list[int] = []
-        while len(chosen) < len(_SUCCESSOR_PROBS):
-            word = rng.choices(range(n), weights=unigram)[0]
-            if word not in chosen and word != len(successors):
-                chosen.append(word)
-        successors.append(tuple(chosen))
-    return MarkovChain(words=WORDS, unigram=unigram, successors=tuple(successors))
-
-
-def markov_conversations(
-    n: int,
-    *,
-    seed: int,
-    turns: tuple[int, int] = (1, 3),
-    words_per_turn: tuple[int, int] = (4, 24),
-    system_prob: float = 0.25,
-    chain_seed: int = CHAIN_SEED,
-) -> list[dict[str, Any]]:
-    """``n`` ShareGPT records (``{"conversations": [{"from", "value"}, ...]}``) from the chain.
-
-    Each record: an optional system turn (probability ``system_prob``), then ``turns`` (a
-    closed range) human/gpt exchanges; every turn is a fresh walk of ``words_per_turn`` (closed
-    range) words joined by spaces. Deterministic in ``seed`` and ``chain_seed``.
-    """
-    chain = markov_chain(chain_seed)
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        conversation = []
-
-        def turn(speaker: str) -> None:
-            length = rng.randint(*words_per_turn)
-            conversation.append({"from": speaker, "value": " ".join(chain.walk(rng, length))})
-
-        if rng.random() < system_prob:
-            turn("system")
-        for _ in range(rng.randint(*turns)):
-            turn("human")
-            turn("gpt")
-        records.append({"conversations": conversation})
-    return records
-
-
-def write_jsonl(
-    records: Iterable[Mapping[str, Any]],
-    url: str | os.PathLike[str],
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-) -> int:
-    """Write one JSON object per line to any fsspec URL; returns the number of records."""
-    import fsspec  # noqa: PLC0415
-
-    count = 0
-    with fsspec.open(os.fspath(url), "w", encoding="utf-8", **(storage_options or {})) as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False))
-            fh.write("\n")
-            count += 1
-    return count
-
 
 # -- tokenizers ---------------------------------------------------------------------------
 
@@ -259,9 +115,10 @@ def build_tiny_tokenizer(style: Literal["llama3", "chatml"] = "llama3") -> Any:
     but has a Qwen2.5-shaped template (``<|im_start|>`` / ``<|im_end|>\\n``, default system
     prompt); it exists to test that loss masks work for templates of other shapes.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers is optional
 
+    specials: tuple[str, ...]
+    plain: tuple[str, ...]
     if style == "llama3":
         specials, plain, template = LLAMA3_SPECIALS, _LLAMA3_PLAIN, _LLAMA3_TEMPLATE
         named = {
@@ -298,13 +155,14 @@ def build_tiny_tokenizer(style: Literal["llama3", "chatml"] = "llama3") -> Any:
 
 
 def default_cache_root() -> Path:
+    """Where built targets are cached, so tests and the quickstart build one only once."""
     home = os.environ.get("SPECSTREAM_HOME")
     base = Path(home).expanduser() if home else Path.home() / ".cache" / "specstream"
     return base / "tiny-target"
 
 
 def _build_key(seed: int) -> str:
-    import transformers  # noqa: PLC0415
+    import transformers  # lazy: transformers is optional
 
     params = {
         "build_version": BUILD_VERSION,
@@ -361,8 +219,7 @@ def build_tiny_target(directory: Path | None = None, *, seed: int = 0) -> Path:
 
 
 def _train_and_save(out_dir: Path, *, seed: int) -> dict[str, Any]:
-    import torch  # noqa: PLC0415
-    from transformers import LlamaConfig  # noqa: PLC0415
+    from transformers import LlamaConfig  # lazy: transformers is optional
 
     tokenizer = build_tiny_tokenizer("llama3")
     cfg = dict(TINY_MODEL_CONFIG)
@@ -387,8 +244,7 @@ def _train_and_save(out_dir: Path, *, seed: int) -> dict[str, Any]:
 
 
 def _train(*, model_config: Any, tokenizer: Any, rows: Any, seed: int, out_dir: Path) -> dict[str, Any]:
-    import torch  # noqa: PLC0415
-    from transformers import LlamaForCausalLM  # noqa: PLC0415
+    from transformers import LlamaForCausalLM  # lazy: transformers is optional
 
     recipe = TRAIN_RECIPE
     with torch.random.fork_rng(devices=[]):
@@ -446,8 +302,6 @@ def _packed_training_rows(tokenizer: Any, *, seed: int) -> Any:
     Every conversation starts with ``<|begin_of_text|>``, so rows hold whole conversations
     (plus a cut one at each end) and the model learns the template as well as the chain.
     """
-    import torch  # noqa: PLC0415
-
     roles = {"system": "system", "human": "user", "gpt": "assistant"}
     records = markov_conversations(TRAIN_RECIPE["conversations"], seed=1_000_003 * (seed + 1))
     stream: list[int] = []

@@ -1,0 +1,186 @@
+"""The samples backlog as the generators see it, and the throttle that keeps a worker within it.
+
+:class:`BacklogMonitor` reads the remote half of the backlog, rate-limited: what every worker
+committed (the ``refs`` counts in the generators' offset metadata) and what the trainer has
+consumed (the newest ledger record). :class:`Throttle` applies the flow-control policy of
+:mod:`pipeline.generate.backpressure` to one worker's prompt partitions: it pauses those whose
+samples partition reached its cap, resumes them at the low share, and trims every polled batch
+to what each partition may still take.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+
+from pipeline.core.errors import StreamError
+from pipeline.core.messages import LedgerStep, Prompt
+from pipeline.core.progress import PartitionCounters
+from pipeline.core.topics import Admin, Committed, Reader, RunTopics, Transport, TransportError
+from pipeline.generate.backpressure import Backlog, FlowControl
+from pipeline.generate.planner import Decoded
+from pipeline.generate.stats import GeneratorStats
+from pipeline.ledger import LedgerTail
+
+__all__ = ("consumed_from", "generator_commits", "BacklogMonitor", "Throttle")
+
+logger = logging.getLogger(__name__)
+
+
+def consumed_from(step: LedgerStep | None) -> dict[int, int]:
+    """Records consumed per samples partition according to one ledger step (none: nothing)."""
+    if step is None:
+        return {}
+    return {position.partition: position.records for rank in step.ranks for position in rank.next_offsets}
+
+
+def generator_commits(admin: Admin, topics: RunTopics, *, timeout_s: float = 30.0) -> dict[int, Committed]:
+    """The generators' committed prompt offsets, retrying the broker's transient answers
+    (a fresh broker has no group coordinator for a moment)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return admin.group_offsets(topics.generator_group, topics.prompts)
+        except TransportError as exc:
+            if not exc.retriable or time.monotonic() + delay > deadline:
+                raise
+            logger.debug("group offsets not available yet (%s); retrying", exc)
+            time.sleep(delay)  # backoff between retries of a transient broker error
+            delay = min(delay * 2, 1.0)
+
+
+class BacklogMonitor:
+    """The remote half of the backlog (other workers' commits, trainer progress), rate-limited."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        topics: RunTopics,
+        *,
+        interval_s: float = 0.5,
+        admin: Admin | None = None,
+    ) -> None:
+        self.topics = topics
+        self.interval_s = interval_s
+        self._own_admin = admin is None
+        self._admin = admin or transport.admin()
+        self._ledger = LedgerTail(transport, topics.run_id)
+        self.produced: dict[int, int] = {}
+        self.ended: set[int] = set()
+        self.consumed: dict[int, int] = {}
+        self._checked_at = -math.inf
+        self.ledger_timeout_s = 2.0
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the remote state when the interval has passed; True when it did."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.interval_s:
+            return False
+        self._checked_at = now
+        commits = generator_commits(self._admin, self.topics)
+        committed = {p: PartitionCounters.parse(c.metadata) for p, c in commits.items()}
+        self.produced = {p: c.refs for p, c in committed.items()}
+        self.ended = {p for p, c in committed.items() if c.ended}
+        try:
+            self.consumed = consumed_from(self._ledger.latest(timeout_s=self.ledger_timeout_s))
+        except StreamError as exc:  # a slow read keeps the older (lower, so safe) progress
+            logger.warning("backpressure: trainer progress not read (%s); keeping the last", exc)
+        return True
+
+    def backlog(self, partitions: Iterable[int], local_produced: Mapping[int, int]) -> dict[int, Backlog]:
+        """Per partition: produced (local view wins, it includes uncommitted batches) - consumed."""
+        out = {}
+        for p in partitions:
+            produced = max(local_produced.get(p, 0), self.produced.get(p, 0))
+            out[p] = Backlog(produced, self.consumed.get(p, 0))
+        return out
+
+    def close(self) -> None:
+        """Close the ledger reader, and the admin client when this monitor opened it."""
+        self._ledger.close()
+        if self._own_admin:
+            self._admin.close()
+
+
+class Throttle:
+    """One worker's flow control: pause, resume and trim its prompt partitions by their backlog.
+
+    ``counters`` are the worker's own counts of the partitions it owns (queued batches
+    included); the rest of the backlog comes from the monitor.
+    """
+
+    def __init__(self, flow: FlowControl, monitor: BacklogMonitor, stats: GeneratorStats, *, name: str) -> None:
+        self.flow = flow
+        self.monitor = monitor
+        self.stats = stats
+        self.name = name
+        self._paused_since: float | None = None
+
+    def _backlog(self, assigned: list[int], counters: Mapping[int, PartitionCounters]) -> dict[int, Backlog]:
+        """Per partition: produced (ours exact, with queued batches; others' as committed)
+        minus the trainer's newest reported progress."""
+        local = {p: c.refs for p, c in counters.items() if p in assigned}
+        return self.monitor.backlog(range(self.flow.partitions), local)
+
+    def apply(self, reader: Reader, counters: Mapping[int, PartitionCounters], bytes_per_sample: float) -> None:
+        """Pause the owned partitions whose backlog reached their cap, resume those below low."""
+        assigned = reader.assignment()
+        want: set[int] = set()
+        if assigned:
+            self.monitor.refresh()
+            backlog = self._backlog(assigned, counters)
+            self.stats.max_backlog = max(self.stats.max_backlog, sum(b.samples for b in backlog.values()))
+            ended = {p for p, c in counters.items() if c.ended} | self.monitor.ended
+            want = self.flow.update(backlog, bytes_per_sample, ended) & set(assigned)
+        have = set(reader.paused())
+        if want - have:
+            reader.pause(sorted(want - have))
+            self.stats.pauses += 1
+            logger.info("%s: backlog high, pausing prompt partitions %s", self.name, sorted(want - have))
+        if have - want:
+            reader.resume(sorted(have - want))
+            logger.info("%s: backlog low, resuming prompt partitions %s", self.name, sorted(have - want))
+        now_ = time.monotonic()
+        if want and assigned and want >= set(assigned):
+            if self._paused_since is None:
+                self._paused_since = now_
+        elif self._paused_since is not None:
+            self.stats.paused_s += now_ - self._paused_since
+            self._paused_since = None
+
+    def trim(
+        self,
+        reader: Reader,
+        decoded: list[Decoded],
+        counters: Mapping[int, PartitionCounters],
+        bytes_per_sample: float,
+    ) -> list[Decoded]:
+        """Keep, per partition, only the prompts its cap still allows; rewind past the cut.
+
+        Markers and bad records cost nothing and pass (an end-of-stream marker must never wait
+        on the trainer), but nothing after a cut does: the partition resumes exactly there.
+        """
+        backlog = self._backlog(reader.assignment(), counters)
+        allowance: dict[int, int] = {}
+        cut: dict[int, int] = {}
+        kept: list[Decoded] = []
+        for record, item in decoded:
+            p = record.partition
+            if p in cut:
+                continue
+            if isinstance(item, Prompt):
+                if p not in allowance:
+                    allowance[p] = self.flow.allowance(p, backlog[p].samples, bytes_per_sample)
+                if allowance[p] <= 0:
+                    cut[p] = record.offset
+                    continue
+                allowance[p] -= 1
+            kept.append((record, item))
+        for p, offset in cut.items():
+            reader.seek(p, offset)
+        if cut:
+            self.stats.trimmed += len(decoded) - len(kept)
+        return kept

@@ -1,0 +1,96 @@
+"""What each optimizer step reports: every rank's progress, and rank 0's metrics, bar and ledger.
+
+Every rank describes its step (the samples it folded in, its next offsets); rank 0 gathers
+those with the ranks' timings and turns them into one metrics row, one progress-bar tick and one
+ledger record, the step's audit trail and the generators' measure of trainer progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, now
+from pipeline.core.progress import StreamState
+from pipeline.train.config import TrainerSettings
+from pipeline.train.dataset import SampleInfo
+from pipeline.train.metrics import MetricsLog, ProgressBar, RankTiming, StepRecord, ThroughputTotals
+from pipeline.train.resume import LedgerSink
+
+__all__ = ("rank_progress", "StepReporter")
+
+logger = logging.getLogger(__name__)
+
+
+def rank_progress(rank: int, samples: list[SampleInfo], state: StreamState) -> dict[str, Any]:
+    """One rank's share of a step's ledger record: its sample ids and where its stream stands."""
+    offsets = [
+        PartitionOffset(
+            partition=p,
+            offset=state.positions[p],
+            records=state.used.get(p, 0) + state.rejected.get(p, 0) + state.duplicates.get(p, 0),
+        )
+        for p in sorted(state.positions)
+    ]
+    return RankProgress(
+        rank=rank, sample_ids=[s.sample_id for s in samples], next_offsets=offsets
+    ).model_dump()
+
+
+class StepReporter:
+    """Rank 0's record of every step: metrics JSONL, progress bar and ledger (silent on others)."""
+
+    def __init__(
+        self, config: TrainerSettings, *, is_main: bool, ledger: LedgerSink | None, initial_step: int
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.totals = ThroughputTotals()  # every rank's timings
+        self.records: list[StepRecord] = []
+        self.metrics = MetricsLog(config.metrics_path if is_main else None)
+        self.progress = ProgressBar(
+            enabled=config.progress and is_main, total=config.max_steps, initial=initial_step
+        )
+
+    def report(
+        self,
+        step: int,
+        gathered: list[tuple[dict[str, Any], RankTiming]],
+        summary: dict[str, Any],
+        lr: float,
+        grad_norm: float,
+    ) -> None:
+        """Turn the ranks' gathered progress and timings into the step's row, tick and record."""
+        timings = [t for _, t in gathered]
+        self.totals.add(timings)
+        record = StepRecord.build(
+            step=step,
+            summary=summary,
+            lr=lr,
+            timings=timings,
+            totals=self.totals,
+            grad_norm=grad_norm,
+            now=time.time(),
+        )
+        self.records.append(record)
+        self.metrics.write(record)
+        self.progress.update(record)
+        if self.ledger is not None:
+            self.ledger.write(
+                LedgerStep(
+                    run_id=self.config.run_id,
+                    step=step,
+                    epoch=self.config.epoch,
+                    ranks=[RankProgress.model_validate(p) for p, _ in gathered],
+                    metrics=StepMetrics(loss=record.loss, ploss=record.ploss, acc=record.acc),
+                    lr=lr,
+                    created_at=now(),
+                )
+            )
+        logger.debug("step %d loss %.4f acc0 %.3f", step, record.loss, record.acc[0] if record.acc else 0)
+
+    def close(self) -> None:
+        """Close the bar, then the metrics file."""
+        self.progress.close()
+        self.metrics.close()
