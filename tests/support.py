@@ -77,3 +77,27 @@ def wait_exit(proc: subprocess.Popen[str], timeout_s: float = 180.0) -> tuple[in
         out, _ = proc.communicate()
         raise AssertionError(f"process did not exit within {timeout_s} s:\n{out[-4000:]}") from None
     return proc.returncode, out
+
+
+def wait_for_group(bootstrap: str, group_id: str, members: int, *, timeout_s: float = 90.0) -> None:
+    """Until the consumer group is Stable with ``members`` members (bounded): a test that needs
+    every worker in the group before any work arrives waits here instead of racing the joins."""
+    from kafka.admin import KafkaAdminClient  # lazy: start-up, only the group tests need it
+    from kafka.errors import KafkaError  # lazy: start-up, only the group tests need it
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    deadline = time.monotonic() + timeout_s
+    group: object = None
+    try:
+        while True:
+            try:
+                group = admin.describe_groups([group_id])[group_id]
+            except KafkaError as exc:  # e.g. the coordinator of a fresh broker is not up yet
+                group = exc
+            if isinstance(group, dict) and group["group_state"] == "Stable" and len(group["members"]) == members:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group {group_id} not stable with {members} members in {timeout_s} s: {group}")
+            time.sleep(0.2)  # polling the broker's view of the group, bounded by the deadline
+    finally:
+        admin.close()

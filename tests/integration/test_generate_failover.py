@@ -22,7 +22,7 @@ from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
-from tests.support import make_prompts, read_messages, spawn, wait_exit
+from tests.support import make_prompts, read_messages, spawn, wait_exit, wait_for_group
 
 pytestmark = pytest.mark.integration
 
@@ -106,11 +106,13 @@ def test_sigterm_finishes_the_batch_and_leaves_the_group_at_once(kafka, run_topi
     run_id = run_topics.run_id
     prompts = make_prompts(run_id, 400)
     publisher = PromptPublisher(kafka, run_id, 4, chunk_size=50)
-    with pytest.raises(_SourceCut):  # half the prompts now, so neither worker can finish early
-        publisher.publish(_first(prompts, 200))
     # A long session timeout: only a clean LeaveGroup lets the other worker take over quickly.
     args = lambda w: group_args(kafka, run_id, storage_root, w, session_ms=30_000)  # noqa: E731
     leaving, staying = spawn(args("gen-a")), spawn(args("gen-b"))
+    # Both in the group before any prompt exists: the first to join cannot take all the work.
+    wait_for_group(kafka.bootstrap_servers, run_topics.generator_group, 2)
+    with pytest.raises(_SourceCut):  # half the prompts now, so neither worker can finish early
+        publisher.publish(_first(prompts, 200))
     read_messages(  # both are members and both have committed work
         kafka, run_topics.samples, range(4), timeout_s=60,
         until=lambda m: {x.producer_id for _, x in m if isinstance(x, SampleRef)} == {"gen-a", "gen-b"},
