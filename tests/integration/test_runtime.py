@@ -96,14 +96,20 @@ def test_trainer_first_winds_the_generators_down(kafka, run_id, tmp_path, tiny_t
 
 
 class ExplodingTarget:
-    """Delegates to the real backend, then fails on the eighth batch, like a GPU running out of memory."""
+    """Delegates to the real backend, then fails on the eighth batch, like a GPU running out of
+    memory; it fails only once the trainer has taken a step (``stepped``), so there is always
+    something to checkpoint on the way out, whatever the threads' timing."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.info, self.calls = inner, inner.info, 0
+    def __init__(self, inner: Any, stepped: Path) -> None:
+        self.inner, self.info, self.calls, self.stepped = inner, inner.info, 0, stepped
 
     def capture(self, prompts: Any) -> Any:
         self.calls += 1
         if self.calls == 8:
+            deadline = time.monotonic() + 120
+            while not (self.stepped.exists() and self.stepped.read_text().strip()):
+                assert time.monotonic() < deadline, "the trainer took no step from seven batches"
+                time.sleep(0.1)  # polling the trainer's metrics file, bounded by the deadline
             raise RuntimeError("capture exploded: CUDA out of memory")
         return self.inner.capture(prompts)
 
@@ -115,7 +121,8 @@ def test_producer_error_stops_the_trainer_and_is_reraised_here(kafka, run_id, tm
     config = load_config(write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=120))
     online = build_online_run(config)
     real = online.make_backend
-    online.make_backend = lambda: ExplodingTarget(real())  # type: ignore[method-assign]
+    stepped = tmp_path / "out" / "metrics.jsonl"
+    online.make_backend = lambda: ExplodingTarget(real(), stepped)  # type: ignore[method-assign]
     finished = threading.Event()
 
     def run() -> None:
