@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from tests.app.test_cli import nothing_written, one_error, run, write
-from tests.support import specstream_command
+from tests.app.test_cli import nothing_written, run, write
+from tests.support import one_error, specstream_command
 
 NOWHERE = "kafka.invalid:9092"  # RFC 6761: never resolves, so it fails at once, on every machine
 QUICK = {"bootstrap.timeout.ms": 2000}  # a bootstrap that cannot succeed gives up after 2 s
