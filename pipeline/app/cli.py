@@ -142,7 +142,8 @@ def quickstart(
 
     Builds a tiny Llama target and synthetic chats locally, then runs source, generator and
     trainer interleaved on the local Kafka broker (started if needed) and prints the
-    completeness summary. The config it ran is saved as WORKDIR/config.yaml.
+    completeness summary. The config it ran is saved as WORKDIR/config.yaml; the same
+    quickstart again continues that run, and a WORKDIR that holds another run is refused.
     """
     _setup_logging(verbose)
     from pipeline.app.quickstart import continued_run_id, quickstart_config  # lazy: start-up, torch
