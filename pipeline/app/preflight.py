@@ -1,8 +1,8 @@
 """Checks before a stage writes anything: each failure a user can fix is one ``ConfigError``.
 
 A stage runs ``check_local`` before it starts or reaches a broker (model directory, data, storage
-and its fsspec implementation, devices), then ``check_broker`` once its transport exists; only after both passed does it claim
-the run (topics, manifest) or write a file.
+and its fsspec implementation, TLS files, devices), then ``check_broker`` once its transport
+exists; only after both passed does it claim the run (topics, manifest) or write a file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.app.config import RunConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.topics import Transport
 
-__all__ = ("STAGES", "check_local", "check_device", "check_broker", "preflight")
+__all__ = ("STAGES", "check_local", "check_broker", "preflight")
 
 STAGES = ("source", "generate", "train")
 
@@ -46,17 +46,17 @@ def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
         if not fs.exists(path):
             raise ConfigError("data.path", f"{config.data.path} does not exist", "point it at a JSONL file of conversations")
     fs, root = _filesystem("storage.root", config.storage.root, config.storage.options)
-    if isinstance(fs, LocalFileSystem) and set(stages) & set(STAGES):
-        _check_writable(Path(root), config.storage.root)
-    if set(stages) & set(STAGES):
+    if set(stages) & set(STAGES):  # a stage writes features and talks to Kafka; export only reads
+        if isinstance(fs, LocalFileSystem):
+            _check_writable(Path(root), config.storage.root)
         _check_client_files(config)
     if "train" in stages:
-        check_device("train.device", config.train.device)
+        _check_device("train.device", config.train.device)
     if "generate" in stages and target.backend == "hf":  # the synthetic backend ignores it; sglang picks its GPUs
-        check_device("target.device", target.device)
+        _check_device("target.device", target.device)
 
 
-def check_device(key: str, device: str | None) -> None:
+def _check_device(key: str, device: str | None) -> None:
     """A device the config names must exist here: ``cuda`` needs CUDA, ``cuda:N`` that many GPUs."""
     if device is None or device == "cpu":
         return
@@ -81,9 +81,8 @@ def _check_client_files(config: RunConfig) -> None:
     for native in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
         path = config.broker.client_options.get(native)
         if path and not Path(path).is_file():
-            raise ConfigError(
-                f"broker.client_options.{native.replace('_', '.')}", f"{path} is not a file", "point it at the PEM file on this machine"
-            )
+            key = f"broker.client_options.{native.replace('_', '.')}"
+            raise ConfigError(key, f"{path} is not a file", "point it at the PEM file on this machine")
 
 
 _NULL_HINT = {"train.device": ", or null (cuda when available)", "target.device": ""}

@@ -236,3 +236,19 @@ def test_a_full_disk_is_one_line_naming_the_cause_with_the_traceback_kept(
         assert "Traceback" not in out and len(kept) == 1 and f"(traceback: {kept[0]})" in errors[0]
         assert "Traceback (most recent call last)" in kept[0].read_text() and "write_jsonl" in kept[0].read_text()
     assert not (workdir / "config.yaml").exists()
+
+
+def test_a_gpu_index_beyond_the_machines_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In process, with torch told it sees one GPU: cuda:1 is refused with the count, cuda:0 passes."""
+    from pipeline.app.config_file import parse_config
+    from pipeline.app.preflight import check_local
+    from pipeline.core.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    raw = {"run_id": "r", "storage": {"root": str(tmp_path / "features")}, "data": {"path": "-"},
+           "target": {"backend": "synthetic"}, "train": {"device": "cuda:1"}}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        check_local(parse_config(raw), ("train",))
+    assert info.value.key == "train.device" and "this machine has 1 CUDA device(s)" in str(info.value)
+    check_local(parse_config({**raw, "train": {"device": "cuda:0"}}), ("train",))
