@@ -6,8 +6,8 @@ generator and EAGLE3 trainer interleaved on the local broker (started if needed)
 
 A workdir holds one run. Running the same quickstart there again continues that run (it resumes
 from its newest checkpoint, or finds it complete); one with other settings (another
-``--conversations``), or a workdir whose ``config.yaml`` is another run's, is refused before
-anything is written.
+``--conversations`` or ``--max-steps``), or a workdir whose ``config.yaml`` is another run's, is
+refused before anything is written.
 """
 
 from __future__ import annotations

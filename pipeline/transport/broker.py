@@ -122,7 +122,6 @@ transaction.abort.timed.out.transaction.cleanup.interval.ms=5000
 """
 
 
-
 def _sasl_properties(bport: int, cport: int, sport: int, users: Mapping[str, str]) -> str:
     """A third listener, SASL_PLAINTEXT with PLAIN, for ``users``; brokers still talk PLAINTEXT."""
     accounts = " ".join(f'user_{name}="{password}"' for name, password in users.items())
