@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import selectors
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,16 @@ from pathlib import Path
 from pipeline.core.messages import AnyMessage, Prompt, decode, prompt_id_for
 from pipeline.transport.kafka import KafkaSettings, PartitionReader
 
-__all__ = ("read_messages", "make_prompts", "specstream_command", "spawn", "wait_exit")
+__all__ = (
+    "read_messages",
+    "make_prompts",
+    "specstream_command",
+    "spawn",
+    "wait_exit",
+    "wait_for_output",
+    "one_error",
+    "tree_state",
+)
 
 
 def read_messages(
@@ -101,3 +112,37 @@ def wait_for_group(bootstrap: str, group_id: str, members: int, *, timeout_s: fl
             time.sleep(0.2)  # polling the broker's view of the group, bounded by the deadline
     finally:
         admin.close()
+
+
+def wait_for_output(proc: subprocess.Popen[str], pattern: str, timeout_s: float = 60.0) -> list[str]:
+    """The process's output lines up to the first that matches ``pattern`` (bounded: a process
+    that exits or stays silent past the deadline fails the test)."""
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(timeout=left):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if re.search(pattern, line):
+                return seen
+    raise AssertionError(f"no line matching {pattern!r} within {timeout_s} s:\n{''.join(seen)[-4000:]}")
+
+
+def one_error(out: str, *, launcher_traceback: bool = False) -> str:
+    """The single `error:` line; no traceback (torchrun prints its own ChildFailedError one)."""
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert launcher_traceback or "Traceback" not in out, out
+    return errors[0]
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time: equal before and after
+    means nothing was written there."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}

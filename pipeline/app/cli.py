@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -25,7 +27,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.app.cli_broker import broker_app
-from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, SpecstreamError
+from pipeline.core.errors import BrokerError, ConfigError, OptionError, RunMismatchError, SpecstreamError
+from pipeline.core.topics import FencedError
 from pipeline.transport import background_broker as local_broker
 
 if TYPE_CHECKING:
@@ -54,17 +57,28 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The run's YA
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress (INFO).")]
 
 
+_verbose = False  # set by the command: --verbose prints an unexpected error's traceback
+
+
 def _rank() -> str:
     return os.environ.get("RANK", "") or "0"
 
 
 def _setup_logging(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
     rank = f" rank{_rank()}" if os.environ.get("WORLD_SIZE") else ""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format=f"%(asctime)s{rank} %(levelname)s %(name)s: %(message)s",
     )
+    # kafka-python logs every retry of its network thread; what it means reaches the user as one
+    # error line. Its records are still made (the Kafka adapter reads a failed bootstrap's causes
+    # from them), only not printed without --verbose.
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: not record.name.startswith("kafka"))
 
 
 def _stop_on_signals() -> threading.Event:
@@ -81,16 +95,23 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _bootstrap_or_local(bootstrap: str | None) -> str:
-    if bootstrap:
-        return bootstrap
+def _broker(flag: str | None, configured: str | None = None) -> tuple[str, str]:
+    """The broker's address and where it came from: ``--bootstrap`` (or its variable), the
+    config, or the local broker of ``specstream broker start``."""
+    from pipeline.app.config_file import bootstrap_origin  # lazy: start-up, pydantic + kafka-python
+
+    if flag:
+        given = any(arg == "--bootstrap" or arg.startswith("--bootstrap=") for arg in sys.argv)
+        return flag, "--bootstrap" if given else "KAFKA_BOOTSTRAP_SERVERS"
+    if configured:
+        return configured, bootstrap_origin()
     running = local_broker.detached_status()
     if running is None:
-        raise SpecstreamError(
+        raise BrokerError(
             "no broker given: pass --bootstrap / set KAFKA_BOOTSTRAP_SERVERS, or start the local "
             "one with `specstream broker start`"
         )
-    return running.bootstrap
+    return running.bootstrap, local_broker.ORIGIN
 
 
 def _load(path: Path) -> RunConfig:
@@ -121,16 +142,21 @@ def quickstart(
 
     Builds a tiny Llama target and synthetic chats locally, then runs source, generator and
     trainer interleaved on the local Kafka broker (started if needed) and prints the
-    completeness summary. The config it ran is saved as WORKDIR/config.yaml.
+    completeness summary. The config it ran is saved as WORKDIR/config.yaml; the same
+    quickstart again continues that run, and a WORKDIR that holds another run is refused.
     """
     _setup_logging(verbose)
-    from pipeline.app.quickstart import quickstart_config  # lazy: start-up, torch, transformers
+    from pipeline.app.quickstart import continued_run_id, quickstart_config  # lazy: start-up, torch
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
+    from pipeline.app.settings import kafka_settings  # lazy: start-up, torch
 
-    bootstrap = bootstrap or _start_local_broker()
+    run_id = continued_run_id(workdir, conversations, max_steps)  # another run in the workdir stops here
+    address, origin = _broker(bootstrap) if bootstrap else (_start_local_broker(), local_broker.ORIGIN)
+    if run_id is not None:
+        console.print(f"continuing run {run_id} in {workdir}")
     console.print("building the tiny target and synthetic data (cached after the first run)...")
-    config = quickstart_config(workdir, conversations=conversations, bootstrap=bootstrap, max_steps=max_steps)
-    _run_and_report(build_online_run(config))
+    config = quickstart_config(workdir, conversations=conversations, bootstrap=address, max_steps=max_steps, run_id=run_id)
+    _run_and_report(build_online_run(config, transport=kafka_settings(config, address, origin=origin)))
 
 
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
@@ -209,15 +235,16 @@ def generate(
         worker = configured_generator(_load(config), worker_id, owned)
     else:
         if not run_id or not storage:
-            raise SpecstreamError("generate needs --config, or --run-id and --storage")
+            raise OptionError("--config", "is missing", "pass --config, or --run-id and --storage")
         overrides: dict[str, dict[str, Any]] = {
             "target": {"backend": backend, "model": str(model) if model else None, "dtype": dtype,
                        "batch_size": batch_size,
                        "aux_layer_ids": [int(i) for i in aux_layer_ids.split(",")] if aux_layer_ids else None},
             "broker": {"transaction_timeout_ms": transaction_timeout_ms, "session_timeout_ms": session_timeout_ms},
         }  # fmt: skip
+        address, origin = _broker(bootstrap)
         worker = ad_hoc_generator(
-            run_id, storage, _bootstrap_or_local(bootstrap), worker_id, owned, overrides, hidden_size=hidden_size
+            run_id, storage, address, worker_id, owned, overrides, hidden_size=hidden_size, origin=origin
         )
     stats = worker.run(_stop_on_signals())
     console.print(
@@ -255,12 +282,13 @@ def status(
         from pipeline.app.settings import kafka_settings  # lazy: start-up, torch, through the stage dataclasses
 
         cfg = _load(config)
-        transport = kafka_settings(cfg, _bootstrap_or_local(bootstrap or cfg.broker.bootstrap_servers))
-        typer.echo(render_status(run_status(transport, run_id or cfg.run_id)))
+        address, origin = _broker(bootstrap, cfg.broker.bootstrap_servers)
+        typer.echo(render_status(run_status(kafka_settings(cfg, address, origin=origin), run_id or cfg.run_id)))
         return
     if not run_id:
-        raise SpecstreamError("status needs --run-id or --config")
-    typer.echo(render_status(run_status(KafkaSettings(_bootstrap_or_local(bootstrap)), run_id)))
+        raise OptionError("--run-id", "is missing", "pass --run-id or --config")
+    address, origin = _broker(bootstrap)
+    typer.echo(render_status(run_status(KafkaSettings(address, origin=origin), run_id)))
 
 
 def export(
@@ -269,20 +297,9 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="Output directory; default OUTPUT_DIR/export.")] = None,
 ) -> None:
     """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
-    from pipeline.app.settings import model_spec  # lazy: start-up, torch
-    from pipeline.storage import FeatureStore  # lazy: start-up, fsspec
-    from pipeline.train.checkpoint import CheckpointManager  # lazy: start-up, torch
-    from pipeline.train.export import export_checkpoint  # lazy: start-up, torch
+    from pipeline.app.export_job import export_run  # lazy: start-up, torch
 
-    cfg = _load(config)
-    if checkpoint is None:
-        latest = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints").latest()
-        if latest is None:
-            raise SpecstreamError(f"no checkpoint under {cfg.train.output_dir}/checkpoints: train first")
-        checkpoint = latest.path
-    store = FeatureStore(cfg.storage.root, cfg.run_id, storage_options=dict(cfg.storage.options))
-    target = export_checkpoint(checkpoint, model_spec(cfg, store.root_url), str(out or Path(cfg.train.output_dir) / "export"))
-    typer.echo(target)
+    typer.echo(export_run(_load(config), checkpoint, out))
 
 
 def replay(
@@ -352,19 +369,42 @@ def _error(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False)
 
 
+def _kept_traceback(exc: BaseException) -> str:
+    """An unexpected error's traceback: printed with --verbose, else written to a file the error
+    line names (a disk that is full may refuse it: then only --verbose shows it)."""
+    text = "".join(traceback.format_exception(exc))
+    if _verbose:
+        sys.stderr.write(text)
+        return ""
+    try:
+        fd, path = tempfile.mkstemp(prefix="specstream-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+    except OSError:
+        return " (run again with --verbose for the traceback)"
+    return f" (traceback: {path})"
+
+
 def main() -> None:
     """Exit 0: done or cleanly stopped; 2: a setting or the broker is wrong (fix and rerun);
-    1: the run failed while running (look at the message, then restart or resume)."""
+    1: the run failed while running, or another copy of it took over (look at the message, then
+    restart or resume). Every failure is one `error:` line."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    prefix = f"rank {_rank()}: " if os.environ.get("WORLD_SIZE") else ""
     try:
         app()
     except (ConfigError, BrokerError, RunMismatchError) as exc:
         if _rank() == "0":  # every rank finds the same setting wrong: say it once
             _error(str(exc))
         raise SystemExit(2) from None
+    except FencedError as exc:  # the message says who took over
+        _error(f"{prefix}{exc}")
+        raise SystemExit(1) from None
     except SpecstreamError as exc:
-        prefix = f"rank {_rank()}: " if os.environ.get("WORLD_SIZE") else ""
         _error(f"{prefix}{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+    except Exception as exc:  # noqa: BLE001 - not ours (a full disk, a library's bug): its cause in one line
+        _error(f"{prefix}{type(exc).__name__}: {exc}{_kept_traceback(exc)}")
         raise SystemExit(1) from None
 
 

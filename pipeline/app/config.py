@@ -10,6 +10,7 @@ in :mod:`pipeline.app.config_file`.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -74,7 +75,10 @@ class _Section(BaseModel):
 def _check_device(key: str, value: str | None, null_means: str) -> str | None:
     if value is None or _DEVICE.match(value):
         return value
-    raise ConfigError(key, f"{value!r} is not a device", f"use cpu, cuda or cuda:N (null: {null_means})")
+    close = difflib.get_close_matches(value.lower(), ["cpu", "cuda", "mps"], n=1, cutoff=0.5)
+    guess = {"gpu": "cuda"}.get(value.lower(), close[0] if close else None)
+    hint = f"did you mean `{guess}`? " if guess else ""
+    raise ConfigError(key, f"{value!r} is not a device", f"{hint}use cpu, cuda, cuda:N or mps; {null_means}")
 
 
 class BrokerSection(_Section):
@@ -150,7 +154,7 @@ class TargetSection(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        return _check_device("target.device", value, "cpu") or "cpu"
+        return _check_device("target.device", value, "default cpu") or "cpu"
 
     @model_validator(mode="after")
     def _model_for_real_backends(self) -> TargetSection:
@@ -243,7 +247,7 @@ class TrainSection(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str | None) -> str | None:
-        return _check_device("train.device", value, "cuda when available")
+        return _check_device("train.device", value, "null: cuda when available")
 
     @field_validator("resume")
     @classmethod

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline.app.config import RunConfig
 from pipeline.core.errors import ConfigError
 
-__all__ = ("load_config", "parse_config")
+__all__ = ("load_config", "parse_config", "bootstrap_origin")
 
 
 # Keys that were renamed: a file that still uses the old name is told the new one.
@@ -91,6 +91,11 @@ def _expand(node: Any, loc: tuple[str, ...]) -> Any:
         return os.environ[name]
 
     return _ENV_REFERENCE.sub(substitute, node)
+
+
+def bootstrap_origin() -> str:
+    """Where a config's broker address comes from: the file, or the variable that overrides it."""
+    return "KAFKA_BOOTSTRAP_SERVERS" if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else "broker.bootstrap_servers"
 
 
 def _apply_environment(data: dict[str, Any]) -> dict[str, Any]:

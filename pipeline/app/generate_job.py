@@ -35,10 +35,12 @@ def ad_hoc_generator(
     overrides: dict[str, dict[str, Any]],
     *,
     hidden_size: int,
+    origin: str,
 ) -> GeneratorWorker:
     """A bare worker without backpressure (the data plane alone: tests, benchmarks).
 
-    ``overrides`` are config sections; None values take the ``RunConfig`` defaults.
+    ``overrides`` are config sections; None values take the ``RunConfig`` defaults; ``origin``
+    says where ``bootstrap`` came from.
     """
     raw: dict[str, Any] = {
         "run_id": run_id,
@@ -50,7 +52,7 @@ def ad_hoc_generator(
     cfg = parse_config(raw, source="generate flags")
     settings = replace(generator_settings(cfg, worker_id, partitions), backpressure=None, trainer=None)
     return GeneratorWorker(
-        kafka_settings(cfg, bootstrap),
+        kafka_settings(cfg, bootstrap, origin=origin),
         FeatureStore(storage, run_id),
         target_backend(cfg, synthetic_hidden_size=hidden_size),
         settings,

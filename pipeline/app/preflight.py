@@ -1,17 +1,19 @@
 """Checks before a stage writes anything: each failure a user can fix is one ``ConfigError``.
 
-A stage runs ``check_local`` before it starts or reaches a broker (model directory, data, storage,
-devices), then ``check_broker`` once its transport exists; only after both passed does it claim
-the run (topics, manifest) or write a file.
+A stage runs ``check_local`` before it starts or reaches a broker (model directory, data, storage
+and its fsspec implementation, TLS files, devices), then ``check_broker`` once its transport
+exists; only after both passed does it claim the run (topics, manifest) or write a file.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import fsspec
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.app.config import RunConfig
@@ -24,7 +26,11 @@ STAGES = ("source", "generate", "train")
 
 
 def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
-    """The model directory, the data (source), the storage root, the trainer's device."""
+    """The model directory, the data (source), the storage root, the devices of the stages here.
+
+    ``stages`` are the ones this process runs: ``source``, ``generate``, ``train``, or ``export``
+    (which only reads the storage).
+    """
     target = config.target
     if target.backend in ("hf", "sglang"):
         model = Path(str(target.model))
@@ -36,19 +42,65 @@ def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
                 "fetched at run time)",
             )
     if "source" in stages:
-        fs, path = fsspec.url_to_fs(config.data.path)
+        fs, path = _filesystem("data.path", config.data.path, {})
         if not fs.exists(path):
             raise ConfigError("data.path", f"{config.data.path} does not exist", "point it at a JSONL file of conversations")
-    fs, root = fsspec.url_to_fs(config.storage.root, **dict(config.storage.options))
-    if isinstance(fs, LocalFileSystem):
-        _check_writable(Path(root), config.storage.root)
-    if "train" in stages and (config.train.device or "").startswith("cuda"):
-        import torch  # lazy: start-up, only the trainer's check needs torch; source/generate start faster
+    fs, root = _filesystem("storage.root", config.storage.root, config.storage.options)
+    if set(stages) & set(STAGES):  # a stage writes features and talks to Kafka; export only reads
+        if isinstance(fs, LocalFileSystem):
+            _check_writable(Path(root), config.storage.root)
+        _check_client_files(config)
+    if "train" in stages:
+        _check_device("train.device", config.train.device)
+    if "generate" in stages and target.backend == "hf":  # the synthetic backend ignores it; sglang picks its GPUs
+        _check_device("target.device", target.device)
 
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "train.device", f"is {config.train.device} but CUDA is not available here", "use cpu, or null"
-            )
+
+def _check_device(key: str, device: str | None) -> None:
+    """A device the config names must exist here: ``cuda`` needs CUDA, ``cuda:N`` that many GPUs."""
+    if device is None or device == "cpu":
+        return
+    import torch  # lazy: start-up, only a GPU device needs torch here; source and generate start faster
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(key, "is mps but MPS (Apple GPU) is not available here", f"use cpu{_NULL_HINT[key]}")
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(key, f"is {device} but CUDA is not available here", f"use cpu{_NULL_HINT[key]}")
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(
+            key, f"is {device} but this machine has {count} CUDA device(s)", f"use cuda:0 ... cuda:{count - 1}"
+        )
+
+
+def _check_client_files(config: RunConfig) -> None:
+    """The TLS files the Kafka clients read must be here (kafka-python would only time out)."""
+    for native in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
+        path = config.broker.client_options.get(native)
+        if path and not Path(path).is_file():
+            key = f"broker.client_options.{native.replace('_', '.')}"
+            raise ConfigError(key, f"{path} is not a file", "point it at the PEM file on this machine")
+
+
+_NULL_HINT = {"train.device": ", or null (cuda when available)", "target.device": ""}
+# fsspec protocols whose implementation is one of specstream's extras.
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def _filesystem(key: str, url: str, options: Mapping[str, Any]) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem of ``url``; a missing implementation names its extra (s3fs, gcsfs)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        return cast(tuple[AbstractFileSystem, str], fsspec.url_to_fs(url, **dict(options)))
+    except ImportError as exc:
+        extra = _EXTRAS.get(protocol)
+        fix = f"pip install 'specstream[{extra}]'" if extra else f"install the fsspec implementation of {protocol}://"
+        raise ConfigError(key, f"{url} needs a package that is not installed ({exc})", fix) from None
+    except ValueError as exc:
+        raise ConfigError(key, f"{url}: {exc}", "use a local path or an fsspec URL (s3://, gs://, ...)") from None
 
 
 def check_broker(transport: Transport) -> None:

@@ -16,14 +16,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
+from pipeline.app.preflight import check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
-from pipeline.core.errors import ConfigError, StreamError
+from pipeline.core.errors import ConfigError, OptionError, RunMismatchError
 from pipeline.ledger import effective_history, read_ledger
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.runner import run_trainer, single_rank
 
-__all__ = ("ReplayReport", "replay_run")
+__all__ = ("ReplayReport", "check_output_dir", "replay_run")
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ReplayReport:
 
 def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | None = None) -> ReplayReport:
     """Train again from the retained samples into ``output_dir``; compare each step's loss with the ledger."""
+    check_output_dir(Path(output_dir))
+    check_local(config, ("train",))
     if config.storage.retention != "retain":
         raise ConfigError(
             "storage.retention",
@@ -55,12 +58,19 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         raise ConfigError("train.world_size", "replay runs on one rank", "replay runs trained with world_size: 1")
     live = CheckpointManager(Path(config.train.output_dir) / "checkpoints").latest()
     if live is None:
-        raise StreamError(f"no checkpoint of the live run under {config.train.output_dir}/checkpoints")
+        raise ConfigError(
+            "train.output_dir",
+            f"holds no checkpoint of the live run under {config.train.output_dir}/checkpoints",
+            "replay a run that has trained, with the config it trained with",
+        )
     schedule = CheckpointManager(live.path.parent).read_meta(live).get("config", {}).get("lr_schedule", {})
     online = build_online_run(config)
     history = effective_history(read_ledger(online.transport, config.run_id))
     if not history:
-        raise StreamError(f"run {config.run_id} has no ledger records: nothing to replay")
+        raise RunMismatchError(
+            f"run {config.run_id} has checkpoints under {config.train.output_dir} but no ledger records on this "
+            "broker: replay on the broker the run trained on"
+        )
     settings = replace(
         trainer_settings(config, schedule_steps=schedule.get("total_steps")),
         schedule=schedule.get("kind", "constant"),  # exactly the live run's schedule
@@ -91,3 +101,10 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         elif first is None:
             first = f"step {step.step}: ledger loss {step.metrics.loss!r}, replay {got!r}"
     return ReplayReport(len(history), identical, first, output_dir)
+
+
+def check_output_dir(out: Path) -> None:
+    """A replay writes into a directory of its own: an earlier replay's (or anything else) is kept."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is a file" if not out.is_dir() else f"already holds {', '.join(sorted(p.name for p in out.iterdir())[:4])}"
+        raise OptionError("--out", f"{out} {what}", f"pass --out <another directory>, or remove {out} first")

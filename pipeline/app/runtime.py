@@ -97,11 +97,11 @@ def resolve_transport(config: RunConfig) -> Transport:
         return MemoryBroker()
     if config.broker.bootstrap_servers:
         return kafka_settings(config, config.broker.bootstrap_servers)
-    from pipeline.transport.background_broker import start_detached  # lazy: start-up, only without a configured broker
+    from pipeline.transport.background_broker import ORIGIN, start_detached  # lazy: start-up, only without a configured broker
 
     state = start_detached()
     logger.info("using the local broker at %s", state.bootstrap)
-    return kafka_settings(config, state.bootstrap)
+    return kafka_settings(config, state.bootstrap, origin=ORIGIN)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_file import bootstrap_origin
 from pipeline.generate.backpressure import TrainerWindow, Watermarks
 from pipeline.generate.worker import GeneratorConfig
 from pipeline.source.stage import SourceConfig
@@ -31,9 +32,14 @@ __all__ = (
 )
 
 
-def kafka_settings(cfg: RunConfig, bootstrap_servers: str) -> KafkaSettings:
-    """The Kafka clients' settings: the broker's address and the config's client options."""
-    return KafkaSettings(bootstrap_servers, client_options=dict(cfg.broker.client_options))
+def kafka_settings(cfg: RunConfig, bootstrap_servers: str, *, origin: str | None = None) -> KafkaSettings:
+    """The Kafka clients' settings: the broker's address, where it came from (default: the config),
+    and the config's client options."""
+    return KafkaSettings(
+        bootstrap_servers,
+        client_options=dict(cfg.broker.client_options),
+        origin=origin or bootstrap_origin(),
+    )
 
 
 def source_settings(cfg: RunConfig) -> SourceConfig:

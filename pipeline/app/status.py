@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.errors import StreamError
+from pipeline.core.errors import RunMismatchError
 from pipeline.core.messages import DeadLetter, LedgerStep, decode
 from pipeline.core.progress import PartitionCounters
 from pipeline.core.topics import RunTopics, Transport, read_to_end
@@ -76,7 +76,10 @@ def run_status(transport: Transport, run_id: str, *, timeout_s: float = 30.0) ->
     with transport.admin() as admin:
         count = admin.partition_count(topics.samples)
         if count is None:
-            raise StreamError(f"run {run_id} has no topics on this broker (no {topics.samples})")
+            raise RunMismatchError(
+                f"run {run_id} has no topics on this broker (no {topics.samples}): check the run id, and that "
+                "this is the broker the run uses"
+            )
         commits = admin.group_offsets(topics.generator_group, topics.prompts)
     steps = _recent_steps(transport, topics, lookback=64, timeout_s=timeout_s)
     latest = steps[-1] if steps else None

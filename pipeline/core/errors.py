@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = (
     "SpecstreamError",
     "ConfigError",
+    "OptionError",
     "DecodeError",
     "ConversationError",
     "PayloadError",
@@ -29,14 +30,22 @@ class SpecstreamError(Exception):
 class ConfigError(SpecstreamError):
     """A setting is missing or wrong; the message names the key and the fix."""
 
+    subject = "config"
+
     def __init__(self, key: str, problem: str, fix: str = "") -> None:
         self.key = key
         self.problem = problem
         self.fix = fix
-        message = f"config `{key}`: {problem}"
+        message = f"{self.subject} `{key}`: {problem}"
         if fix:
             message += f" (fix: {fix})"
         super().__init__(message)
+
+
+class OptionError(ConfigError):
+    """A command-line option is wrong (``--out``, ``--checkpoint``...); the message names it and the fix."""
+
+    subject = "option"
 
 
 class DecodeError(SpecstreamError):

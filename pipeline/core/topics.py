@@ -47,8 +47,12 @@ class TransportError(SpecstreamError):
 
 
 class FencedError(TransportError):
-    """Another instance took over: a producer with the same transactional id, or a newer group
-    generation. The fenced instance must stop; its open transaction is aborted by the broker."""
+    """Another instance took over: a producer with the same transactional id (``same_id``), or a
+    newer group generation. The fenced instance must stop; its open transaction is aborted by the broker."""
+
+    def __init__(self, message: str, *, same_id: bool = False) -> None:
+        super().__init__(message)
+        self.same_id = same_id
 
 
 @dataclass(frozen=True)

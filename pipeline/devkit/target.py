@@ -36,6 +36,7 @@ __all__ = (
     "LLAMA3_SPECIALS",
     "build_tiny_tokenizer",
     "build_tiny_target",
+    "tiny_target_dir",
     "default_cache_root",
 )
 
@@ -181,6 +182,12 @@ def _build_key(seed: int) -> str:
 _MARKER = "specstream-tiny.json"
 
 
+def tiny_target_dir(directory: Path | None = None, *, seed: int = 0) -> Path:
+    """Where :func:`build_tiny_target` puts (or finds) the target, without building it."""
+    root = Path(directory).expanduser() if directory is not None else default_cache_root()
+    return root / f"tiny-llama-{_build_key(seed)}"
+
+
 def build_tiny_target(directory: Path | None = None, *, seed: int = 0) -> Path:
     """Build (or reuse) the tiny trained target; returns its model directory.
 
@@ -189,9 +196,8 @@ def build_tiny_target(directory: Path | None = None, *, seed: int = 0) -> Path:
     files, and a ``specstream-tiny.json`` marker (build parameters and training metrics)
     written last. Safe against concurrent builders (temp dir + atomic rename).
     """
-    root = Path(directory).expanduser() if directory is not None else default_cache_root()
-    key = _build_key(seed)
-    final = root / f"tiny-llama-{key}"
+    final = tiny_target_dir(directory, seed=seed)
+    root, key = final.parent, final.name.removeprefix("tiny-llama-")
     if (final / _MARKER).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from pipeline.core.errors import ConfigError, StreamError
 from pipeline.core.faults import crash_point
 from pipeline.core.messages import Prompt
 from pipeline.core.progress import PartitionCounters
-from pipeline.core.topics import Admin, Reader, RunTopics, Transport
+from pipeline.core.topics import Admin, FencedError, Reader, RunTopics, Transport
 from pipeline.generate.backend import TargetBackend
 from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commits
 from pipeline.generate.backpressure import FlowControl, TrainerWindow, Watermarks, check_watermarks
@@ -135,10 +135,24 @@ class GeneratorWorker:
             self._open()
             self._loop(stop)
             self._finish()
+        except FencedError as exc:
+            raise self._fenced(exc) from exc
         finally:
             self.close()
             self.stats.wall_s = time.perf_counter() - started
         return self.stats
+
+    def _fenced(self, exc: FencedError) -> FencedError:
+        """What a fenced worker tells its operator: who took over, and that nothing is lost."""
+        me = f"generator {self.config.worker_id} was fenced"
+        if exc.same_id:
+            why = f"another process with the same worker id started (transactional id {self.transactional_id})"
+            fix = "if that was not intended, give each generator its own worker id"
+        else:
+            why = "the generators' group moved its partitions to the other workers"
+            fix = "restart it to rejoin the group"
+        return FencedError(f"{me}: {why}; the broker aborted its open transaction, nothing is lost ({fix})",
+                           same_id=exc.same_id)  # fmt: skip
 
     def _open(self) -> None:
         cfg = self.config

@@ -29,7 +29,7 @@ from pipeline.core.errors import StreamError
 from pipeline.core.faults import crash_point
 from pipeline.core.messages import Prompt, SampleRef, TargetInfo, encode, now
 from pipeline.core.progress import PartitionCounters
-from pipeline.core.topics import Committed, TransactionalProducer, TransportError
+from pipeline.core.topics import Committed, FencedError, TransactionalProducer, TransportError
 from pipeline.generate.backend import Capture
 from pipeline.storage import FeatureStore
 
@@ -286,7 +286,9 @@ class BatchWriter:
         try:
             self.producer.abort()
         except BaseException as abort_exc:  # fenced producer, broker gone: fatal
-            logger.error("abort after %r failed: %s", exc, abort_exc)
+            # A fenced producer cannot abort (the broker already did): expected, not an error of its own.
+            logger.log(logging.INFO if isinstance(exc, FencedError) else logging.ERROR,
+                       "abort after %r failed: %s", exc, abort_exc)  # fmt: skip
             self._fail(exc)
             return
         self.stats.aborted_batches += 1

@@ -23,7 +23,10 @@ from pipeline.core.errors import BrokerError
 from pipeline.transport.broker import DEFAULT_PORTS, STOP_TIMEOUT_S, LocalKafka
 from pipeline.transport.kafka_jars import KAFKA_VERSION, home_dir
 
-__all__ = ("DetachedBroker", "detached_status", "start_detached", "stop_detached", "delete_detached_data")
+__all__ = ("ORIGIN", "DetachedBroker", "detached_status", "start_detached", "stop_detached", "delete_detached_data")
+
+#: Where the local broker's address comes from, as an error message names it.
+ORIGIN = "`specstream broker start`"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ chosen once (the default ports, or free ones when those are taken) and remembere
 ``<workdir>/ports.json``, so a broker stopped (or killed) and started again over the same work
 directory serves the same topics at the same address.
 
+``sasl_users`` adds a ``SASL_PLAINTEXT`` listener (mechanism ``PLAIN``, those users and passwords)
+beside the plain one, at ``sasl_bootstrap``: for testing what a client with wrong credentials is
+told. Its port is chosen afresh on every start (only the plain listener's address is durable).
+
 Used by the test fixture (one broker per pytest session) and by the background broker of
 ``specstream broker start|stop`` (``pipeline.transport.background_broker``). Anyone with a broker already can skip all of this by setting
 ``KAFKA_BOOTSTRAP_SERVERS``.
@@ -30,7 +34,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -117,6 +121,21 @@ message.max.bytes=8388608
 transaction.abort.timed.out.transaction.cleanup.interval.ms=5000
 """
 
+
+def _sasl_properties(bport: int, cport: int, sport: int, users: Mapping[str, str]) -> str:
+    """A third listener, SASL_PLAINTEXT with PLAIN, for ``users``; brokers still talk PLAINTEXT."""
+    accounts = " ".join(f'user_{name}="{password}"' for name, password in users.items())
+    listeners = f"PLAINTEXT://127.0.0.1:{bport},CONTROLLER://127.0.0.1:{cport},SASL_PLAINTEXT://127.0.0.1:{sport}"
+    return (
+        f"listeners={listeners}\n"
+        f"advertised.listeners={listeners}\n"
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT\n"
+        "sasl.enabled.mechanisms=PLAIN\n"
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+        f"org.apache.kafka.common.security.plain.PlainLoginModule required {accounts};\n"
+    )
+
+
 _LOG4J2 = """\
 appender.out.type = Console
 appender.out.name = OUT
@@ -148,8 +167,11 @@ class LocalKafka:
         heap_mb: int = 512,
         attached: bool = True,
         preferred_ports: tuple[int, int] | None = None,
+        sasl_users: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.sasl_users = dict(sasl_users or {})
+        self.sasl_bootstrap = ""  # set on start when ``sasl_users`` asks for the SASL listener
         self.preferred_ports = preferred_ports
         self.version = version
         self.heap_mb = heap_mb
@@ -227,7 +249,11 @@ class LocalKafka:
         data_dir = self._data_dir
         bport, cport = self._ports()
         props = self.workdir / "server.properties"
-        props.write_text(_SERVER_PROPERTIES.format(bport=bport, cport=cport, data_dir=data_dir))
+        text = _SERVER_PROPERTIES.format(bport=bport, cport=cport, data_dir=data_dir)
+        sport = _free_port() if self.sasl_users else 0
+        if self.sasl_users:  # later keys win in a Java properties file
+            text += _sasl_properties(bport, cport, sport, self.sasl_users)
+        props.write_text(text)
         log4j = self.workdir / "log4j2.properties"
         log4j.write_text(_LOG4J2)
         classpath = f"{libs}/*"
@@ -262,6 +288,7 @@ class LocalKafka:
         finally:
             log.close()
         self.bootstrap = f"127.0.0.1:{bport}"
+        self.sasl_bootstrap = f"127.0.0.1:{sport}" if sport else ""
         self._wait_ready(bport)
         self.startup_seconds = time.monotonic() - started
         logger.info("Kafka %s ready at %s in %.1f s", self.version, self.bootstrap, self.startup_seconds)

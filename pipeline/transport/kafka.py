@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, Unpack
@@ -30,13 +31,17 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
+    IllegalSaslStateError,
     InvalidProducerEpochError,
     KafkaError,
     KafkaTimeoutError,
     ProducerFencedError,
+    SaslAuthenticationFailedError,
     TopicAlreadyExistsError,
     UnknownMemberIdError,
+    UnsupportedSaslMechanismError,
 )
+from kafka.net.sasl import SASL_MECHANISMS
 from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import OffsetAndMetadata
 
@@ -71,7 +76,8 @@ def _translated() -> Iterator[None]:
     try:
         yield
     except _FENCED as exc:
-        raise FencedError(f"{type(exc).__name__}: {exc}") from exc
+        same_id = isinstance(exc, (ProducerFencedError, InvalidProducerEpochError))
+        raise FencedError(f"{type(exc).__name__}: {exc}", same_id=same_id) from exc
     except KafkaError as exc:
         raise TransportError(f"{type(exc).__name__}: {exc}", retriable=bool(exc.retriable)) from exc
 
@@ -132,8 +138,57 @@ def kafka_client_options(options: Mapping[str, Any], *, key: str = "client_optio
             raise ConfigError(where, f"sets {native} a second time", "keep one of the two spellings")
         if name == "ssl.endpoint.identification.algorithm":
             value = str(value).lower() == "https"
+        _check_value(where, native, value)
         out[native] = value
+    _check_sasl(key, out)
     return out
+
+
+_CHOICES = {
+    "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "sasl_mechanism": tuple(sorted(SASL_MECHANISMS)),
+}
+
+
+def _check_value(where: str, native: str, value: Any) -> None:
+    """The value's type is the one of kafka-python's default; an enumerated option takes one of its values.
+
+    kafka-python does not refuse a wrong value when a client is made: it fails on its network
+    thread and the bootstrap times out, as if no broker answered.
+    """
+    choices = _CHOICES.get(native)
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value).upper(), choices, n=1, cutoff=0.6)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise ConfigError(where, f"{value!r} is not one of {', '.join(choices)}", f"{hint}use one of those")
+    default = next(c.DEFAULT_CONFIG[native] for c in _CLIENTS if native in c.DEFAULT_CONFIG)
+    if isinstance(default, bool):
+        fits, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        fits, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        fits, kind = isinstance(value, str), "a string"
+    else:  # None, lists, classes: kafka-python's own checks
+        return
+    if not fits:
+        raise ConfigError(where, f"is {value!r} but takes {kind}", f"write {kind} (kafka-python's default: {default!r})")
+
+
+def _check_sasl(key: str, options: Mapping[str, Any]) -> None:
+    """A SASL protocol needs a mechanism; PLAIN and SCRAM need a username and a password."""
+    protocol = options.get("security_protocol", "PLAINTEXT")
+    mechanism = options.get("sasl_mechanism")
+    if protocol.startswith("SASL") and mechanism is None:
+        raise ConfigError(f"{key}.sasl.mechanism", f"is required with security.protocol {protocol}",
+                          f"set it to the broker's mechanism ({', '.join(_CHOICES['sasl_mechanism'])})")  # fmt: skip
+    if mechanism is not None and not protocol.startswith("SASL"):
+        raise ConfigError(f"{key}.security.protocol", f"is {protocol}, so sasl.mechanism {mechanism} is never used",
+                          "set security.protocol to SASL_SSL or SASL_PLAINTEXT")  # fmt: skip
+    if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        for option, native in (("sasl.username", "sasl_plain_username"), ("sasl.password", "sasl_plain_password")):
+            if not options.get(native):
+                raise ConfigError(f"{key}.{option}", f"is required with sasl.mechanism {mechanism}",
+                                  f"set it (a secret as ${{VAR}}: `{option}: ${{KAFKA_PASSWORD}}`)")  # fmt: skip
 
 
 def _closest_option(name: str) -> str:
@@ -152,6 +207,9 @@ class KafkaSettings:
     client_options: Mapping[str, Any] = field(default_factory=dict)
     request_timeout_ms: int = 30_000
     bootstrap_timeout_ms: int = 15_000
+    #: Where the address came from (a config key, a flag, an environment variable): named when
+    #: no broker answers there.
+    origin: str = ""
     rebalance_callbacks_may_wait: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -196,16 +254,95 @@ _Client = TypeVar("_Client")
 
 
 def _connect(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client:
-    """Open a kafka-python client; a broker that does not answer becomes one BrokerError line."""
+    """Open a kafka-python client; a bootstrap that fails becomes one BrokerError line that says why."""
+    seen = _ConnectionErrors()
+    network = logging.getLogger("kafka.net")
+    network.addHandler(seen)
     try:
         return factory()
     except KafkaTimeoutError as exc:
         if "bootstrap" not in str(exc):
             raise
-        raise BrokerError(
-            f"no Kafka broker answers at {settings.bootstrap_servers}: start one with "
-            "`specstream broker start` or set KAFKA_BOOTSTRAP_SERVERS to a running broker"
-        ) from None
+        raise BrokerError(_bootstrap_failure(settings, seen.errors)) from None
+    finally:
+        network.removeHandler(seen)
+
+
+class _ConnectionErrors(logging.Handler):
+    """What went wrong on kafka-python's network thread: it logs each failed bootstrap attempt
+    (wrong password, wrong protocol) and retries until the timeout, which is all it raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.args, tuple):
+            self.errors.extend(arg for arg in record.args if isinstance(arg, BaseException))
+
+
+_LOOPBACK = ("127.", "localhost", "::1", "[::1]", "0.0.0.0")
+
+
+def _bootstrap_failure(settings: KafkaSettings, errors: list[BaseException]) -> str:
+    """Why no client could be made: authentication, a protocol mismatch, or no broker at all."""
+    where = settings.bootstrap_servers
+    origin = f" (from {settings.origin})" if settings.origin else ""
+    options = settings.client_options
+    first = {type(e): e for e in reversed(errors)}
+    auth = first.get(SaslAuthenticationFailedError)
+    if auth is not None:
+        user = options.get("sasl_plain_username")
+        said = str(auth.args[0]).removeprefix("SaslAuthenticationFailedError: ") if auth.args else "refused"
+        return (
+            f"the Kafka broker at {where}{origin} answered, but authentication failed"
+            + (f" for user {user!r}" if user else "")
+            + f" (SASL {options.get('sasl_mechanism')}): {said}: check broker.client_options "
+            "sasl.username and sasl.password (and sasl.mechanism) against the broker's users"
+        )
+    if UnsupportedSaslMechanismError in first:
+        return (
+            f"the Kafka broker at {where}{origin} answered, but its listener does not enable SASL mechanism "
+            f"{options.get('sasl_mechanism')}: set broker.client_options.sasl.mechanism to one it enables"
+        )
+    if IllegalSaslStateError in first:
+        return (
+            f"the Kafka broker at {where}{origin} answered, but that listener does not speak SASL: set "
+            "broker.client_options.security.protocol to the listener's (PLAINTEXT or SSL), or use its SASL listener"
+        )
+    hosts = [server.strip().rpartition(":")[0] for server in where.split(",")]
+    failures = [e for e in errors if not isinstance(e, KafkaTimeoutError)]  # the timeout is what we explain
+    notes = [f"from {settings.origin}"] if settings.origin else []
+    if failures:
+        notes.append(f"last error: {failures[-1]}")
+    origin_and_last = f" ({'; '.join(notes)})" if notes else ""
+    if not _answers(where):
+        if all(host.startswith(_LOOPBACK) for host in hosts):
+            return (
+                f"no Kafka broker answers at {where}{origin}: start the local broker with `specstream broker "
+                "start`, or use a running broker's address"
+            )
+        return (
+            f"no Kafka broker answers at {where}{origin_and_last}: check the address, that the broker is up, and "
+            "that this machine can reach it (firewall, VPN, DNS)"
+        )
+    return (
+        f"something at {where} accepts connections, but no Kafka handshake completed within "
+        f"{options.get('bootstrap_timeout_ms', settings.bootstrap_timeout_ms) / 1000:.0f} s{origin_and_last}: check that it is a Kafka listener and that "
+        f"broker.client_options.security.protocol ({options.get('security_protocol', 'PLAINTEXT')}) is the listener's"
+    )
+
+
+def _answers(servers: str, timeout_s: float = 2.0) -> bool:
+    """Whether any bootstrap address accepts a TCP connection (bounded: ``timeout_s`` each)."""
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 class KafkaAdmin:

@@ -170,7 +170,7 @@ class _TxProducer:
 
     def _check_fenced(self) -> None:
         if self._b._epochs.get(self.transactional_id) != self._epoch:
-            raise FencedError(f"producer {self.transactional_id} was fenced by a newer instance")
+            raise FencedError(f"producer {self.transactional_id} was fenced by a newer instance", same_id=True)
 
     def begin(self) -> None:
         self._check_fenced()

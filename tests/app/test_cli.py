@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import specstream_command
+from tests.support import one_error, specstream_command
 
 UNREACHABLE = "127.0.0.1:1"  # nothing may try it: every case here fails before a client is made
 
@@ -37,14 +37,6 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout_s: float =
         cmd, env={**clean, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True, timeout=timeout_s
     )
     return proc.returncode, proc.stdout + proc.stderr
-
-
-def one_error(out: str, *, launcher_traceback: bool = False) -> str:
-    """The single `error:` line; no traceback (torchrun prints its own ChildFailedError one)."""
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, out
-    assert launcher_traceback or "Traceback" not in out, out
-    return errors[0]
 
 
 def nothing_written(tmp_path: Path) -> bool:

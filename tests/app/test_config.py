@@ -79,6 +79,23 @@ def test_production_example_trains_in_bf16_with_the_password_from_the_environmen
          "broker.transaction_timeout_ms"),
         (with_(broker={"client_options": {"group.id": "mine"}}), "broker.client_options.group.id", "exactly-once"),
         (with_(broker={"client_options": {"ssl_context": "x"}}), "broker.client_options.ssl_context", "remove it"),
+        # Wrong values: kafka-python would not refuse them, its bootstrap would time out instead.
+        (with_(broker={"client_options": {"security.protocol": "SASL_PLAIN"}}),
+         "broker.client_options.security.protocol", "did you mean `SASL_PLAINTEXT`"),
+        (with_(broker={"client_options": {"security.protocol": "SASL_SSL", "sasl.mechanism": "plain"}}),
+         "broker.client_options.sasl.mechanism", "did you mean `PLAIN`"),
+        (with_(broker={"client_options": {"security.protocol": "SASL_SSL"}}),
+         "broker.client_options.sasl.mechanism", "SCRAM-SHA-512"),
+        (with_(broker={"client_options": {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
+                                          "sasl.username": "alice"}}),
+         "broker.client_options.sasl.password", "${KAFKA_PASSWORD}"),
+        (with_(broker={"client_options": {"sasl.mechanism": "PLAIN"}}), "broker.client_options.security.protocol",
+         "SASL_SSL or SASL_PLAINTEXT"),
+        (with_(broker={"client_options": {"request.timeout.ms": "30s"}}), "broker.client_options.request.timeout.ms",
+         "a number"),
+        (with_(broker={"client_options": {"ssl.check.hostname": "yes"}}), "broker.client_options.ssl.check.hostname",
+         "true or false"),
+        (with_(target={"device": "gpu"}), "target.device", "did you mean `cuda`"),
     ],
 )  # fmt: skip
 def test_bad_settings_name_the_key_and_the_fix(override: dict[str, Any], key: str, fix: str) -> None:

@@ -23,7 +23,7 @@ from pipeline.app.config_file import load_config
 from pipeline.app.runtime import build_online_run
 from pipeline.core.topics import RunTopics
 from pipeline.transport.kafka import KafkaSettings
-from tests.support import spawn, specstream_command, wait_exit
+from tests.support import one_error, spawn, specstream_command, tree_state, wait_exit
 
 pytestmark = pytest.mark.integration
 
@@ -237,9 +237,8 @@ def test_stages_as_separate_processes_with_a_two_rank_trainer(kafka, run_id, tmp
 def test_replay_reproduces_the_ledger_bit_for_bit(kafka, run_id, tmp_path, tiny_target_dir) -> None:
     from pipeline.app.replay import replay_run
 
-    config = load_config(
-        write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=40, train={"deterministic": True})
-    )
+    path = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=40, train={"deterministic": True})
+    config = load_config(path)
     live = build_online_run(config).run()
     assert live.reason == "end_of_stream" and live.steps == 20
     report = replay_run(config, str(tmp_path / "replay"))
@@ -247,3 +246,11 @@ def test_replay_reproduces_the_ledger_bit_for_bit(kafka, run_id, tmp_path, tiny_
     from pipeline.ledger import read_ledger
 
     assert len(read_ledger(kafka, run_id)) == 20, "the replay must not write to the run's ledger"
+
+    # A second replay into the same directory is refused at start and leaves the first one as it was.
+    before = tree_state(tmp_path / "replay")
+    code, out = wait_exit(spawn(["replay", "--config", str(path), "--out", str(tmp_path / "replay")]), timeout_s=120)
+    assert code == 2, out
+    line = one_error(out)
+    assert f"`--out`: {tmp_path / 'replay'} already holds" in line and "pass --out <another directory>" in line
+    assert tree_state(tmp_path / "replay") == before

@@ -1,0 +1,55 @@
+"""``specstream export``: a checkpoint of the run -> an SGLang-loadable EAGLE3 draft directory.
+
+The checkpoint is the one ``--checkpoint`` names or the run's newest; one that is not a
+checkpoint directory is refused before anything is read or written, with the run's checkpoints
+listed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.app.config import RunConfig
+from pipeline.app.preflight import check_local
+from pipeline.app.settings import model_spec
+from pipeline.core.errors import ConfigError, OptionError
+from pipeline.storage import FeatureStore
+from pipeline.train.checkpoint import META_FILE, MODEL_FILE, CheckpointManager
+from pipeline.train.export import export_checkpoint
+
+__all__ = ("checkpoint_to_export", "export_run")
+
+_LOOKS_LIKE = (
+    f"a checkpoint is a directory `step-NNNNNNNNN` (`-end` for the last one) holding {META_FILE} and "
+    f"{MODEL_FILE}, under train.output_dir/checkpoints"
+)
+
+
+def export_run(cfg: RunConfig, checkpoint: Path | None, out: Path | None) -> str:
+    """Export ``checkpoint`` (default: the newest) to ``out`` (default: OUTPUT_DIR/export); returns it."""
+    check_local(cfg, ("export",))
+    chosen = checkpoint_to_export(cfg, checkpoint)
+    store = FeatureStore(cfg.storage.root, cfg.run_id, storage_options=dict(cfg.storage.options))
+    return export_checkpoint(chosen, model_spec(cfg, store.root_url), str(out or Path(cfg.train.output_dir) / "export"))
+
+
+def checkpoint_to_export(cfg: RunConfig, checkpoint: Path | None) -> Path:
+    """The named checkpoint directory, checked, or the run's newest one."""
+    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints")
+    found = manager.list()
+    if checkpoint is None:
+        if not found:
+            raise ConfigError("train.output_dir", f"holds no checkpoint under {manager.directory}", "train first")
+        return found[-1].path
+    if found:
+        names = ", ".join(info.name for info in found[-5:])
+        fix = f"pass one of this run's ({names} under {manager.directory}), or leave --checkpoint out for the newest"
+    else:
+        fix = f"this run has none yet under {manager.directory}: train first"
+    if not checkpoint.is_dir():
+        problem = f"{checkpoint} does not exist" if not checkpoint.exists() else f"{checkpoint} is not a directory"
+    elif not ((checkpoint / META_FILE).is_file() and (checkpoint / MODEL_FILE).is_file()):
+        problem = f"{checkpoint} is not a checkpoint directory"
+    else:
+        return checkpoint
+    raise OptionError("--checkpoint", f"{problem}; {_LOOKS_LIKE}", fix)
