@@ -3,9 +3,11 @@
 ``put`` makes the file complete and visible *before* it returns (temp + fsync + atomic rename on
 local disks; one PUT on object stores), so a ref produced afterwards never points at a partial
 file. ``get`` trusts nothing: the uri must stay inside the run's storage root, and the bytes must
-match the ref's size, checksum and tensor header before a single tensor is built. Paths are
-deterministic (``features/<partition>/<sample_id>.safetensors``), so a retry overwrites the same
-object instead of leaving orphans. Nothing is ever unpickled.
+match the ref's size, checksum and tensor header before a single tensor is built. Every attempt
+at a sample writes its own object (``features/<partition>/<sample_id>.<attempt>.safetensors``), so
+a fenced or late writer can never change the bytes a committed ref describes; the objects of
+aborted attempts are orphans that :meth:`FeatureStore.sweep_orphans` removes by the committed refs.
+Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -102,10 +104,12 @@ class FeatureStore:
     # --- paths ---------------------------------------------------------------------------
 
     @staticmethod
-    def uri_for(partition: int, sample_id: str) -> str:
+    def uri_for(partition: int, sample_id: str, attempt: str | None = None) -> str:
+        """Where one attempt at a sample lives; a new attempt token unless one is given."""
         if not _SAFE_NAME.match(sample_id):
             raise ValueError(f"sample id {sample_id!r} is not a safe file name")
-        return f"features/{int(partition)}/{sample_id}.safetensors"
+        attempt = attempt or uuid.uuid4().hex[:12]
+        return f"features/{int(partition)}/{sample_id}.{attempt}.safetensors"
 
     def resolve(self, uri: str) -> str:
         """The absolute path of a ref's uri, refusing anything that leaves the run root."""
@@ -134,7 +138,7 @@ class FeatureStore:
         The safetensors layout is written directly from the tensors' memory (no serialised copy
         of the whole sample), with the checksum computed on the way.
         """
-        uri = self.uri_for(partition, sample_id)
+        uri = self.uri_for(partition, sample_id)  # attempt-unique: never replaces a committed file
         path = self.resolve(uri)
         layout = SafetensorsLayout.of(tensors, metadata={"specstream": f"{self.run_id}/{sample_id}"})
         if self._local:
@@ -194,9 +198,16 @@ class FeatureStore:
             raise ConfinementError(f"ref of run {ref.run_id!r} read from run {self.run_id!r}")
         path = self.resolve(ref.uri)
         try:
+            size = self._size(path)
+            if size != ref.nbytes:  # before allocating: a ref cannot make us read a huge file
+                raise IntegrityError(f"{ref.uri} has {size} bytes, its ref says {ref.nbytes}")
             data = self._read(path, ref.nbytes)
         except FileNotFoundError:
             raise IntegrityError(f"feature file {ref.uri} is missing") from None
+        except IsADirectoryError:
+            raise IntegrityError(f"{ref.uri} is a directory, not a feature file") from None
+        except OSError as exc:
+            raise IntegrityError(f"{ref.uri} cannot be read: {exc.strerror or exc}") from None
         if len(data) != ref.nbytes:
             raise IntegrityError(f"{ref.uri} has {len(data)} bytes, its ref says {ref.nbytes}")
         got = checksum_of(data)
@@ -206,6 +217,17 @@ class FeatureStore:
         if specs != ref.tensors:
             raise IntegrityError(f"{ref.uri} tensors {_brief(specs)} differ from the ref's {_brief(ref.tensors)}")
         return data
+
+    def _size(self, path: str) -> int:
+        """The object's size; a directory is refused here, before anything is read."""
+        if self._local:
+            if os.path.isdir(path):
+                raise IsADirectoryError(path)
+            return os.path.getsize(path)
+        info = self.fs.info(path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(path)
+        return int(info["size"])
 
     def _read(self, path: str, expected: int) -> np.ndarray:
         """One writable buffer the tensors can view without a copy.
@@ -253,6 +275,18 @@ class FeatureStore:
             if not posixpath.basename(rel).startswith("."):
                 out.append(rel)
         return sorted(out)
+
+    def sweep_orphans(self, committed: Iterable[str]) -> list[str]:
+        """Delete the feature files no committed ref names (aborted or fenced attempts).
+
+        Call it only when no transaction can still commit a ref to one of them: after every
+        partition has ended, or with the generators stopped. Returns the uris removed.
+        """
+        keep = set(committed)
+        orphans = [uri for uri in self.list() if uri not in keep]
+        for uri in orphans:
+            self.delete(uri)
+        return orphans
 
     def sweep_temp_files(self) -> int:
         """Remove temp files a crashed writer left behind; returns how many."""

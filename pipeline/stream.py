@@ -1,10 +1,13 @@
 """The reading half of the data plane: verified samples from the samples topic, exactly once.
 
 A ``SampleStream`` reads a fixed set of samples partitions (``read_committed``, manual
-assignment), decodes every record strictly, drops duplicate ``sample_id``s, fetches and verifies
-each payload against its ref, and routes anything unusable to the DLQ with the reason. It ends a
-partition only at its end-of-stream marker, after checking the marker's count. Its ``positions``
-(the next offset per partition after the last record handed out) are what a checkpoint stores.
+assignment) and takes from each only the generators' own numbered output (``pipeline.core.eos``):
+it decodes every record strictly, checks the ref against the feature contract, fetches and
+verifies its payload, and only then accepts it. Anything else (a foreign record, a ref that fails
+a check, a number already used) goes to the DLQ with the reason and never touches the counts; a
+true duplicate is counted and dropped. It ends a partition only at its end-of-stream marker. Its
+``positions`` (the next offset per partition after the last record handed out) and sequence
+counts are what a checkpoint stores.
 
 It knows nothing of torch models: the trainer, replay and the benchmarks all read through it.
 """
@@ -17,9 +20,10 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from pipeline.core.deadletter import dead_letter
-from pipeline.core.eos import Completeness, CompletenessTracker
-from pipeline.core.errors import DecodeError, PayloadError, StreamError
+from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy, dead_letter
+from pipeline.core.eos import Completeness, CompletenessTracker, PartitionState, Position
+from pipeline.core.errors import CaptureContractError, DecodeError, ForeignRecord, PayloadError, StreamError
+from pipeline.core.features import check_ref
 from pipeline.core.messages import EndOfStream, SampleRef, decode, encode
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import Producer, Record, RunTopics, Transport
@@ -54,22 +58,24 @@ class SampleStream:
         max_poll_records: int = 64,
         max_buffered: int = 128,
         dedup_window: int = 65536,
+        dead_letters: DeadLetterLimits = DeadLetterLimits(),
     ) -> None:
         self.run_id = run_id
+        self.policy = DeadLetterPolicy("train", dead_letters)
         self.store = store
         self.topics = RunTopics(run_id)
         self.partitions = sorted(set(partitions))
         if not self.partitions:
             raise ValueError("a sample stream needs at least one partition")
-        self.tracker = CompletenessTracker(self.partitions)
+        self.tracker = CompletenessTracker.over(self.partitions)
         self.positions: dict[int, int] = {p: 0 for p in self.partitions}
         self.cursor = self.partitions[0]
         self.dead_letters = 0
         self.dropped_upstream = 0
-        # Dedup by sample_id over a bounded window of recent ids, carried across resumes in the
-        # state: duplicates (at-least-once republishing) sit close together in a partition.
-        self._recent: deque[str] = deque(maxlen=dedup_window)
-        self._seen: set[str] = set()
+        # Dedup by sample_id over a bounded window of recent (id, checksum) pairs, carried across
+        # resumes in the state: duplicates (at-least-once republishing) sit close together.
+        self._recent: deque[tuple[str, str]] = deque(maxlen=dedup_window)
+        self._seen: dict[str, str] = {}
         self._interrupted = threading.Event()
         if state is not None:
             self._restore(state)
@@ -91,44 +97,35 @@ class SampleStream:
                 f"{self.partitions}: resume with the same partitions and world size"
             )
         self.positions = dict(state.positions)
-        for p, st in self.tracker.states.items():
-            st.used = state.used.get(p, 0)
-            st.rejected = state.rejected.get(p, 0)
-            st.duplicates = state.duplicates.get(p, 0)
-            for raw in state.markers.get(p, []):
-                marker = decode(raw)
-                assert isinstance(marker, EndOfStream)
-                st.markers[marker.producer_id] = marker
+        for p in self.partitions:
+            if p in state.partitions:
+                self.tracker.states[p] = PartitionState.from_json(p, state.partitions[p])
         self.cursor = state.cursor
         self.dead_letters = state.dead_letters
         self.dropped_upstream = state.dropped_upstream
-        for sample_id in state.recent_ids:
-            self._remember(sample_id)
+        for sample_id, checksum in state.recent:
+            self._remember(sample_id, checksum)
 
     def state(self) -> StreamState:
         """The resume point after the last item handed out (buffered records are re-read)."""
-        states = self.tracker.states
         return StreamState(
             positions=dict(self.positions),
-            used={p: s.used for p, s in states.items()},
-            rejected={p: s.rejected for p, s in states.items()},
-            duplicates={p: s.duplicates for p, s in states.items()},
-            markers={p: [encode(m).decode() for m in s.markers.values()] for p, s in states.items()},
+            partitions={p: st.to_json() for p, st in self.tracker.states.items()},
             cursor=self.cursor,
             dead_letters=self.dead_letters,
             dropped_upstream=self.dropped_upstream,
-            recent_ids=list(self._recent),
+            recent=list(self._recent),
         )
 
     def interrupt(self) -> None:
         """Ask a blocked ``items()`` (on another thread) to return at its next poll."""
         self._interrupted.set()
 
-    def _remember(self, sample_id: str) -> None:
+    def _remember(self, sample_id: str, checksum: str) -> None:
         if len(self._recent) == self._recent.maxlen:
-            self._seen.discard(self._recent[0])
-        self._recent.append(sample_id)
-        self._seen.add(sample_id)
+            self._seen.pop(self._recent[0][0], None)
+        self._recent.append((sample_id, checksum))
+        self._seen[sample_id] = checksum
 
     def __iter__(self) -> Iterator[StreamItem]:
         return self.items()
@@ -183,35 +180,64 @@ class SampleStream:
         return record
 
     def _handle(self, record: Record) -> StreamItem | None:
+        """Accept the record as the partition's next own sample, or account for it otherwise."""
         p = record.partition
         try:
             message = decode(record.value or b"")
             if message.run_id != self.run_id:
-                raise DecodeError(f"record of run {message.run_id!r} in run {self.run_id!r}")
+                raise ForeignRecord(f"record of run {message.run_id!r} in run {self.run_id!r}")
             if isinstance(message, EndOfStream):
-                self.dropped_upstream += message.dropped
-                self.tracker.end(message, p)
-                return None
+                return self._end(message, p)
             if not isinstance(message, SampleRef):
-                raise DecodeError(f"a {type(message).__name__} does not belong on the samples topic")
-            if message.sample_id in self._seen:
-                self.tracker.duplicate(p)
-                logger.warning("duplicate sample %s at %s:%d dropped", message.sample_id, p, record.offset)
-                return None
+                raise ForeignRecord(f"a {type(message).__name__} does not belong on the samples topic")
+            position = self.tracker.position(p, message.seq)
+            if position is Position.UNNUMBERED:
+                raise ForeignRecord("a sample ref without a sequence number is no generator's output")
+            if position is Position.EARLIER:
+                return self._earlier(message, record)
+            check_ref(message)
             tensors = self.store.get(message)
-        except (DecodeError, PayloadError) as exc:
+        except (DecodeError, PayloadError, CaptureContractError) as exc:
             self._reject(record, exc)
             return None
-        self._remember(message.sample_id)
-        self.tracker.used(p)
+        assert message.seq is not None
+        self._remember(message.sample_id, message.checksum)
+        self.tracker.used(p, message.seq)
+        self.policy.record(valid=True)
         return StreamItem(message, tensors, p, record.offset)
 
+    def _end(self, marker: EndOfStream, partition: int) -> None:
+        """The partition's own marker ends it (a failed one fails the run); others are foreign."""
+        st = self.tracker.state(partition)
+        if marker.seq is None or marker.seq != marker.count:
+            raise ForeignRecord("an end-of-stream marker without its sequence number is no generator's")
+        if marker.seq < st.next_seq:
+            raise ForeignRecord(f"an end-of-stream marker at seq {marker.seq}, after seq {st.next_seq - 1} arrived")
+        self.dropped_upstream += marker.dropped
+        self.tracker.end(marker, partition)
+        if st.missing:
+            logger.error("partition %d ended with %d of its samples missing", partition, st.missing)
+
+    def _earlier(self, ref: SampleRef, record: Record) -> None:
+        """A number already used: the same sample again is a duplicate, anything else foreign."""
+        if self._seen.get(ref.sample_id) == ref.checksum:
+            self.tracker.duplicate(record.partition)
+            logger.warning("duplicate sample %s at %s:%d dropped", ref.sample_id, record.partition, record.offset)
+            return None
+        raise ForeignRecord(
+            f"seq {ref.seq} of partition {record.partition} was already used by another record "
+            f"(sample {ref.sample_id} with checksum {ref.checksum} is not the one trained)"
+        )
+
     def _reject(self, record: Record, error: Exception) -> None:
+        """Dead-letter one record with the reason; the counts stay the writers' own."""
         logger.warning("dead letter %s:%d: %s", record.partition, record.offset, error)
-        self.tracker.rejected(record.partition)
+        self.tracker.foreign(record.partition)
         self.dead_letters += 1
-        if self._dlq is not None:
-            self._dlq.send(self.topics.dlq, encode(dead_letter(self.run_id, record, error)), partition=0)
+        if self._dlq is not None:  # keyed by the record: a resume that re-reads it writes the same key
+            key = f"{record.topic}:{record.partition}:{record.offset}".encode()
+            self._dlq.send(self.topics.dlq, encode(dead_letter(self.run_id, record, error)), partition=0, key=key)
+        self.policy.record(valid=False, reason=str(error))
 
     def summary(self) -> Completeness:
         return self.tracker.summary()

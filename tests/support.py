@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from pipeline.core.errors import DecodeError
 from pipeline.core.messages import AnyMessage, Prompt, decode, prompt_id_for
 from pipeline.transport.kafka import KafkaSettings, PartitionReader
 
@@ -34,8 +35,11 @@ def read_messages(
     *,
     until: Callable[[list[tuple[int, AnyMessage]]], bool],
     timeout_s: float = 60.0,
+    skip_undecodable: bool = False,
 ) -> list[tuple[int, AnyMessage]]:
-    """Decoded (partition, message) pairs read from the start until ``until`` holds (bounded)."""
+    """Decoded (partition, message) pairs read from the start until ``until`` holds (bounded).
+
+    ``skip_undecodable``: leave out records that are no message (a topic with injected strays)."""
     reader = PartitionReader(settings, topic, partitions=list(partitions), start="earliest")
     out: list[tuple[int, AnyMessage]] = []
     deadline = time.monotonic() + timeout_s
@@ -43,7 +47,12 @@ def read_messages(
         while not until(out):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: condition not met in {timeout_s} s with {len(out)} records")
-            out.extend((r.partition, decode(r.value or b"")) for r in reader.poll(0.5))
+            for r in reader.poll(0.5):
+                try:
+                    out.append((r.partition, decode(r.value or b"")))
+                except DecodeError:
+                    if not skip_undecodable:
+                        raise
         return out
     finally:
         reader.close()

@@ -47,34 +47,38 @@ def store(request, tmp_path: Path) -> FeatureStore:
 def test_put_then_get_is_bit_identical(store: FeatureStore) -> None:
     tensors = sample()
     stored = store.put(3, "s1", tensors)
-    assert stored.uri == "features/3/s1.safetensors"
+    assert stored.uri.startswith("features/3/s1.")
     assert stored.tensors["aux_hidden_states"].dtype == "BF16"
     assert stored.tensors["aux_hidden_states"].shape == [6, 24]
     got = store.get(ref_for(store, stored))
     assert set(got) == set(tensors)
     for name, tensor in tensors.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
-    assert store.list() == ["features/3/s1.safetensors"] and store.list(3) == store.list() and store.list(0) == []
+    assert store.list() == [stored.uri] and store.list(3) == store.list() and store.list(0) == []
+    assert stored.uri.startswith("features/3/s1.") and stored.uri.endswith(".safetensors")
 
 
-def test_retry_overwrites_the_same_object(store: FeatureStore) -> None:
-    first = store.put(0, "s1", sample(6))
-    second = store.put(0, "s1", sample(6))
-    assert first == second and store.list() == ["features/0/s1.safetensors"]
+def test_every_attempt_writes_its_own_object_and_orphans_are_swept(store: FeatureStore) -> None:
+    """A late writer can never replace the bytes a committed ref describes (issue 9.4)."""
+    committed = store.put(0, "s1", sample(6))
+    late = store.put(0, "s1", sample(6))  # e.g. a fenced generator's put that lands afterwards
+    assert late.uri != committed.uri and sorted(store.list()) == sorted([committed.uri, late.uri])
+    assert store.sweep_orphans([committed.uri]) == [late.uri]
+    assert store.list() == [committed.uri]
 
 
 def test_local_write_leaves_no_temp_files_and_is_durable(tmp_path: Path) -> None:
     store = FeatureStore(str(tmp_path), "run1")
     store.put(1, "s1", sample())
     names = os.listdir(tmp_path / "run1" / "features" / "1")
-    assert names == ["s1.safetensors"]
+    assert len(names) == 1 and names[0].startswith("s1.") and names[0].endswith(".safetensors")
 
 
 def test_crashed_writer_temp_files_are_swept_and_never_listed(tmp_path: Path) -> None:
     store = FeatureStore(str(tmp_path), "run1")
-    store.put(1, "s1", sample())
+    stored = store.put(1, "s1", sample())
     (tmp_path / "run1/features/1/.s2.safetensors.dead.tmp").write_bytes(b"partial")
-    assert store.list() == ["features/1/s1.safetensors"]
+    assert store.list() == [stored.uri]
     assert store.sweep_temp_files() == 1
 
 
@@ -171,3 +175,18 @@ def test_files_written_by_the_safetensors_library_are_readable(tmp_path: Path) -
     stored = store.put_bytes("features/0/lib.safetensors", save(tensors))
     got = store.get(ref_for(store, stored, sample_id="lib"))
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def test_a_ref_naming_a_directory_is_an_integrity_error(store: FeatureStore) -> None:
+    stored = store.put(1, "s1", sample())
+    ref = ref_for(store, stored, uri="features/1")
+    with pytest.raises(IntegrityError, match="directory"):
+        store.get(ref)
+
+
+def test_the_size_is_checked_before_the_file_is_read(store: FeatureStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    stored = store.put(1, "s1", sample())
+    ref = ref_for(store, stored, nbytes=10**12)
+    monkeypatch.setattr(store, "_read", lambda *a: pytest.fail("read a file whose size is wrong"))
+    with pytest.raises(IntegrityError, match="its ref says 1000000000000"):
+        store.get(ref)

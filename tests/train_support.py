@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pipeline.core.eos import Completeness
+from pipeline.core.eos import Completeness, PartitionState
 from pipeline.core.messages import (
     EndOfStream,
     Prompt,
@@ -149,13 +149,14 @@ def fake_ref(run_id: str, partition: int, index: int, length: int) -> SampleRef:
         sample_id=sample_id,
         prompt_id=f"p{index:09d}",
         producer_id="mem",
-        uri=FeatureStore.uri_for(partition, sample_id),
+        uri=FeatureStore.uri_for(partition, sample_id, "a0"),
         nbytes=1,
         checksum="crc32c:00000000",
         num_tokens=length,
         tensors={"input_ids": TensorSpec(dtype="I64", shape=[length])},
         target=TARGET_INFO,
         created_at=0.0,
+        seq=index,
     )
 
 
@@ -192,23 +193,19 @@ class MemorySource:
             )
 
     def state(self) -> StreamState:
-        marker = EndOfStream(run_id=self.run_id, stage="generate", partition=0, count=len(self.lengths))
-        return StreamState(
-            positions={0: self.next},
-            used={0: self.next},
-            rejected={0: 0},
-            duplicates={0: 0},
-            markers={0: [encode(marker).decode()] if self._ended() else []},
-            cursor=0,
-        )
+        count = len(self.lengths)
+        marker = EndOfStream(run_id=self.run_id, stage="generate", partition=0, count=count, seq=count)
+        partition = PartitionState(0, next_seq=self.next, used=self.next, marker=marker if self._ended() else None)
+        return StreamState(positions={0: self.next}, partitions={0: partition.to_json()}, cursor=0)
 
     def summary(self) -> Completeness:
         ended = self._ended()
         return Completeness(
-            expected=len(self.lengths) if ended else 0,
+            expected=len(self.lengths) if ended else self.next,
             used=self.next,
-            rejected=0,
+            missing=0,
             duplicates=0,
+            foreign=0,
             partitions_ended=int(ended),
             partitions=1,
         )
@@ -365,6 +362,7 @@ def publish_open_stream(
                 tensors=stored.tensors,
                 target=target.info,
                 created_at=now(),
+                seq=i // partitions,  # numbered like a generator's own output
             )
             producer.send(RunTopics(run_id).samples, encode(ref), partition=p, key=sample_id.encode())
             refs.append(ref)

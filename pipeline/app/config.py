@@ -18,9 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
 from pipeline.core.messages import SettingValue
 from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks
+from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES
 from pipeline.transport.kafka import kafka_client_options
 
 __all__ = (
@@ -131,6 +133,29 @@ class DataSection(_Section):
         default="dlq", description="a bad line: `dlq` reports it and goes on, `fail` stops the run"
     )
     limit: int | None = Field(default=None, gt=0, description="use only the first N conversations")
+    max_line_bytes: int = Field(
+        default=DEFAULT_MAX_LINE_BYTES, gt=0,
+        description="a longer JSONL line is dead-lettered unread (memory stays bounded by config)",
+    )  # fmt: skip
+
+
+class DeadLetterSection(_Section):
+    """How much bad input a stage tolerates before it stops (Arroyo's DLQ limit)."""
+
+    max_invalid_ratio: float = Field(
+        default=DeadLetterLimits.max_invalid_ratio, gt=0, le=1,
+        description="stop a stage when more than this share of its records is dead-lettered",
+    )  # fmt: skip
+    max_consecutive: int = Field(
+        default=DeadLetterLimits.max_consecutive, gt=0, description="stop a stage after this many bad records in a row"
+    )
+    min_records: int = Field(
+        default=DeadLetterLimits.min_records, gt=0, description="records a stage takes before the ratio applies"
+    )
+
+    def limits(self) -> DeadLetterLimits:
+        """The stages' own form of these settings."""
+        return DeadLetterLimits(self.max_invalid_ratio, self.max_consecutive, self.min_records)
 
 
 class TargetSection(_Section):
@@ -270,6 +295,9 @@ class RunConfig(_Section):
     target: TargetSection = Field(description="the target model whose hidden states are captured")
     generate: GenerateSection = Field(default_factory=GenerateSection, description="generators and backpressure")
     train: TrainSection = Field(default_factory=TrainSection, description="the draft's training")
+    dead_letters: DeadLetterSection = Field(
+        default_factory=DeadLetterSection, description="when bad input stops a stage instead of being dead-lettered"
+    )
 
     @model_validator(mode="after")
     def _window_fits(self) -> RunConfig:

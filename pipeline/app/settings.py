@@ -56,6 +56,8 @@ def source_settings(cfg: RunConfig) -> SourceConfig:
         limit=cfg.data.limit,
         transaction_timeout_ms=cfg.broker.transaction_timeout_ms,
         storage_options=dict(cfg.storage.options),
+        max_line_bytes=cfg.data.max_line_bytes,
+        dead_letters=cfg.dead_letters.limits(),
     )
 
 
@@ -83,6 +85,8 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         ),
         queue_depth=g.queue_depth,
         drain_timeout_s=g.drain_timeout_s,
+        dead_letters=cfg.dead_letters.limits(),
+        max_prompt_tokens=cfg.data.max_length,
     )
 
 
@@ -128,6 +132,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         metrics_path=str(out / "metrics.jsonl"),
         plot_path=str(out / "curves.png"),
         progress=sys.stderr.isatty(),
+        dead_letters=cfg.dead_letters.limits(),
     )
 
 

@@ -12,6 +12,7 @@ __all__ = (
     "OptionError",
     "DecodeError",
     "ConversationError",
+    "ForeignRecord",
     "PayloadError",
     "IntegrityError",
     "ConfinementError",
@@ -66,6 +67,11 @@ class ConversationError(DecodeError):
         self.line = line
         where = f"{url}:{line}: " if url is not None else ""
         super().__init__(f"{where}{kind}: {reason}")
+
+
+class ForeignRecord(DecodeError):
+    """A record that is not the run's own output (another producer's, or a stray): it goes to
+    the DLQ with this reason and never counts against an end-of-stream marker."""
 
 
 class PayloadError(SpecstreamError):

@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import CaptureContractError
+from pipeline.core.messages import SampleRef, TargetInfo
 
 if TYPE_CHECKING:
     import torch
-
-    from pipeline.core.messages import TargetInfo
 
 __all__ = (
     "INPUT_IDS",
@@ -31,6 +30,7 @@ __all__ = (
     "FEATURE_NAMES",
     "default_aux_layer_ids",
     "check_capture",
+    "check_ref",
 )
 
 INPUT_IDS = "input_ids"
@@ -71,4 +71,25 @@ def check_capture(
             raise CaptureContractError(
                 f"{name} has shape {got}, expected {shape} "
                 f"(prompt length {prompt_length}, hidden size {hidden})"
+            )
+
+
+def check_ref(ref: SampleRef) -> None:
+    """Refuse a ref whose declared tensors are not one EAGLE3 sample of its own target and length,
+    before any byte is read (storage then checks that the file's header matches the ref)."""
+    names = sorted(ref.tensors)
+    if names != sorted(FEATURE_NAMES):
+        raise CaptureContractError(f"the ref declares tensors {names}, a sample has {sorted(FEATURE_NAMES)}")
+    length, hidden = ref.num_tokens, ref.target.hidden_size
+    expected = {
+        INPUT_IDS: [length],
+        LOSS_MASK: [length],
+        AUX_HIDDEN: [length, 3 * hidden],
+        FINAL_HIDDEN: [length, hidden],
+    }
+    for name, shape in expected.items():
+        if ref.tensors[name].shape != shape:
+            raise CaptureContractError(
+                f"{name} is declared {ref.tensors[name].shape}, a sample of {length} tokens with hidden "
+                f"size {hidden} has {shape}"
             )

@@ -102,6 +102,7 @@ class Prompt(Message):
     input_ids: Annotated[list[NonNegative], Field(min_length=1)]
     loss_mask: Annotated[list[Annotated[int, Field(ge=0, le=1)]], Field(min_length=1)]
     source: dict[str, str] = Field(default_factory=dict)
+    seq: NonNegative | None = None  # position in the source's own output of this partition
 
     @model_validator(mode="after")
     def _same_length(self) -> Prompt:
@@ -130,6 +131,7 @@ class SampleRef(Message):
     tensors: dict[Annotated[str, Field(min_length=1, max_length=128)], TensorSpec]
     target: TargetInfo
     created_at: Annotated[float, Field(ge=0)]
+    seq: NonNegative | None = None  # position in the generators' own output of this partition
 
 
 class EndOfStream(Message):
@@ -146,6 +148,7 @@ class EndOfStream(Message):
     status: Literal["complete", "failed"] = "complete"
     reason: str = ""
     producer_id: Identifier = "stage"
+    seq: NonNegative | None = None  # == count: the marker closes the stage's own sequence
 
     @model_validator(mode="after")
     def _failed_has_reason(self) -> EndOfStream:

@@ -24,13 +24,23 @@ __all__ = ("PartitionCounters", "StreamItem", "StreamState", "rank_partitions")
 class PartitionCounters:
     """Running counts of one samples partition, committed with the prompt offsets."""
 
-    refs: int = 0
-    dropped: int = 0
+    refs: int = 0  # own prompts published as sample refs (the samples partition's numbers)
+    dropped: int = 0  # own prompts dead-lettered (capture refused, token ids out of range...)
     ended: bool = False
+    missing: int = 0  # own prompt numbers that never arrived (a gap in the source's output)
+    foreign: int = 0  # records that are not the source's output (dead-lettered, never counted)
+
+    @property
+    def next_prompt(self) -> int:
+        """The number of the source's next own prompt in this partition."""
+        return self.refs + self.dropped + self.missing
 
     def to_metadata(self) -> str:
         """The offset-commit metadata that carries these counts to the partition's next owner."""
-        return json.dumps({"refs": self.refs, "dropped": self.dropped, "ended": self.ended})
+        return json.dumps(
+            {"refs": self.refs, "dropped": self.dropped, "ended": self.ended, "missing": self.missing,
+             "foreign": self.foreign}
+        )  # fmt: skip
 
     @classmethod
     def from_metadata(cls, text: str) -> PartitionCounters:
@@ -38,7 +48,10 @@ class PartitionCounters:
         if not text:
             return cls()
         data = json.loads(text)
-        return cls(int(data["refs"]), int(data["dropped"]), bool(data["ended"]))
+        return cls(
+            int(data["refs"]), int(data["dropped"]), bool(data["ended"]), int(data.get("missing", 0)),
+            int(data.get("foreign", 0)),
+        )  # fmt: skip
 
     @classmethod
     def parse(cls, text: str) -> PartitionCounters:
@@ -75,44 +88,44 @@ class StreamItem:
 
 @dataclass
 class StreamState:
-    """Everything a checkpoint needs to resume a stream exactly (JSON-serialisable)."""
+    """Everything a checkpoint needs to resume a stream exactly (JSON-serialisable).
+
+    ``partitions`` holds each partition's sequence accounting (``pipeline.core.eos``), ``recent``
+    the dedup window of ``(sample_id, checksum)`` pairs, ``consumed`` the own records passed per
+    partition (what backpressure subtracts from the generators' count).
+    """
 
     positions: dict[int, int]
-    used: dict[int, int]
-    rejected: dict[int, int]
-    duplicates: dict[int, int]
-    markers: dict[int, list[str]]
+    partitions: dict[int, dict[str, Any]]
     cursor: int
     dead_letters: int = 0
     dropped_upstream: int = 0
-    recent_ids: list[str] = field(default_factory=list)
+    recent: list[tuple[str, str]] = field(default_factory=list)
 
-    def to_json(self) -> dict:
+    def consumed(self, partition: int) -> int:
+        """Own records of the partition passed so far (used, duplicate-free, missing included)."""
+        return int(self.partitions.get(partition, {}).get("next_seq", 0))
+
+    def used(self, partition: int) -> int:
+        return int(self.partitions.get(partition, {}).get("used", 0))
+
+    def to_json(self) -> dict[str, Any]:
         return {
             "positions": {str(k): v for k, v in self.positions.items()},
-            "used": {str(k): v for k, v in self.used.items()},
-            "rejected": {str(k): v for k, v in self.rejected.items()},
-            "duplicates": {str(k): v for k, v in self.duplicates.items()},
-            "markers": {str(k): v for k, v in self.markers.items()},
+            "partitions": {str(k): v for k, v in self.partitions.items()},
             "cursor": self.cursor,
             "dead_letters": self.dead_letters,
             "dropped_upstream": self.dropped_upstream,
-            "recent_ids": list(self.recent_ids),
+            "recent": [list(pair) for pair in self.recent],
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> StreamState:
-        def ints(d: dict) -> dict[int, int]:
-            return {int(k): int(v) for k, v in d.items()}
-
+    def from_json(cls, data: dict[str, Any]) -> StreamState:
         return cls(
-            positions=ints(data["positions"]),
-            used=ints(data["used"]),
-            rejected=ints(data["rejected"]),
-            duplicates=ints(data["duplicates"]),
-            markers={int(k): list(v) for k, v in data["markers"].items()},
+            positions={int(k): int(v) for k, v in data["positions"].items()},
+            partitions={int(k): dict(v) for k, v in data["partitions"].items()},
             cursor=int(data["cursor"]),
             dead_letters=int(data.get("dead_letters", 0)),
             dropped_upstream=int(data.get("dropped_upstream", 0)),
-            recent_ids=[str(i) for i in data.get("recent_ids", [])],
+            recent=[(str(i), str(c)) for i, c in data.get("recent", [])],
         )

@@ -34,9 +34,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError, StreamError
 from pipeline.core.faults import crash_point
-from pipeline.core.messages import Prompt
 from pipeline.core.progress import PartitionCounters
 from pipeline.core.topics import Admin, FencedError, Reader, RunTopics, Transport
 from pipeline.generate.backend import TargetBackend
@@ -76,6 +76,8 @@ class GeneratorConfig:
     drain_timeout_s: float = 30.0
     exit_when_done: bool = True
     done_check_interval_s: float = 1.0
+    dead_letters: DeadLetterLimits = DeadLetterLimits()
+    max_prompt_tokens: int | None = None  # longer prompts are refused before the forward
 
     def validate(self) -> None:
         """Refuse a bad batch size or a watermark that could deadlock, before anything starts."""
@@ -114,7 +116,10 @@ class GeneratorWorker:
         # In-process transports run rebalance callbacks under their own lock, where the writer
         # could not make progress; only Kafka's (on its IO thread) can wait for it.
         self._drain_on_revoke = transport.rebalance_callbacks_may_wait
-        self._planner = BatchPlanner(backend, run_id=config.run_id, epoch=config.epoch)
+        self._planner = BatchPlanner(
+            backend, run_id=config.run_id, epoch=config.epoch, dead_letters=config.dead_letters,
+            max_prompt_tokens=config.max_prompt_tokens,
+        )  # fmt: skip
         self._throttle: Throttle | None = None  # only with backpressure
         self._partition_count = 0
         self._done_checked_at = 0.0
@@ -405,10 +410,9 @@ class GeneratorWorker:
     # --- one batch -----------------------------------------------------------------------
 
     def _plan(self, decoded: list[Decoded], epoch: int, group: object) -> PlannedBatch:
-        """Run the capture, then decide, in record order, what the batch's transaction will hold."""
-        prompts = [m for _, m in decoded if isinstance(m, Prompt)]
-        started = time.perf_counter()
-        features = self._planner.capture(prompts)
-        self.stats.capture_s += time.perf_counter() - started
+        """Capture the batch's own prompts and decide, in record order, what its transaction holds."""
         counters = self._counters_for(sorted({r.partition for r, _ in decoded}))
-        return self._planner.plan(decoded, features, counters, epoch=epoch, group=group)
+        started = time.perf_counter()
+        batch = self._planner.plan(decoded, counters, epoch=epoch, group=group)
+        self.stats.capture_s += time.perf_counter() - started
+        return batch

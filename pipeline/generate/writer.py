@@ -56,6 +56,7 @@ class Sample:
     prompt: Prompt
     sample_id: str
     tensors: Capture
+    seq: int  # its number in the generators' own output of the samples partition
 
 
 @dataclass
@@ -337,6 +338,7 @@ class BatchWriter:
                     tensors=s.tensors,
                     target=self.target,
                     created_at=now(),
+                    seq=item.seq,
                 )
                 self.producer.send(self.samples_topic, item.partition, encode(ref), key=item.sample_id.encode())
             else:

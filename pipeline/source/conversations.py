@@ -57,6 +57,8 @@ _ROLES = {
     "system": "system",
 }
 _RAW_LIMIT = 4096
+#: Longer lines are refused before they are parsed or tokenized (memory is bounded by config).
+DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class MalformedLine:
     """A line that was skipped, with everything a dead-letter record needs.
 
     ``kind``: ``encoding`` | ``json`` | ``schema`` | ``role`` | ``empty`` | ``no_assistant``
-    | ``template`` | ``no_supervised_tokens``.
+    | ``template`` | ``no_supervised_tokens`` | ``too_long``.
     """
 
     url: str
@@ -191,12 +193,14 @@ def read_conversations(
     start_index: int = 0,
     template_kwargs: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Iterator[TokenizedConversation | MalformedLine]:
     """Stream one JSONL file of conversations as tokenized prompts (and, under ``"dlq"``, bad lines).
 
     A record's index is ``start_index + line_number - 1`` (blank lines count but yield
     nothing), so prompt ids do not shift when a bad line is dropped or the file is re-read;
-    give each file of a multi-file source its own ``start_index`` range.
+    give each file of a multi-file source its own ``start_index`` range. A line longer than
+    ``max_line_bytes`` is a malformed line (``too_long``), read past without being held in memory.
     """
     if policy not in ("dlq", "fail"):
         raise ConfigError("source.policy", f"unknown policy {policy!r}", "use 'dlq' or 'fail'")
@@ -205,7 +209,17 @@ def read_conversations(
     check_tokenizer(tokenizer)
     name = os.fspath(url)
     with fsspec.open(name, "rb", compression="infer", **(storage_options or {})) as fh:
-        for line_number, raw_bytes in enumerate(fh, start=1):
+        for line_number, (raw_bytes, size) in enumerate(_bounded_lines(fh, max_line_bytes), start=1):
+            if size > max_line_bytes:
+                item: TokenizedConversation | MalformedLine | None = MalformedLine(
+                    url=name, line=line_number, kind="too_long",
+                    reason=f"the line has {size} bytes, above data.max_line_bytes {max_line_bytes}",
+                    raw=raw_bytes[:_RAW_LIMIT].decode("utf-8", errors="replace"), raw_truncated=True,
+                )  # fmt: skip
+                if policy == "fail":
+                    raise item.error
+                yield item
+                continue
             item = _one_line(
                 raw_bytes,
                 url=name,
@@ -221,6 +235,25 @@ def read_conversations(
             if isinstance(item, MalformedLine) and policy == "fail":
                 raise item.error
             yield item
+
+
+def _bounded_lines(fh: Any, limit: int) -> Iterator[tuple[bytes, int]]:
+    """Lines with their full size; a line above ``limit`` keeps only its head (memory stays bounded)."""
+    while True:
+        line = fh.readline(limit + 1)
+        if not line:
+            return
+        size = len(line)
+        if size > limit and not line.endswith(b"\n"):
+            head = line
+            while True:  # skip the rest of the long line in bounded chunks
+                chunk = fh.readline(1 << 20)
+                size += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            yield head, size
+            continue
+        yield line, size
 
 
 def _one_line(

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from pipeline.core.deadletter import DeadLetterLimitExceeded
 from pipeline.core.errors import DecodeError
 from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, decode, encode
 from pipeline.core.topics import RunTopics, TransactionalProducer, Transport, read_to_end
@@ -36,15 +37,25 @@ class SourceStats:
 def committed_prompt_counts(
     transport: Transport, topics: RunTopics, partitions: int, *, timeout_s: float = 120.0
 ) -> tuple[dict[int, int], set[int]]:
-    """Per partition: prompts already committed, and which partitions are already closed."""
+    """Per partition: the source's own prompts already committed, and which partitions it closed.
+
+    Only the source's numbered output counts (``pipeline.core.eos``): a stray record another
+    producer wrote into the prompts topic is skipped here, never counted and never fatal.
+    """
     counts = {p: 0 for p in range(partitions)}
     closed: set[int] = set()
     for record in read_to_end(transport, topics.prompts, range(partitions), timeout_s=timeout_s):
-        message = decode(record.value or b"")
-        if isinstance(message, Prompt):
-            counts[record.partition] += 1
-        elif isinstance(message, EndOfStream):
-            closed.add(record.partition)
+        p = record.partition
+        try:
+            message = decode(record.value or b"")
+        except DecodeError:
+            continue
+        if p in closed or message.run_id != topics.run_id:
+            continue
+        if isinstance(message, Prompt) and message.seq == counts[p]:
+            counts[p] += 1
+        elif isinstance(message, EndOfStream) and message.stage == "source" and message.seq == counts[p]:
+            closed.add(p)
     return counts, closed
 
 
@@ -91,7 +102,7 @@ class PromptPublisher:
             committed = dict(done)
             try:
                 trailing = self._send_all(producer, prompts, done, closed, sent, committed, stats)
-            except DecodeError as exc:
+            except (DecodeError, DeadLetterLimitExceeded) as exc:  # bad input: close every partition failed
                 producer.abort()
                 self._close(producer, closed, committed, str(exc))
                 stats.failed = str(exc)
@@ -141,7 +152,8 @@ class PromptPublisher:
                 stats.dead_letters += 1
                 in_chunk += 1
             pending.clear()
-            producer.send(self.topics.prompts, p, encode(item), key=item.prompt_id.encode())
+            numbered = item.model_copy(update={"seq": sent[p]})
+            producer.send(self.topics.prompts, p, encode(numbered), key=item.prompt_id.encode())
             sent[p] += 1
             stats.published += 1
             stats.per_partition[p] = sent[p]
@@ -175,6 +187,7 @@ class PromptPublisher:
                 stage="source",
                 partition=p,
                 count=counts[p],
+                seq=counts[p],
                 status="failed" if fail_reason else "complete",
                 reason=fail_reason or "",
                 producer_id="source",

@@ -25,11 +25,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy
 from pipeline.core.errors import ConfigError, RunMismatchError
 from pipeline.core.messages import DeadLetter, Prompt, now
 from pipeline.core.model_dir import read_text_config
 from pipeline.core.topics import Transport
-from pipeline.source.conversations import MalformedLine, read_conversations
+from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES, MalformedLine, read_conversations
 from pipeline.source.publisher import PromptPublisher, SourceStats
 from pipeline.source.template import load_tokenizer
 from pipeline.storage import FeatureStore
@@ -65,6 +66,8 @@ class SourceConfig:
     limit: int | None = None
     assistant_turns: str = "all"
     chunk_size: int = 256
+    dead_letters: DeadLetterLimits = DeadLetterLimits()
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     transaction_timeout_ms: int = 60_000
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -141,6 +144,7 @@ class SourceStage:
     ) -> Iterator[Prompt | DeadLetter]:
         """Prompts in source order (and dead letters for bad lines), counting tokens as they pass."""
         cfg = self.config
+        policy = DeadLetterPolicy("source", cfg.dead_letters)
         seen = 0
         start = 0
         for url in cfg.urls():
@@ -153,6 +157,7 @@ class SourceStage:
                 assistant_turns=cfg.assistant_turns,  # type: ignore[arg-type]
                 start_index=start,
                 storage_options=cfg.storage_options,
+                max_line_bytes=cfg.max_line_bytes,
             ):
                 if cfg.limit is not None and seen >= cfg.limit:
                     return
@@ -162,7 +167,9 @@ class SourceStage:
                     result.malformed += 1
                     logger.warning("malformed conversation %s", item)
                     yield _dead_letter(cfg.run_id, item)
+                    policy.record(valid=False, reason=str(item))  # after its letter: it is counted
                     continue
+                policy.record(valid=True)
                 counter.update(item.input_ids, item.loss_mask)
                 result.prompts += 1
                 result.truncated += int(item.truncated)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
 from pipeline.train.retention import RetentionPolicy
 
@@ -57,6 +58,7 @@ class TrainerSettings:
     plot_path: str | None
     epoch: int = 0  # not configurable yet: every run is epoch 0 (replay reads it again)
     progress: bool = False  # a progress bar on stderr (rank 0)
+    dead_letters: DeadLetterLimits = DeadLetterLimits()  # when bad refs stop the trainer
 
     def __post_init__(self) -> None:
         positive = {

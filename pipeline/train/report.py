@@ -29,7 +29,7 @@ def rank_progress(rank: int, samples: list[SampleInfo], state: StreamState) -> d
         PartitionOffset(
             partition=p,
             offset=state.positions[p],
-            records=state.used.get(p, 0) + state.rejected.get(p, 0) + state.duplicates.get(p, 0),
+            records=state.consumed(p),
         )
         for p in sorted(state.positions)
     ]

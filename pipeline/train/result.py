@@ -12,37 +12,44 @@ __all__ = ("RunCompleteness", "TrainResult")
 
 @dataclass(frozen=True)
 class RunCompleteness:
-    """The end-of-stream accounting over all ranks (DESIGN 4.2)."""
+    """The end-of-stream accounting over all ranks (DESIGN 4.2).
 
-    prompts: int  # distinct prompts: refs on the samples topic (less duplicates) + dropped upstream
+    ``prompts`` are the source's prompts as the generators closed them: the refs they numbered
+    plus the prompts they dead-lettered. Each one is trained, in the tail, dead-lettered upstream
+    or missing (a numbered ref that never arrived or failed its checks); foreign records and
+    duplicates never count. Anything missing, or a run that trained nothing, fails.
+    """
+
+    prompts: int
     trained: int
     tail: int
+    missing: int
     duplicates: int
-    dead_letters: int  # rejected by the trainer + dropped upstream
+    dropped: int  # the source's prompts the generators dead-lettered (e.g. capture refused)
+    foreign: int  # records on the samples topic that were no generator's output
     partitions_ended: int
     partitions: int
 
     @property
-    def missing(self) -> int:
-        """Prompts neither trained, nor in the tail, nor dead-lettered: must be zero."""
-        return self.prompts - self.trained - self.tail - self.dead_letters
+    def dead_letters(self) -> int:
+        return self.dropped + self.foreign
 
     def line(self) -> str:
         """The run's summary line, for people and scripts."""
         return (
             f"{self.trained} of {self.prompts} prompts trained, {self.missing} missing, "
             f"{self.duplicates} duplicates dropped, {self.tail} tail samples not stepped, "
-            f"{self.dead_letters} dead letters"
+            f"{self.dead_letters} dead letters ({self.dropped} prompts, {self.foreign} foreign records)"
         )
 
     def check(self) -> None:
-        """Fail a run that lost prompts or whose partitions did not all end."""
+        """Fail a run that lost prompts, trained nothing, or whose partitions did not all end."""
         if self.partitions_ended != self.partitions:
-            raise StreamError(
-                f"{self.partitions - self.partitions_ended} partitions did not end: {self.line()}"
-            )
-        if self.missing != 0:
-            raise StreamError(f"incomplete run: {self.line()}")
+            raise StreamError(f"{self.partitions - self.partitions_ended} partitions did not end: {self.line()}")
+        if self.missing:
+            raise StreamError(f"incomplete run: {self.line()}; see `specstream audit` and the DLQ")
+        if self.prompts and not self.trained:
+            raise StreamError(f"the run trained nothing: {self.line()}; see the DLQ for why")
 
     @classmethod
     def combine(cls, ranks: list[dict[str, int]]) -> RunCompleteness:
@@ -52,11 +59,13 @@ class RunCompleteness:
             return sum(int(r[key]) for r in ranks)
 
         return cls(
-            prompts=total("expected") - total("duplicates") + total("dropped_upstream"),
+            prompts=total("expected") + total("dropped_upstream"),
             trained=total("trained"),
             tail=total("tail"),
+            missing=total("missing"),
             duplicates=total("duplicates"),
-            dead_letters=total("rejected") + total("dropped_upstream"),
+            dropped=total("dropped_upstream"),
+            foreign=total("foreign"),
             partitions_ended=total("partitions_ended"),
             partitions=total("partitions"),
         )

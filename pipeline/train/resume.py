@@ -214,7 +214,7 @@ class CheckpointCoordinator:
         if self.commit_offsets is not None:
             states = [StreamState.from_json(r["stream"]) for r in ranks]
             positions = {p: o for s in states for p, o in s.positions.items()}
-            ended = frozenset(p for s in states for p, m in s.markers.items() if m)
+            ended = frozenset(p for s in states for p, st in s.partitions.items() if st.get("marker"))
             try:
                 self.commit_offsets(positions, step, ended)
             except Exception:  # advisory (monitoring, lag): the checkpoint holds the truth

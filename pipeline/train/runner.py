@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+
 import torch
 
 from pipeline.core.errors import ConfigError, StreamError
@@ -67,12 +68,14 @@ class OffsetCommitter:
         self._reader.close()
 
 
-def _partition_count(transport: Transport, topics: RunTopics) -> int:
+def _samples_topic(transport: Transport, topics: RunTopics) -> tuple[int, str | None]:
+    """The samples topic's partition count and id (a checkpoint must be of this incarnation)."""
     with transport.admin() as admin:
         count = admin.partition_count(topics.samples)
+        topic_id = admin.topic_id(topics.samples)
     if count is None:
         raise StreamError(f"topic {topics.samples} does not exist: create the run's topics first")
-    return count
+    return count, topic_id
 
 
 def run_trainer(
@@ -99,7 +102,7 @@ def run_trainer(
         seed_everything(settings.seed, deterministic=settings.deterministic)
         draft, lm_head, vocab = build_draft(model, seed=settings.seed, device=dist.device)
         topics = RunTopics(settings.run_id)
-        num_partitions = _partition_count(transport, topics)
+        num_partitions, topic_id = _samples_topic(transport, topics)
         partitions = rank_partitions(num_partitions, dist.world_size, dist.rank)
         if not partitions:
             raise ConfigError(
@@ -127,6 +130,7 @@ def run_trainer(
                 state=state,
                 dlq=dlq,
                 idle_timeout_s=settings.idle_timeout_s,
+                dead_letters=settings.dead_letters,
             )
 
         ledger = committer = None
@@ -145,7 +149,11 @@ def run_trainer(
             ledger=ledger,
             commit_offsets=committer,
             delete_feature=store.delete,
-            extra_resume_fields={"draft": draft.config.to_dict(), "vocab": vocab.fingerprint()},
+            extra_resume_fields={
+                "draft": draft.config.to_dict(),
+                "vocab": vocab.fingerprint(),
+                "samples_topic_id": topic_id,  # a re-created topic is another stream: no resume
+            },
         )
         return trainer.run(stop)
     finally:

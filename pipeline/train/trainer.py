@@ -310,8 +310,9 @@ class Trainer:
         mine = {
             "expected": summary.expected,
             "used": summary.used,
-            "rejected": summary.rejected,
+            "missing": summary.missing,
             "duplicates": summary.duplicates,
+            "foreign": summary.foreign,
             "partitions_ended": summary.partitions_ended,
             "partitions": summary.partitions,
             "dropped_upstream": tail.end.dropped_upstream,

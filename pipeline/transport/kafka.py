@@ -35,6 +35,7 @@ from kafka.errors import (
     InvalidProducerEpochError,
     KafkaError,
     KafkaTimeoutError,
+    OffsetOutOfRangeError,
     ProducerFencedError,
     SaslAuthenticationFailedError,
     TopicAlreadyExistsError,
@@ -45,7 +46,7 @@ from kafka.net.sasl import SASL_MECHANISMS
 from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError
+from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, StreamError
 from pipeline.core.topics import (
     MAX_RECORD_BYTES,
     Committed,
@@ -367,13 +368,22 @@ class KafkaAdmin:
         with _translated():
             return set(self._admin.list_topics())
 
-    def partition_count(self, topic: str) -> int | None:
+    def _described(self, topic: str) -> dict[str, Any] | None:
         with _translated():
             described = self._admin.describe_topics([topic])
         for entry in described:
             if entry.get("error_code", 0) == 0 and entry.get("name") == topic:
-                return len(entry.get("partitions", []))
+                return dict(entry)
         return None
+
+    def partition_count(self, topic: str) -> int | None:
+        entry = self._described(topic)
+        return None if entry is None else len(entry.get("partitions", []))
+
+    def topic_id(self, topic: str) -> str | None:
+        """The broker's id of this incarnation of the topic (a re-created topic gets a new one)."""
+        entry = self._described(topic)
+        return None if entry is None else str(entry.get("topic_id") or "") or None
 
     def ensure_topics(
         self,
@@ -560,14 +570,28 @@ class PlainProducer:
             ),
             settings,
         )
+        self._pending: list[Any] = []  # futures of records sent since the last flush
 
     def send(self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None) -> Any:
         with _translated():
-            return self._producer.send(topic, value=value, key=key, partition=partition)
+            future = self._producer.send(topic, value=value, key=key, partition=partition)
+        self._pending.append(future)
+        return future
 
     def flush(self, timeout_s: float = 30.0) -> None:
+        """Block until every record sent so far is on the broker; raise if any was not.
+
+        kafka-python's own ``flush`` returns even when a record failed (its error sits in the
+        record's future): the ledger, dead letters and the manifest must not be taken as
+        written when they were not.
+        """
         with _translated():
             self._producer.flush(timeout=timeout_s)
+        pending, self._pending = self._pending, []
+        failed = [f for f in pending if not f.is_done or f.failed()]
+        if failed:
+            first = failed[0].exception if failed[0].is_done else "not delivered before the flush timeout"
+            raise TransportError(f"{len(failed)} of {len(pending)} records were not delivered: {first}", retriable=True)
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.close(timeout=timeout_s)
@@ -636,7 +660,8 @@ class PartitionReader:
             "group_id": group_id,
             "isolation_level": "read_committed",
             "enable_auto_commit": False,
-            "auto_offset_reset": "earliest" if start != "latest" else "latest",
+            # Explicit positions (a checkpoint's) must exist: out of range is an error, never a reset.
+            "auto_offset_reset": "none" if isinstance(start, Mapping) else ("latest" if start == "latest" else "earliest"),
             "max_poll_records": max_poll_records,
             "max_poll_interval_ms": max_poll_interval_ms,
             "session_timeout_ms": session_timeout_ms,
@@ -682,13 +707,34 @@ class PartitionReader:
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[Record]:
         """Records in offset order per partition, partitions interleaved as fetched."""
         _release_parked_fetches(self._consumer)
-        with _translated():
-            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        try:
+            with _translated():
+                batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except TransportError as exc:
+            if not isinstance(exc.__cause__, OffsetOutOfRangeError):
+                raise
+            raise StreamError(self._out_of_range(exc.__cause__)) from None
         out: list[Record] = []
         for tp, records in batches.items():
             for r in records:
                 out.append(Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp))
         return out
+
+    def _out_of_range(self, error: OffsetOutOfRangeError) -> str:
+        """Name each partition, the offset asked for and the range the log holds."""
+        asked = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
+        tps = list(asked) or [TopicPartition(self.topic, p) for p in self.assignment()]
+        with _translated():
+            starts = self._consumer.beginning_offsets(tps)
+            ends = self._consumer.end_offsets(tps)
+        where = "; ".join(
+            f"partition {tp.partition}: offset {asked.get(tp, '?')} asked, the log holds {starts[tp]}..{ends[tp]}"
+            for tp in tps
+        )
+        return (
+            f"{self.topic}: {where}. The position is outside the topic (it was deleted and re-created, or "
+            "its records expired): resume from a checkpoint of this topic, or start a new run"
+        )
 
     def seek(self, partition: int, offset: int) -> None:
         self._consumer.seek(TopicPartition(self.topic, partition), offset)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Unpack
@@ -32,6 +33,7 @@ class StaleGeneration(FencedError):
 class _Topic:
     partitions: list[list[Record]]
     configs: dict[str, str] = field(default_factory=dict)
+    topic_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass
@@ -121,6 +123,10 @@ class _Admin:
     def partition_count(self, topic: str) -> int | None:
         t = self._b._topics.get(topic)
         return None if t is None else len(t.partitions)
+
+    def topic_id(self, topic: str) -> str | None:
+        t = self._b._topics.get(topic)
+        return None if t is None else t.topic_id
 
     def ensure_topics(self, specs: Mapping[str, int], *, configs: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
         created = []

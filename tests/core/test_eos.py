@@ -1,58 +1,78 @@
-"""End-of-stream accounting: counts must add up; failure wins."""
+"""End-of-stream accounting: the writer's numbered output is what counts; failure wins."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.core.eos import CompletenessTracker
+from pipeline.core.eos import CompletenessTracker, PartitionState, Position
 from pipeline.core.errors import StreamError
 from pipeline.core.messages import EndOfStream
 
 
 def eos(p: int, count: int, **kw) -> EndOfStream:
-    return EndOfStream(run_id="r", stage="generate", partition=p, count=count, **kw)
+    return EndOfStream(run_id="r", stage="generate", partition=p, count=count, seq=count, **kw)
 
 
-def test_partition_ends_when_the_count_holds() -> None:
-    t = CompletenessTracker([0, 1])
-    for _ in range(3):
-        t.used(0)
-    t.rejected(0)
-    assert t.end(eos(0, 4)) and t.ended(0) and not t.all_ended()
-    assert t.end(eos(1, 0)) and t.all_ended()
+def test_partition_ends_when_every_number_arrived() -> None:
+    t = CompletenessTracker.over([0, 1])
+    for seq in range(3):
+        assert t.position(0, seq) is Position.NEXT
+        t.used(0, seq)
+    t.end(eos(0, 3), 0)
+    assert t.ended(0) and not t.all_ended()
+    t.end(eos(1, 0), 1)
     s = t.summary()
-    assert (s.expected, s.used, s.rejected, s.missing) == (4, 3, 1, 0)
+    assert t.all_ended() and (s.expected, s.used, s.missing, s.duplicates, s.foreign) == (3, 3, 0, 0, 0)
 
 
-def test_missing_records_are_an_error_not_a_log_line() -> None:
-    t = CompletenessTracker([0])
-    t.used(0)
-    with pytest.raises(StreamError, match="says 2 records, 1 arrived"):
-        t.end(eos(0, 2))
+def test_a_gap_is_counted_missing_at_the_record_after_it_and_at_the_marker() -> None:
+    t = CompletenessTracker.over([0])
+    t.used(0, 0)
+    t.used(0, 2)  # seq 1 never arrived
+    t.end(eos(0, 5), 0)  # nor did 3 and 4
+    assert t.summary().missing == 3 and t.summary().used == 2
+
+
+def test_numbers_classify_records() -> None:
+    t = CompletenessTracker.over([0])
+    t.used(0, 0)
+    assert t.position(0, None) is Position.UNNUMBERED
+    assert t.position(0, 0) is Position.EARLIER
+    assert t.position(0, 1) is Position.NEXT
+
+
+def test_foreign_and_duplicate_records_never_touch_the_counts() -> None:
+    t = CompletenessTracker.over([0])
+    t.used(0, 0)
+    t.foreign(0)
+    t.duplicate(0)
+    t.end(eos(0, 1), 0)
+    s = t.summary()
+    assert (s.expected, s.used, s.missing, s.duplicates, s.foreign) == (1, 1, 0, 1, 1)
 
 
 def test_failed_marker_wins() -> None:
-    t = CompletenessTracker([0])
+    t = CompletenessTracker.over([0])
     with pytest.raises(StreamError, match="disk full"):
-        t.end(eos(0, 0, status="failed", reason="disk full"))
+        t.end(eos(0, 0, status="failed", reason="disk full"), 0)
 
 
 def test_records_after_the_marker_are_refused() -> None:
-    t = CompletenessTracker([0])
-    t.end(eos(0, 0))
+    t = CompletenessTracker.over([0])
+    t.end(eos(0, 0), 0)
     with pytest.raises(StreamError, match="after the end-of-stream"):
-        t.used(0)
+        t.used(0, 0)
 
 
-def test_several_writers_each_close_their_share() -> None:
-    t = CompletenessTracker([0], writers_per_partition=2)
-    t.used(0)
-    t.used(0)
-    assert not t.end(eos(0, 1, producer_id="a"))
-    assert not t.end(eos(0, 1, producer_id="a"))  # a repeated marker counts once
-    assert t.end(eos(0, 1, producer_id="b"))
+def test_state_round_trips_through_json() -> None:
+    t = CompletenessTracker.over([0])
+    t.used(0, 1)
+    t.duplicate(0)
+    t.end(eos(0, 2), 0)
+    restored = PartitionState.from_json(0, t.state(0).to_json())
+    assert restored == t.state(0)
 
 
 def test_unknown_partition_is_refused() -> None:
     with pytest.raises(StreamError, match="does not own"):
-        CompletenessTracker([0]).used(3)
+        CompletenessTracker.over([0]).used(3, 0)

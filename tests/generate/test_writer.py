@@ -64,7 +64,8 @@ def make_batch(epoch: int, index: int, target: SyntheticTarget, n: int = 2) -> P
     prompts = make_prompts("run", n * (index + 1))[-n:]
     captured = target.capture([(p.input_ids, p.loss_mask) for p in prompts])
     items: list[Publish | Sample] = [
-        Sample(0, p, f"run.e000.{p.prompt_id}", t) for p, t in zip(prompts, captured, strict=True)
+        Sample(0, p, f"run.e000.{p.prompt_id}", t, seq=i)
+        for i, (p, t) in enumerate(zip(prompts, captured, strict=True))
     ]
     items.append(Publish("run.dlq", 0, b'{"x": 1}'))
     return PlannedBatch(

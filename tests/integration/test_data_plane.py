@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from pipeline.core.errors import StreamError
 from pipeline.core.messages import DeadLetter, EndOfStream, SampleRef, encode, now
 from pipeline.core.progress import StreamItem, rank_partitions
 from pipeline.core.topics import RunTopics
@@ -114,39 +115,47 @@ def test_sigkill_mid_transaction_then_restart_loses_and_duplicates_nothing(kafka
     assert (summary.used, summary.missing, summary.duplicates, summary.expected) == (120, 0, 0, 120)
 
 
-def test_bad_records_go_to_the_dlq_with_a_reason_and_the_stream_goes_on(kafka, run_topics, storage_root) -> None:
-    run_id = run_topics.run_id
-    store = FeatureStore(storage_root, run_id)
+def _stored_ref(store: FeatureStore, run_id: str, name: str, **overrides) -> SampleRef:
     target = SyntheticTarget(hidden_size=8)
+    stored = store.put(0, name, target.capture([([1, 2, 3, 4], [0, 1, 1, 1])])[0])
+    fields = dict(
+        run_id=run_id, sample_id=name, prompt_id=name, producer_id="test", uri=stored.uri,
+        nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=4, tensors=stored.tensors,
+        target=target.info, created_at=now(),
+    )  # fmt: skip
+    fields.update(overrides)
+    return SampleRef(**fields)
 
-    def stored_ref(name: str, **overrides) -> SampleRef:
-        tensors = target.capture([([1, 2, 3, 4], [0, 1, 1, 1])])[0]
-        stored = store.put(0, name, tensors)
-        fields = dict(
-            run_id=run_id, sample_id=name, prompt_id=name, producer_id="test", uri=stored.uri,
-            nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=4, tensors=stored.tensors,
-            target=target.info, created_at=now(),
-        )  # fmt: skip
-        fields.update(overrides)
-        return SampleRef(**fields)
 
-    good_a = stored_ref("good-a")
-    corrupt = stored_ref("corrupt")
-    path = store.resolve(corrupt.uri)
-    store.fs.pipe_file(path, b"\x00" * corrupt.nbytes)  # same size, garbage content
-    bad_checksum = stored_ref("bad-checksum", checksum="crc32c:00000000")
-    outside = stored_ref("outside", uri="../../../etc/passwd")
-    good_b = stored_ref("good-b")
-
-    producer = TransactionalProducer(kafka, f"{run_id}.test")
+def _commit(kafka, run_topics, topic: str, values_by_partition: dict[int, list[bytes]]) -> None:
+    producer = TransactionalProducer(kafka, f"{run_topics.run_id}.test")
     producer.begin()
-    for value in (encode(good_a), encode(corrupt), b"{not json", encode(bad_checksum), encode(outside), encode(good_b)):
-        producer.send(run_topics.samples, 0, value)
-    producer.send(run_topics.samples, 0, encode(EndOfStream(run_id=run_id, stage="generate", partition=0, count=6)))
-    for p in (1, 2, 3):
-        producer.send(run_topics.samples, p, encode(EndOfStream(run_id=run_id, stage="generate", partition=p, count=0)))
+    for p, values in values_by_partition.items():
+        for value in values:
+            producer.send(topic, p, value)
     producer.commit()
     producer.close()
+
+
+def _closed(run_id: str, stage: str, p: int, count: int = 0) -> bytes:
+    return encode(EndOfStream(run_id=run_id, stage=stage, partition=p, count=count, seq=count))
+
+
+def test_bad_records_go_to_the_dlq_with_a_reason_and_never_break_the_count(kafka, run_topics, storage_root) -> None:
+    """Records claiming the next number but failing a check are dead-lettered and the number stays
+    open for the real record; garbage without a number is foreign. The count still holds."""
+    run_id = run_topics.run_id
+    store = FeatureStore(storage_root, run_id)
+    good_a = _stored_ref(store, run_id, "good-a", seq=0)
+    corrupt = _stored_ref(store, run_id, "corrupt", seq=1)
+    store.fs.pipe_file(store.resolve(corrupt.uri), b"\x00" * corrupt.nbytes)  # same size, garbage content
+    bad_checksum = _stored_ref(store, run_id, "bad-checksum", checksum="crc32c:00000000", seq=1)
+    outside = _stored_ref(store, run_id, "outside", uri="../../../etc/passwd", seq=1)
+    good_b = _stored_ref(store, run_id, "good-b", seq=1)
+    values = [encode(good_a), encode(corrupt), b"{not json", encode(bad_checksum), encode(outside), encode(good_b)]
+    _commit(kafka, run_topics, run_topics.samples, {
+        0: [*values, _closed(run_id, "generate", 0, 2)], **{p: [_closed(run_id, "generate", p)] for p in (1, 2, 3)}
+    })  # fmt: skip
 
     dlq = PlainProducer(kafka)
     stream = SampleStream(kafka, store, run_id, range(4), dlq=dlq, idle_timeout_s=60)
@@ -154,7 +163,8 @@ def test_bad_records_go_to_the_dlq_with_a_reason_and_the_stream_goes_on(kafka, r
     stream.close()
     dlq.close()
     assert [i.ref.sample_id for i in items] == ["good-a", "good-b"]
-    assert stream.summary().missing == 0 and stream.dead_letters == 4
+    summary = stream.summary()
+    assert (summary.missing, summary.foreign, summary.expected, stream.dead_letters) == (0, 4, 2, 4)
 
     letters = read_messages(kafka, run_topics.dlq, [0], until=lambda m: len(m) >= 4)
     reasons = {}
@@ -167,19 +177,31 @@ def test_bad_records_go_to_the_dlq_with_a_reason_and_the_stream_goes_on(kafka, r
     assert reasons[4][0] == "ConfinementError"
 
 
-def test_malformed_prompt_goes_to_the_dlq_and_the_eos_counts_it(kafka, run_topics, storage_root) -> None:
+def test_an_own_sample_that_fails_its_checks_is_missing_not_silently_skipped(kafka, run_topics, storage_root) -> None:
     run_id = run_topics.run_id
-    prompts = make_prompts(run_id, 6)
-    producer = TransactionalProducer(kafka, f"{run_id}.test")
-    producer.begin()
-    for p in prompts[:3]:
-        producer.send(run_topics.prompts, 0, encode(p))
-    producer.send(run_topics.prompts, 0, b'{"schema": "specstream.prompt/1", "run_id": "' + run_id.encode() + b'"}')
-    producer.send(run_topics.prompts, 0, encode(EndOfStream(run_id=run_id, stage="source", partition=0, count=4)))
-    for p in (1, 2, 3):
-        producer.send(run_topics.prompts, p, encode(EndOfStream(run_id=run_id, stage="source", partition=p, count=0)))
-    producer.commit()
-    producer.close()
+    store = FeatureStore(storage_root, run_id)
+    lost = _stored_ref(store, run_id, "lost", seq=0)
+    store.delete(lost.uri)  # the generator's file is gone (storage fault)
+    kept = _stored_ref(store, run_id, "kept", seq=1)
+    _commit(kafka, run_topics, run_topics.samples, {
+        0: [encode(lost), encode(kept), _closed(run_id, "generate", 0, 2)],
+        **{p: [_closed(run_id, "generate", p)] for p in (1, 2, 3)},
+    })  # fmt: skip
+    stream = SampleStream(kafka, store, run_id, range(4), idle_timeout_s=60)
+    assert [i.ref.sample_id for i in stream] == ["kept"]
+    stream.close()
+    summary = stream.summary()
+    assert (summary.expected, summary.used, summary.missing) == (2, 1, 1)
+
+
+def test_a_malformed_prompt_is_dead_lettered_as_foreign_and_the_count_holds(kafka, run_topics, storage_root) -> None:
+    run_id = run_topics.run_id
+    prompts = [p.model_copy(update={"seq": i}) for i, p in enumerate(make_prompts(run_id, 3))]
+    garbage = b'{"schema": "specstream.prompt/1", "run_id": "' + run_id.encode() + b'"}'
+    _commit(kafka, run_topics, run_topics.prompts, {
+        0: [encode(prompts[0]), encode(prompts[1]), garbage, encode(prompts[2]), _closed(run_id, "source", 0, 3)],
+        **{p: [_closed(run_id, "source", p)] for p in (1, 2, 3)},
+    })  # fmt: skip
 
     from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
 
@@ -188,14 +210,14 @@ def test_malformed_prompt_goes_to_the_dlq_and_the_eos_counts_it(kafka, run_topic
         kafka, store, SyntheticTarget(hidden_size=8), GeneratorConfig(run_id=run_id, worker_id="g", partitions=[0, 1, 2, 3])
     )
     stats = worker.run()
-    assert (stats.refs, stats.dropped) == (3, 1)
+    assert (stats.refs, stats.dropped) == (3, 0)
     stream = SampleStream(kafka, store, run_id, range(4), idle_timeout_s=60)
     assert len(list(stream)) == 3
     stream.close()
-    assert stream.dropped_upstream == 1
+    assert stream.dropped_upstream == 0 and stream.summary().missing == 0
     letters = read_messages(kafka, run_topics.dlq, [0], until=lambda m: len(m) >= 1)
     letter = letters[0][1]
-    assert isinstance(letter, DeadLetter) and letter.error == "DecodeError" and "prompt_id" in letter.reason
+    assert isinstance(letter, DeadLetter) and letter.error == "ForeignRecord" and "prompt_id" in letter.reason
 
 
 def test_existing_topics_of_another_shape_are_refused(kafka, run_topics) -> None:
@@ -228,13 +250,13 @@ def test_stream_state_resumes_exactly_and_keeps_deduplicating(kafka, run_topics,
         refs.append(SampleRef(
             run_id=run_id, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="t", uri=stored.uri,
             nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=3, tensors=stored.tensors,
-            target=target.info, created_at=now(),
+            target=target.info, created_at=now(), seq=i,
         ))  # fmt: skip
     producer = TransactionalProducer(kafka, f"{run_id}.test")
     producer.begin()
     for ref in refs[:4] + [refs[1]] + refs[4:]:  # s1 published twice (at-least-once upstream)
         producer.send(run_topics.samples, 0, encode(ref))
-    producer.send(run_topics.samples, 0, encode(EndOfStream(run_id=run_id, stage="generate", partition=0, count=7)))
+    producer.send(run_topics.samples, 0, _closed(run_id, "generate", 0, 6))
     producer.commit()
     producer.close()
 
@@ -260,3 +282,22 @@ def test_interrupt_unblocks_a_stream_waiting_for_data(kafka, run_topics, storage
     reader.join(timeout=15)
     assert not reader.is_alive() and result == []
     stream.close()
+
+
+def test_a_checkpoint_position_beyond_the_topic_is_an_error_not_a_silent_reset(
+    kafka, run_topics, storage_root
+) -> None:
+    """Issue 9.13: a resumed stream whose offsets the topic does not hold (deleted and re-created,
+    or expired) names the partition and both offsets instead of restarting from the beginning."""
+    run_id = run_topics.run_id
+    store = FeatureStore(storage_root, run_id)
+    ref = _stored_ref(store, run_id, "only", seq=0)
+    _commit(kafka, run_topics, run_topics.samples, {0: [encode(ref)]})
+    state = SampleStream(kafka, store, run_id, [0], idle_timeout_s=5).state()
+    state.positions[0] = 500  # what a checkpoint of a longer, older incarnation of the topic says
+    stream = SampleStream(kafka, store, run_id, [0], state=state, idle_timeout_s=30)
+    try:
+        with pytest.raises(StreamError, match=r"partition 0: offset 500 asked, the log holds 0\.\.2"):
+            next(stream.items())
+    finally:
+        stream.close()

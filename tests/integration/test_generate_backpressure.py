@@ -49,13 +49,13 @@ def slow_trainer(kafka: KafkaSettings, store: FeatureStore, run_id: str, consume
                     run_id=run_id, step=len(ids) // STEP + 1, epoch=0, lr=0.0, created_at=now(),
                     metrics=StepMetrics(loss=0.0, ploss=[0.0], acc=[0.0]),
                     ranks=[RankProgress(rank=0, sample_ids=[], next_offsets=[
-                        PartitionOffset(partition=p, offset=state.positions[p], records=state.used[p])
+                        PartitionOffset(partition=p, offset=state.positions[p], records=state.consumed(p))
                         for p in range(4)
                     ])],
                 )  # fmt: skip
                 ledger.send(f"{run_id}.ledger", encode(record), partition=0)
                 ledger.flush()
-                consumed[0] = sum(state.used.values())
+                consumed[0] = sum(state.consumed(p) for p in range(4))
     finally:
         stream.close()
         ledger.close()

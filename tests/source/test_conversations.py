@@ -333,3 +333,19 @@ def test_non_text_content_parts_are_refused() -> None:
     assert json.loads(json.dumps(normalize_messages({"messages": [{"role": "USER", "content": "x"}]}))) == [
         {"role": "user", "content": "x"}
     ]
+
+
+def test_a_line_above_the_byte_limit_is_refused_without_being_held(tmp_path) -> None:
+    """Issue 9.16: a huge line becomes a dead letter naming its size; the lines after it still count."""
+    from pipeline.devkit.target import build_tiny_tokenizer
+    from pipeline.source.conversations import MalformedLine, read_conversations
+
+    good = json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    huge = json.dumps({"conversations": [{"from": "human", "value": "x" * 50_000}]})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([good, huge, good]) + "\n")
+    items = list(read_conversations(path, build_tiny_tokenizer(), policy="dlq", max_line_bytes=10_000))
+    assert [type(i).__name__ for i in items] == ["TokenizedConversation", "MalformedLine", "TokenizedConversation"]
+    bad = items[1]
+    assert isinstance(bad, MalformedLine) and bad.kind == "too_long" and bad.line == 2
+    assert f"{len(huge) + 1} bytes" in bad.reason and len(bad.raw) <= 4096

@@ -106,15 +106,19 @@ def test_sizes_must_be_positive(bad: dict[str, int]) -> None:
 
 
 def test_the_summary_counts_every_prompt_and_an_incomplete_one_is_an_error() -> None:
-    rank = {"expected": 10, "used": 9, "rejected": 1, "duplicates": 0, "partitions_ended": 2, "partitions": 2,
-            "dropped_upstream": 2, "trained": 8, "tail": 1}  # fmt: skip
-    ok = RunCompleteness.combine([rank, {**rank, "duplicates": 1, "expected": 11}])
+    rank = {"expected": 9, "used": 9, "missing": 0, "duplicates": 0, "foreign": 1, "partitions_ended": 2,
+            "partitions": 2, "dropped_upstream": 2, "trained": 8, "tail": 1}  # fmt: skip
+    ok = RunCompleteness.combine([rank, {**rank, "duplicates": 1}])
     assert ok.line() == (
-        "16 of 24 prompts trained, 0 missing, 1 duplicates dropped, 2 tail samples not stepped, "
-        "6 dead letters"
+        "16 of 22 prompts trained, 0 missing, 1 duplicates dropped, 2 tail samples not stepped, "
+        "6 dead letters (4 prompts, 2 foreign records)"
     )
     ok.check()
-    with pytest.raises(StreamError, match="incomplete run: 15 of 24 prompts trained, 1 missing"):
-        RunCompleteness.combine([rank, {**rank, "trained": 7}]).check()
+    lost = {**rank, "expected": 10, "missing": 1}
+    with pytest.raises(StreamError, match="incomplete run: 16 of 23 prompts trained, 1 missing"):
+        RunCompleteness.combine([rank, lost]).check()
     with pytest.raises(StreamError, match="1 partitions did not end"):
         RunCompleteness.combine([rank, {**rank, "partitions_ended": 1}]).check()
+    nothing = {**rank, "expected": 0, "used": 0, "trained": 0, "tail": 0}
+    with pytest.raises(StreamError, match="trained nothing"):
+        RunCompleteness.combine([nothing]).check()

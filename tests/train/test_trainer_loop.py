@@ -113,7 +113,7 @@ def test_stopping_and_resuming_is_bit_identical_to_a_straight_run(
     assert ids == [f"run.e000.p{i:09d}" for i in range(14)]
     assert [(o.offset, o.records) for o in ledger.records[-1].ranks[0].next_offsets] == [(14, 14)]
     # keep_last=1, policy delete: every file was consumed before the final checkpoint's positions.
-    assert sorted(deleted) == sorted(f"features/0/run.e000.p{i:09d}.safetensors" for i in range(15))
+    assert sorted(deleted) == sorted(f"features/0/run.e000.p{i:09d}.a0.safetensors" for i in range(15))
 
 
 def test_a_stop_finishes_the_step_and_checkpoints(model_files: ModelSpec, tmp_path: Path) -> None:
