@@ -13,26 +13,36 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from pipeline.app.cli_broker import broker_app
+from pipeline.app.cli_common import (
+    BootstrapOption,
+    ConfigOption,
+    VerboseOption,
+    broker_address,
+    console,
+    load,
+    rank,
+    setup_logging,
+    start_local_broker,
+    stop_on_signals,
+    verbose_on,
+)
+from pipeline.app.cli_inspect import audit, status
 from pipeline.core.errors import BrokerError, ConfigError, OptionError, RunMismatchError, SpecstreamError
 from pipeline.core.topics import FencedError
 from pipeline.transport import background_broker as local_broker
 
 if TYPE_CHECKING:
-    from pipeline.app.config import RunConfig
     from pipeline.app.runtime import OnlineRun
 
 __all__ = ("app", "main")
@@ -46,85 +56,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="The run config: its reference, and a check of a file.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
-console = Console(stderr=True)
 logger = logging.getLogger(__name__)
-
-BootstrapOption = Annotated[
-    Optional[str],
-    typer.Option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers (host:port,...)."),
-]
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The run's YAML config (see examples/).")]
-VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress (INFO).")]
-
-
-_verbose = False  # set by the command: --verbose prints an unexpected error's traceback
-
-
-def _rank() -> str:
-    return os.environ.get("RANK", "") or "0"
-
-
-def _setup_logging(verbose: bool) -> None:
-    global _verbose
-    _verbose = verbose
-    rank = f" rank{_rank()}" if os.environ.get("WORLD_SIZE") else ""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format=f"%(asctime)s{rank} %(levelname)s %(name)s: %(message)s",
-    )
-    # kafka-python logs every retry of its network thread; what it means reaches the user as one
-    # error line. Its records are still made (the Kafka adapter reads a failed bootstrap's causes
-    # from them), only not printed without --verbose.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(lambda record: not record.name.startswith("kafka"))
-
-
-def _stop_on_signals() -> threading.Event:
-    """SIGINT/SIGTERM ask the stage to finish (or abort) its transaction and exit cleanly."""
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: object) -> None:
-        if not stop.is_set() and _rank() == "0":  # torchrun signals every rank: say it once
-            console.print(f"[yellow]{signal.Signals(signum).name}: finishing the current step, then exiting")
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
-
-
-def _broker(flag: str | None, configured: str | None = None) -> tuple[str, str]:
-    """The broker's address and where it came from: ``--bootstrap`` (or its variable), the
-    config, or the local broker of ``specstream broker start``."""
-    from pipeline.app.config_file import bootstrap_origin  # lazy: start-up, pydantic + kafka-python
-
-    if flag:
-        given = any(arg == "--bootstrap" or arg.startswith("--bootstrap=") for arg in sys.argv)
-        return flag, "--bootstrap" if given else "KAFKA_BOOTSTRAP_SERVERS"
-    if configured:
-        return configured, bootstrap_origin()
-    running = local_broker.detached_status()
-    if running is None:
-        raise BrokerError(
-            "no broker given: pass --bootstrap / set KAFKA_BOOTSTRAP_SERVERS, or start the local "
-            "one with `specstream broker start`"
-        )
-    return running.bootstrap, local_broker.ORIGIN
-
-
-def _load(path: Path) -> RunConfig:
-    from pipeline.app.config_file import load_config  # lazy: start-up, pydantic + kafka-python: only when a command reads a config
-
-    return load_config(path)
-
-
-def _start_local_broker() -> str:
-    state = local_broker.start_detached()
-    console.print(f"local Kafka broker at {state.bootstrap} (stop it with `specstream broker stop`)")
-    return state.bootstrap
-
 
 # --- the main job ---------------------------------------------------------------------------
 
@@ -145,13 +77,13 @@ def quickstart(
     completeness summary. The config it ran is saved as WORKDIR/config.yaml; the same
     quickstart again continues that run, and a WORKDIR that holds another run is refused.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from pipeline.app.quickstart import continued_run_id, quickstart_config  # lazy: start-up, torch
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
     from pipeline.app.settings import kafka_settings  # lazy: start-up, torch
 
     run_id = continued_run_id(workdir, conversations, max_steps)  # another run in the workdir stops here
-    address, origin = _broker(bootstrap) if bootstrap else (_start_local_broker(), local_broker.ORIGIN)
+    address, origin = broker_address(bootstrap) if bootstrap else (start_local_broker(), local_broker.ORIGIN)
     if run_id is not None:
         console.print(f"continuing run {run_id} in {workdir}")
     console.print("building the tiny target and synthetic data (cached after the first run)...")
@@ -161,17 +93,17 @@ def quickstart(
 
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Run every stage in this process: source, generators and trainer, interleaved."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from pipeline.app.preflight import check_local  # lazy: start-up, fsspec
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
 
-    cfg = _load(config)
+    cfg = load(config)
     check_local(cfg)  # before the local broker may be started for it
     _run_and_report(build_online_run(cfg))
 
 
 def _run_and_report(online: OnlineRun) -> None:
-    result = online.run(_stop_on_signals(), announce=console.print)  # the trainer prints the summary line
+    result = online.run(stop_on_signals(), announce=console.print)  # the trainer prints the summary line
     console.print(
         f"{result.steps} optimizer steps ({result.reason}) in {result.wall_s:.1f} s"
         + (f"; curves: {result.plot_path}" if result.plot_path else "")
@@ -184,12 +116,12 @@ def _run_and_report(online: OnlineRun) -> None:
 
 def source(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Tokenize the conversations, store the draft vocabulary and publish the prompts (once)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from pipeline.app.manifest import claim_run  # lazy: start-up, kafka-python
     from pipeline.app.preflight import check_broker, check_local  # lazy: start-up, fsspec
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
 
-    cfg = _load(config)
+    cfg = load(config)
     check_local(cfg, ("source",))
     online = build_online_run(cfg)
     check_broker(online.transport)
@@ -227,12 +159,12 @@ def generate(
     flags describe a bare worker without backpressure (the data plane alone, for tests and
     benchmarks); unset ones take the run config's defaults.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from pipeline.app.generate_job import ad_hoc_generator, configured_generator  # lazy: start-up, torch
 
     owned = [int(p) for p in partitions.split(",")] if partitions else None
     if config is not None:
-        worker = configured_generator(_load(config), worker_id, owned)
+        worker = configured_generator(load(config), worker_id, owned)
     else:
         if not run_id or not storage:
             raise OptionError("--config", "is missing", "pass --config, or --run-id and --storage")
@@ -242,11 +174,11 @@ def generate(
                        "aux_layer_ids": [int(i) for i in aux_layer_ids.split(",")] if aux_layer_ids else None},
             "broker": {"transaction_timeout_ms": transaction_timeout_ms, "session_timeout_ms": session_timeout_ms},
         }  # fmt: skip
-        address, origin = _broker(bootstrap)
+        address, origin = broker_address(bootstrap)
         worker = ad_hoc_generator(
             run_id, storage, address, worker_id, owned, overrides, hidden_size=hidden_size, origin=origin
         )
-    stats = worker.run(_stop_on_signals())
+    stats = worker.run(stop_on_signals())
     console.print(
         f"generator {worker_id}: {stats.refs} samples, {stats.dropped} to the DLQ, "
         f"partitions ended {sorted(stats.ended_partitions)}"
@@ -258,37 +190,15 @@ def train(config: ConfigOption, verbose: VerboseOption = False) -> None:
 
     torchrun --nproc-per-node N --no-python specstream train --config run.yaml
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from pipeline.app.train_job import train_rank  # lazy: start-up, torch
 
-    job = train_rank(_load(config), _stop_on_signals(), warn=lambda line: console.print(f"[yellow]{escape(line)}"))
+    job = train_rank(load(config), stop_on_signals(), warn=lambda line: console.print(f"[yellow]{escape(line)}"))
     if job.is_main:  # the summary line itself comes from the trainer, on rank 0
         console.print(f"{job.result.step} optimizer steps ({job.result.reason}); checkpoint {job.result.checkpoint}")
 
 
 # --- tools ----------------------------------------------------------------------------------
-
-
-def status(
-    run_id: Annotated[Optional[str], typer.Option(help="The run to inspect.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Or take run and broker from a config.")] = None,
-    bootstrap: BootstrapOption = None,
-) -> None:
-    """Per partition: produced, dropped, consumed, lag and end-of-stream state; DLQ; samples/s."""
-    from pipeline.app.status import render_status, run_status  # lazy: start-up, kafka-python
-    from pipeline.transport.kafka import KafkaSettings  # lazy: start-up, kafka-python
-
-    if config is not None:
-        from pipeline.app.settings import kafka_settings  # lazy: start-up, torch, through the stage dataclasses
-
-        cfg = _load(config)
-        address, origin = _broker(bootstrap, cfg.broker.bootstrap_servers)
-        typer.echo(render_status(run_status(kafka_settings(cfg, address, origin=origin), run_id or cfg.run_id)))
-        return
-    if not run_id:
-        raise OptionError("--run-id", "is missing", "pass --run-id or --config")
-    address, origin = _broker(bootstrap)
-    typer.echo(render_status(run_status(KafkaSettings(address, origin=origin), run_id)))
 
 
 def export(
@@ -299,7 +209,7 @@ def export(
     """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
     from pipeline.app.export_job import export_run  # lazy: start-up, torch
 
-    typer.echo(export_run(_load(config), checkpoint, out))
+    typer.echo(export_run(load(config), checkpoint, out))
 
 
 def replay(
@@ -312,10 +222,10 @@ def replay(
     Needs the run's features retained (storage.retention: retain). With train.deterministic: true
     on CPU the losses are bit-identical to the live run's.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from pipeline.app.replay import replay_run  # lazy: start-up, torch
 
-    report = replay_run(_load(config), str(out), stop=_stop_on_signals())
+    report = replay_run(load(config), str(out), stop=stop_on_signals())
     typer.echo(report.line())
     if report.first_difference is not None:
         raise typer.Exit(1)
@@ -330,10 +240,10 @@ def demo(
     bootstrap: BootstrapOption = None,
 ) -> None:
     """The data plane end to end: prompts -> generator (transactions) -> verified samples."""
-    _setup_logging(False)
+    setup_logging(False)
     from pipeline.app.demo import run_demo  # lazy: start-up, torch
 
-    bootstrap = bootstrap or _start_local_broker()
+    bootstrap = bootstrap or start_local_broker()
     root = storage or tempfile.mkdtemp(prefix="specstream-demo-")
     started = time.perf_counter()
     summary = run_demo(bootstrap, root, samples=samples, partitions=partitions, tokens=tokens, hidden_size=hidden_size)
@@ -355,12 +265,12 @@ def config_reference() -> None:
 @config_app.command("check")
 def config_check(config: ConfigOption) -> None:
     """Validate a config file; print the run and its fingerprint (what every stage must share)."""
-    cfg = _load(config)
+    cfg = load(config)
     typer.echo(f"{config}: valid; run {cfg.run_id}, fingerprint {cfg.fingerprint()}")
 
 
 # Commands in the order --help shows them: the main job first, then the stages, then tools.
-for command in (quickstart, run, source, generate, train, status, export, replay, demo):
+for command in (quickstart, run, source, generate, train, status, audit, export, replay, demo):
     app.command()(command)
 
 
@@ -373,7 +283,7 @@ def _kept_traceback(exc: BaseException) -> str:
     """An unexpected error's traceback: printed with --verbose, else written to a file the error
     line names (a disk that is full may refuse it: then only --verbose shows it)."""
     text = "".join(traceback.format_exception(exc))
-    if _verbose:
+    if verbose_on():
         sys.stderr.write(text)
         return ""
     try:
@@ -390,11 +300,11 @@ def main() -> None:
     1: the run failed while running, or another copy of it took over (look at the message, then
     restart or resume). Every failure is one `error:` line."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    prefix = f"rank {_rank()}: " if os.environ.get("WORLD_SIZE") else ""
+    prefix = f"rank {rank()}: " if os.environ.get("WORLD_SIZE") else ""
     try:
         app()
     except (ConfigError, BrokerError, RunMismatchError) as exc:
-        if _rank() == "0":  # every rank finds the same setting wrong: say it once
+        if rank() == "0":  # every rank finds the same setting wrong: say it once
             _error(str(exc))
         raise SystemExit(2) from None
     except FencedError as exc:  # the message says who took over
