@@ -35,7 +35,7 @@ SASL = {
     "sasl.mechanism": "PLAIN",
     "sasl.username": USER,
     "sasl.password": "${" + PASSWORD_VARIABLE + "}",
-    "bootstrap.timeout.ms": 3000,
+    "bootstrap.timeout.ms": 10000,  # room for the handshake on a loaded 2-core machine (CI)
 }
 
 
