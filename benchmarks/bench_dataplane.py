@@ -88,10 +88,11 @@ def bench_bytes(bootstrap: str, samples: int, tokens: int, hidden: int, root: Pa
         ref = SampleRef(
             run_id=run_id, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="bench", uri=stored.uri,
             nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=tokens, tensors=stored.tensors,
-            target=TARGET, created_at=now(),
+            target=TARGET, created_at=now(), seq=i,
         )  # fmt: skip
         producer.send(topics.samples, 0, encode(ref))
-    producer.send(topics.samples, 0, encode(EndOfStream(run_id=run_id, stage="generate", partition=0, count=samples)))
+    marker = EndOfStream(run_id=run_id, stage="generate", partition=0, count=samples, seq=samples)
+    producer.send(topics.samples, 0, encode(marker))
     producer.commit()
     ours_write_s = time.perf_counter() - started
     got = sum(1 for _ in stream)
