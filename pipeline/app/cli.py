@@ -142,7 +142,9 @@ def generate(
     run_id: Annotated[Optional[str], typer.Option(help="Without --config: the run whose prompts to consume.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Without --config: feature storage root.")] = None,
     bootstrap: BootstrapOption = None,
-    backend: Annotated[str, typer.Option(help="Without --config: synthetic | hf.")] = "synthetic",
+    backend: Annotated[
+        Optional[str], typer.Option(help="Without --config: synthetic | hf (required: no silent default).")
+    ] = None,
     model: Annotated[Optional[Path], typer.Option(help="Without --config: local HF model directory.")] = None,
     aux_layer_ids: Annotated[Optional[str], typer.Option(help="Without --config: e.g. 0,1,2.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Without --config: target.batch_size.")] = None,
@@ -168,6 +170,8 @@ def generate(
     else:
         if not run_id or not storage:
             raise OptionError("--config", "is missing", "pass --config, or --run-id and --storage")
+        if backend is None:  # a real run must never fall back to random synthetic features
+            raise OptionError("--backend", "is missing", "pass --config for a run, or --backend synthetic|hf")
         overrides: dict[str, dict[str, Any]] = {
             "target": {"backend": backend, "model": str(model) if model else None, "dtype": dtype,
                        "batch_size": batch_size,

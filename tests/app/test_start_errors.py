@@ -203,7 +203,14 @@ def test_export_of_a_directory_that_is_no_checkpoint_lists_the_runs(config: Path
 
 
 @pytest.mark.parametrize(
-    ("args", "option"), [(["generate"], "--config"), (["status"], "--run-id")], ids=["generate", "status"]
+    ("args", "option"),
+    [
+        (["generate"], "--config"),
+        (["status"], "--run-id"),
+        # issue 9.3: a generator without a config never falls back to random synthetic features
+        (["generate", "--run-id", "r", "--storage", "/tmp/specstream-unused", "--bootstrap", "127.0.0.1:1"], "--backend"),
+    ],
+    ids=["generate", "status", "generate-backend"],
 )
 def test_a_missing_option_is_named(args: list[str], option: str) -> None:
     code, out = cli(*args)

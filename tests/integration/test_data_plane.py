@@ -25,7 +25,7 @@ HIDDEN = 64
 
 def generator_args(kafka: KafkaSettings, run_id: str, storage: str, worker: str, partitions: str) -> list[str]:
     return [
-        "generate", "--run-id", run_id, "--storage", storage, "--bootstrap", kafka.bootstrap_servers,
+        "generate", "--run-id", run_id, "--storage", storage, "--bootstrap", kafka.bootstrap_servers, "--backend", "synthetic",
         "--worker-id", worker, "--partitions", partitions, "--hidden-size", str(HIDDEN), "--dtype", "bfloat16",
         "--batch-size", "8", "--transaction-timeout-ms", "20000",
     ]  # fmt: skip

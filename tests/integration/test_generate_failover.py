@@ -32,7 +32,7 @@ TXN_MS = 10000
 
 def group_args(kafka: KafkaSettings, run_id: str, storage: str, worker: str, *, session_ms: int = SESSION_MS) -> list[str]:
     return [
-        "generate", "--run-id", run_id, "--storage", storage, "--bootstrap", kafka.bootstrap_servers,
+        "generate", "--run-id", run_id, "--storage", storage, "--bootstrap", kafka.bootstrap_servers, "--backend", "synthetic",
         "--worker-id", worker, "--hidden-size", "32", "--batch-size", "8",
         "--session-timeout-ms", str(session_ms), "--transaction-timeout-ms", str(TXN_MS), "--verbose",
     ]  # fmt: skip
