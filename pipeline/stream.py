@@ -209,6 +209,8 @@ class SampleStream:
     def _end(self, marker: EndOfStream, partition: int) -> None:
         """The partition's own marker ends it (a failed one fails the run); others are foreign."""
         st = self.tracker.state(partition)
+        if marker.stage != "generate":
+            raise ForeignRecord(f"a {marker.stage} end-of-stream marker does not belong on the samples topic")
         if marker.seq is None or marker.seq != marker.count:
             raise ForeignRecord("an end-of-stream marker without its sequence number is no generator's")
         if marker.seq < st.next_seq:

@@ -129,7 +129,7 @@ def test_a_generator_replaced_by_one_with_its_worker_id_exits_with_one_line(kafk
     with pytest.raises(_SourceCut):  # half the prompts, no end of stream: the first worker waits for more
         publisher.publish(_first(prompts, 120))
     args = [
-        "generate", "--run-id", run_id, "--storage", storage_root, "--bootstrap", kafka.bootstrap_servers,
+        "generate", "--run-id", run_id, "--storage", storage_root, "--bootstrap", kafka.bootstrap_servers, "--backend", "synthetic",
         "--worker-id", "gen-a", "--partitions", "0,1,2,3", "--hidden-size", "32", "--batch-size", "8",
         "--transaction-timeout-ms", str(TXN_MS),
     ]  # fmt: skip
