@@ -24,6 +24,7 @@ from pipeline.core.messages import SettingValue
 from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks
 from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES
 from pipeline.transport.kafka import kafka_client_options
+from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S
 
 __all__ = (
     "RunConfig",
@@ -101,6 +102,12 @@ class BrokerSection(_Section):
     )
     session_timeout_ms: int = Field(
         default=45_000, ge=6_000, description="how soon a dead generator's prompt partitions move to the others"
+    )
+    outage_budget_s: float = Field(
+        default=DEFAULT_OUTAGE_BUDGET_S,
+        ge=1,
+        description="how long every stage waits out an unreachable broker (retrying with backoff) before it "
+        "exits with one error line; the same command then resumes exactly",
     )
 
     @field_validator("client_options")

@@ -39,6 +39,7 @@ def kafka_settings(cfg: RunConfig, bootstrap_servers: str, *, origin: str | None
         bootstrap_servers,
         client_options=dict(cfg.broker.client_options),
         origin=origin or bootstrap_origin(),
+        outage_budget_s=cfg.broker.outage_budget_s,
     )
 
 

@@ -221,6 +221,8 @@ class ReaderOptions(TypedDict, total=False):
     session_timeout_ms: int
     on_assigned: Callable[[list[int]], None] | None
     on_revoked: Callable[[list[int]], None] | None
+    #: Evicted from the group (session expired): unlike revocation, nothing may be committed.
+    on_lost: Callable[[list[int]], None] | None
     client_id: str | None
     max_partition_fetch_bytes: int
 

@@ -202,6 +202,7 @@ class GeneratorWorker:
             session_timeout_ms=cfg.session_timeout_ms,
             on_assigned=self._on_assigned,
             on_revoked=self._on_revoked,
+            on_lost=self._on_lost,
             client_id=self.transactional_id,
         )
 
@@ -319,12 +320,22 @@ class GeneratorWorker:
             budget = min(self.config.drain_timeout_s, self.config.session_timeout_ms / 3000)
             if not writer.drain(budget):
                 logger.warning("revocation: writer not drained in %.1f s; fencing will abort the rest", budget)
+        self._forget(partitions)
+        logger.info("%s: partitions %s revoked", self.config.worker_id, partitions)
+
+    def _on_lost(self, partitions: list[int]) -> None:
+        """Evicted from the group (e.g. its session expired in a broker outage): the partitions
+        are already the next owner's, so nothing queued may commit (fencing refuses it anyway)."""
+        self._forget(partitions)
+        logger.info("%s: partitions %s lost (evicted from the group); their queued batches are dropped",
+                       self.config.worker_id, partitions)  # fmt: skip
+
+    def _forget(self, partitions: list[int]) -> None:
         with self._lock:
             self._epoch += 1
             for p in partitions:
                 self._counters.pop(p, None)
         self.stats.rebalances += 1
-        logger.info("%s: partitions %s revoked", self.config.worker_id, partitions)
 
     def _on_assigned(self, partitions: list[int]) -> None:
         with self._lock:

@@ -68,7 +68,11 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a listener could bind the port now. Connections of a broker that just died linger
+    in TIME_WAIT; they do not stop the JVM's listener (it binds with SO_REUSEADDR), so they must
+    not stop this check either."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

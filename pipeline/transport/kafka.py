@@ -21,6 +21,8 @@ import contextlib
 import difflib
 import logging
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, Unpack
@@ -57,6 +59,7 @@ from pipeline.core.topics import (
     Start,
     TransportError,
 )
+from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S, OUTAGE, ride_out
 
 __all__ = (
     "KafkaSettings",
@@ -84,6 +87,7 @@ def _translated() -> Iterator[None]:
 
 
 logger = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 _CLIENTS: tuple[type[Any], ...] = (KafkaProducer, KafkaConsumer, KafkaAdminClient)
 _KNOWN = frozenset(name for client in _CLIENTS for name in client.DEFAULT_CONFIG)
@@ -172,7 +176,9 @@ def _check_value(where: str, native: str, value: Any) -> None:
     else:  # None, lists, classes: kafka-python's own checks
         return
     if not fits:
-        raise ConfigError(where, f"is {value!r} but takes {kind}", f"write {kind} (kafka-python's default: {default!r})")
+        raise ConfigError(
+            where, f"is {value!r} but takes {kind}", f"write {kind} (kafka-python's default: {default!r})"
+        )
 
 
 def _check_sasl(key: str, options: Mapping[str, Any]) -> None:
@@ -186,7 +192,10 @@ def _check_sasl(key: str, options: Mapping[str, Any]) -> None:
         raise ConfigError(f"{key}.security.protocol", f"is {protocol}, so sasl.mechanism {mechanism} is never used",
                           "set security.protocol to SASL_SSL or SASL_PLAINTEXT")  # fmt: skip
     if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
-        for option, native in (("sasl.username", "sasl_plain_username"), ("sasl.password", "sasl_plain_password")):
+        for option, native in (
+            ("sasl.username", "sasl_plain_username"),
+            ("sasl.password", "sasl_plain_password"),
+        ):
             if not options.get(native):
                 raise ConfigError(f"{key}.{option}", f"is required with sasl.mechanism {mechanism}",
                                   f"set it (a secret as ${{VAR}}: `{option}: ${{KAFKA_PASSWORD}}`)")  # fmt: skip
@@ -211,6 +220,8 @@ class KafkaSettings:
     #: Where the address came from (a config key, a flag, an environment variable): named when
     #: no broker answers there.
     origin: str = ""
+    #: How long every client rides out an unreachable broker before the process gives up.
+    outage_budget_s: float = DEFAULT_OUTAGE_BUDGET_S
     rebalance_callbacks_may_wait: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -239,6 +250,18 @@ class KafkaSettings:
         """A ``read_committed`` consumer of fixed partitions, or a member of ``group_id``."""
         return PartitionReader(self, topic, **options)
 
+    def ride_out(
+        self, call: Callable[[], _R], what: str, *, also_retry: tuple[type[BaseException], ...] = ()
+    ) -> _R:
+        """``call()`` in the contract's errors, retried through a broker outage up to the budget."""
+
+        def translated() -> _R:
+            with _translated():
+                return call()
+
+        return ride_out(translated, what=what, where=self.bootstrap_servers, budget_s=self.outage_budget_s,
+                        also_retry=also_retry)  # fmt: skip
+
     def common(self, client: type[Any]) -> dict[str, Any]:
         """Options for one kafka-python client class: the ones it knows (e.g. no consumer settings
         for a producer)."""
@@ -246,6 +269,8 @@ class KafkaSettings:
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "request_timeout_ms": self.request_timeout_ms,
             "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
+            # A restarted broker is found within 5 s (kafka-python's 30 s cap outlasts many restarts).
+            "reconnect_backoff_max_ms": 5_000,
             **dict(self.client_options),
         }
         return {k: v for k, v in options.items() if k in client.DEFAULT_CONFIG}
@@ -255,7 +280,24 @@ _Client = TypeVar("_Client")
 
 
 def _connect(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client:
-    """Open a kafka-python client; a bootstrap that fails becomes one BrokerError line that says why."""
+    """Open a kafka-python client; a bootstrap that fails becomes one BrokerError line that says why.
+
+    A process that has reached the broker before rides out an outage here too (a client opened
+    mid-run, while the broker restarts); at start, no broker is an error at once.
+    """
+    if _reached.is_set():
+        return settings.ride_out(
+            lambda: _connect_once(factory, settings), "connecting", also_retry=(BrokerError,)
+        )
+    client = _connect_once(factory, settings)
+    _reached.set()
+    return client
+
+
+_reached = threading.Event()  # set once any client of this process has reached the broker
+
+
+def _connect_once(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client:
     seen = _ConnectionErrors()
     network = logging.getLogger("kafka.net")
     network.addHandler(seen)
@@ -365,12 +407,12 @@ class KafkaAdmin:
         self._admin.close()
 
     def topics(self) -> set[str]:
-        with _translated():
-            return set(self._admin.list_topics())
+        return self.settings.ride_out(lambda: set(self._admin.list_topics()), "listing topics")
 
     def _described(self, topic: str) -> dict[str, Any] | None:
-        with _translated():
-            described = self._admin.describe_topics([topic])
+        described = self.settings.ride_out(
+            lambda: self._admin.describe_topics([topic]), f"describing {topic}"
+        )
         for entry in described:
             if entry.get("error_code", 0) == 0 and entry.get("name") == topic:
                 return dict(entry)
@@ -456,13 +498,17 @@ class KafkaAdmin:
         """Per partition, the offset after the last record (``read_committed``: the LSO)."""
         isolation = IsolationLevel.READ_COMMITTED if committed_only else IsolationLevel.READ_UNCOMMITTED
         specs = {TopicPartition(topic, p): OffsetSpec.LATEST for p in partitions}
-        with _translated():
-            result = self._admin.list_partition_offsets(specs, isolation_level=isolation)
+        result = self.settings.ride_out(
+            lambda: self._admin.list_partition_offsets(specs, isolation_level=isolation),
+            f"end offsets of {topic}",
+        )
         return {tp.partition: _offset_of(value) for tp, value in result.items()}
 
     def group_offsets(self, group_id: str, topic: str) -> dict[int, Committed]:
-        with _translated():
-            result = self._admin.list_group_offsets({group_id: None}).get(group_id, {})
+        result = self.settings.ride_out(
+            lambda: self._admin.list_group_offsets({group_id: None}).get(group_id, {}),
+            f"offsets of group {group_id}",
+        )
         return {
             tp.partition: Committed(om.offset, om.metadata or "")
             for tp, om in result.items()
@@ -480,7 +526,16 @@ def _offset_of(value: Any) -> int:
 
 
 class TransactionalProducer:
-    """Exactly-once publishing: records and consumed offsets commit together or not at all."""
+    """Exactly-once publishing: records and consumed offsets commit together or not at all.
+
+    Every step has a deadline (kafka-python's own ``commit_transaction``, ``abort_transaction``
+    and ``send_offsets_to_transaction`` wait forever). A step that gets no answer within the
+    outage budget, or a transaction the broker aborted because the outage outlasted
+    ``transaction_timeout_ms``, leaves the producer in a state kafka-python cannot leave:
+    :meth:`abort` then re-initialises it under the same transactional id, which completes or
+    aborts whatever the old one had open, and the caller rewinds to its committed offsets (they
+    say which of the two happened).
+    """
 
     def __init__(
         self,
@@ -490,31 +545,58 @@ class TransactionalProducer:
         linger_ms: int = 5,
         transaction_timeout_ms: int = 60_000,
     ) -> None:
+        self.settings = settings
         self.transactional_id = transactional_id
-        self._producer: KafkaProducer = _connect(
-            lambda: KafkaProducer(
-                transactional_id=transactional_id,
-                transaction_timeout_ms=transaction_timeout_ms,
-                linger_ms=linger_ms,
-                # The commit path (AddOffsets, TxnOffsetCommit, EndTxn) retries while the
-                # coordinator completes the previous step; the 100 ms default made each
-                # transaction ~260 ms, 20 ms makes it ~55 ms.
-                retry_backoff_ms=20,
-                max_request_size=MAX_RECORD_BYTES,
-                allow_auto_create_topics=False,
-                **settings.common(KafkaProducer),
-            ),
-            settings,
-        )
-        # Fences any earlier instance with this id and aborts its open transaction.
-        with _translated():
-            self._producer.init_transactions()
+        self._transaction_timeout_s = transaction_timeout_ms / 1000
+        self._options = {
+            "transactional_id": transactional_id,
+            "transaction_timeout_ms": transaction_timeout_ms,
+            "linger_ms": linger_ms,
+            # The commit path (AddOffsets, TxnOffsetCommit, EndTxn) retries while the
+            # coordinator completes the previous step; the 100 ms default made each
+            # transaction ~260 ms, 20 ms makes it ~55 ms.
+            "retry_backoff_ms": 20,
+            "max_request_size": MAX_RECORD_BYTES,
+            "allow_auto_create_topics": False,
+            **settings.common(KafkaProducer),
+        }
+        self._producer: KafkaProducer = _connect(lambda: KafkaProducer(**self._options), settings)
+        self._init_transactions()
         self.in_transaction = False
+        self._begun_at = 0.0
+        self._broken = False  # a step's outcome is unknown: only a re-initialisation helps
+
+    def _init_transactions(self) -> None:
+        """Fence any earlier instance with this id and complete or abort its open transaction."""
+        self.settings.ride_out(
+            self._producer.init_transactions, f"initialising transactions of {self.transactional_id}"
+        )
+
+    def _reopen(self) -> None:
+        """A fresh producer under the same id (through an outage, up to the budget)."""
+        old = self._producer
+        with contextlib.suppress(Exception):  # its state is what we are leaving behind
+            old.close(timeout=0, null_logger=True)
+
+        def open_and_init() -> None:
+            self._producer = _connect(lambda: KafkaProducer(**self._options), self.settings)
+            with _translated():
+                self._producer.init_transactions()
+
+        self.settings.ride_out(
+            open_and_init, f"re-initialising {self.transactional_id}", also_retry=(BrokerError,)
+        )
+        self._broken = False
+        logger.info(
+            "%s: producer re-initialised; the open transaction was completed or aborted",
+            self.transactional_id,
+        )
 
     def begin(self) -> None:
         with _translated():
             self._producer.begin_transaction()
         self.in_transaction = True
+        self._begun_at = time.monotonic()
 
     def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> Any:
         with _translated():
@@ -526,23 +608,64 @@ class TransactionalProducer:
         group: object = None,
     ) -> None:
         """Commit the open transaction, with the consumed offsets (next offset + metadata)."""
-        with _translated():
-            if offsets:
-                self._producer.send_offsets_to_transaction(
-                    {
-                        TopicPartition(t, p): OffsetAndMetadata(c.offset, c.metadata, -1)
-                        for (t, p), c in offsets.items()
-                    },
-                    group,
-                )
-            self._producer.commit_transaction()
+        manager = self._producer._transaction_manager  # the bounded form of kafka-python's calls
+        if offsets:
+            tps = {
+                TopicPartition(t, p): OffsetAndMetadata(c.offset, c.metadata, -1)
+                for (t, p), c in offsets.items()
+            }
+            self._await(
+                "sending the consumed offsets", lambda: manager.send_offsets_to_transaction(tps, group)
+            )
+        self._await("committing", manager.begin_commit)
         self.in_transaction = False
 
-    def abort(self) -> None:
-        if self.in_transaction:
-            self.in_transaction = False
+    def _await(self, what: str, start: Callable[[], Any]) -> None:
+        """One transaction step, bounded by the outage budget; a step that may have half-happened
+        marks the producer for re-initialisation."""
+        try:
             with _translated():
-                self._producer.abort_transaction()
+                result = start()
+                self._producer._sender.wakeup()
+                done = result.wait(timeout_ms=int(self.settings.outage_budget_s * 1000))
+        except FencedError as exc:
+            if not (exc.same_id and self._timed_out()):
+                raise
+            self._broken = True
+            raise TransportError(
+                f"{what}: the transaction stayed open past transaction_timeout_ms ({self._transaction_timeout_s:.0f} s) "
+                "while the broker was unreachable, so the broker aborted it",
+                retriable=True,
+            ) from exc
+        except TransportError:
+            self._broken = True
+            raise
+        if not done:
+            self._broken = True
+            raise TransportError(
+                f"{what}: no answer from the broker in {self.settings.outage_budget_s:.0f} s", retriable=True
+            )
+
+    def _timed_out(self) -> bool:
+        """Whether an epoch error means "the broker aborted our transaction on its timeout"
+        (it was open that long, and the network failed meanwhile) rather than "another process
+        took our id": the first is recovered by re-initialising, the second must stop us."""
+        open_s = time.monotonic() - self._begun_at
+        return open_s > self._transaction_timeout_s and _NETWORK.failed_since(self._begun_at)
+
+    def abort(self) -> None:
+        """Abort the open transaction; a producer in an unknown state is re-initialised instead
+        (which aborts it just the same). A fenced producer raises ``FencedError``."""
+        if not self.in_transaction and not self._broken:
+            return
+        self.in_transaction = False
+        if not self._broken:
+            try:
+                self._await("aborting", self._producer._transaction_manager.begin_abort)
+                return
+            except TransportError as exc:
+                logger.info("%s: abort failed (%s); re-initialising the producer", self.transactional_id, exc)
+        self._reopen()
 
     def flush(self, timeout: float | None = 10.0) -> None:
         """Push sent records to the broker now (they stay invisible until commit)."""
@@ -550,29 +673,67 @@ class TransactionalProducer:
             self._producer.flush(timeout=timeout)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        try:
-            self.abort()
-        except TransportError as exc:  # closing anyway: the broker aborts it on timeout
-            logger.warning("abort on close failed: %s", exc)
-        self._producer.close(timeout=timeout_s)
+        if self.in_transaction and not self._broken:
+            try:  # closing anyway: the broker aborts it on timeout
+                self._await("aborting on close", self._producer._transaction_manager.begin_abort)
+            except TransportError as exc:
+                logger.warning("abort on close failed: %s", exc)
+        self.in_transaction = False
+        _close_quietly(self._producer, timeout_s)
+
+
+def _close_quietly(producer: KafkaProducer, timeout_s: float) -> None:
+    """Close a producer; with the broker gone its final flush times out, which changes nothing."""
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaError as exc:
+        logger.info("producer closed with records undelivered: %s", exc)
+        with contextlib.suppress(Exception):
+            producer.close(timeout=0, null_logger=True)
+
+
+class _NetworkTrouble(logging.Handler):
+    """When kafka-python's network thread last failed to reach a broker (it logs, never raises)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = time.monotonic()
+
+    def failed_since(self, moment: float) -> bool:
+        return self.last >= moment
+
+
+_NETWORK = _NetworkTrouble()
+logging.getLogger("kafka.net").addHandler(_NETWORK)
 
 
 class PlainProducer:
     """Idempotent producer for records that need no transaction."""
 
     def __init__(self, settings: KafkaSettings, *, linger_ms: int = 5) -> None:
+        self.settings = settings
         self._producer: KafkaProducer = _connect(
             lambda: KafkaProducer(
                 linger_ms=linger_ms,
                 max_request_size=MAX_RECORD_BYTES,
                 allow_auto_create_topics=False,
+                # Keep retrying a record through an outage as long as the process waits for the
+                # broker: a record given up earlier would have to be sent again, out of order.
+                delivery_timeout_ms=int(settings.outage_budget_s * 1000)
+                + settings.request_timeout_ms
+                + linger_ms,
                 **settings.common(KafkaProducer),
             ),
             settings,
         )
         self._pending: list[Any] = []  # futures of records sent since the last flush
 
-    def send(self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None) -> Any:
+    def send(
+        self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None
+    ) -> Any:
         with _translated():
             future = self._producer.send(topic, value=value, key=key, partition=partition)
         self._pending.append(future)
@@ -585,16 +746,17 @@ class PlainProducer:
         record's future): the ledger, dead letters and the manifest must not be taken as
         written when they were not.
         """
-        with _translated():
-            self._producer.flush(timeout=timeout_s)
+        self.settings.ride_out(lambda: self._producer.flush(timeout=timeout_s), "delivering records")
         pending, self._pending = self._pending, []
         failed = [f for f in pending if not f.is_done or f.failed()]
         if failed:
             first = failed[0].exception if failed[0].is_done else "not delivered before the flush timeout"
-            raise TransportError(f"{len(failed)} of {len(pending)} records were not delivered: {first}", retriable=True)
+            raise TransportError(
+                f"{len(failed)} of {len(pending)} records were not delivered: {first}", retriable=True
+            )
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._producer.close(timeout=timeout_s)
+        _close_quietly(self._producer, timeout_s)
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -602,13 +764,21 @@ class _Listener(ConsumerRebalanceListener):
         self,
         on_assigned: Callable[[list[int]], None] | None,
         on_revoked: Callable[[list[int]], None] | None,
+        on_lost: Callable[[list[int]], None] | None,
     ) -> None:
         self._assigned = on_assigned
         self._revoked = on_revoked
+        self._lost = on_lost
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         if self._revoked:
             self._revoked(sorted(tp.partition for tp in revoked))
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        """Evicted (session expired): the partitions are someone else's already; nothing may commit."""
+        callback = self._lost or self._revoked
+        if callback:
+            callback(sorted(tp.partition for tp in lost))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         if self._assigned:
@@ -627,7 +797,7 @@ def _release_parked_fetches(consumer: KafkaConsumer) -> None:
     fetcher = getattr(consumer, "_fetcher", None)
     slot = getattr(fetcher, "_next_partition_records", None)
     if slot is not None and not slot and getattr(fetcher, "_paused_partition_records", None):
-        fetcher._next_partition_records = None  # noqa: SLF001
+        fetcher._next_partition_records = None
 
 
 class PartitionReader:
@@ -651,17 +821,22 @@ class PartitionReader:
         session_timeout_ms: int = 45_000,
         on_assigned: Callable[[list[int]], None] | None = None,
         on_revoked: Callable[[list[int]], None] | None = None,
+        on_lost: Callable[[list[int]], None] | None = None,
         client_id: str | None = None,
         max_partition_fetch_bytes: int = 1024 * 1024,
     ) -> None:
         self.topic = topic
         self.group_id = group_id
+        self.settings = settings
+        self._timeout_ms = settings.request_timeout_ms
         options: dict[str, Any] = {
             "group_id": group_id,
             "isolation_level": "read_committed",
             "enable_auto_commit": False,
             # Explicit positions (a checkpoint's) must exist: out of range is an error, never a reset.
-            "auto_offset_reset": "none" if isinstance(start, Mapping) else ("latest" if start == "latest" else "earliest"),
+            "auto_offset_reset": "none"
+            if isinstance(start, Mapping)
+            else ("latest" if start == "latest" else "earliest"),
             "max_poll_records": max_poll_records,
             "max_poll_interval_ms": max_poll_interval_ms,
             "session_timeout_ms": session_timeout_ms,
@@ -676,7 +851,7 @@ class PartitionReader:
         if partitions is None:
             if group_id is None:
                 raise ValueError("a reader without partitions needs a group_id to subscribe")
-            self._consumer.subscribe([topic], listener=_Listener(on_assigned, on_revoked))
+            self._consumer.subscribe([topic], listener=_Listener(on_assigned, on_revoked, on_lost))
         else:
             tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]
             self._consumer.assign(tps)
@@ -711,9 +886,14 @@ class PartitionReader:
             with _translated():
                 batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except TransportError as exc:
-            if not isinstance(exc.__cause__, OffsetOutOfRangeError):
+            if isinstance(exc.__cause__, OffsetOutOfRangeError):
+                raise StreamError(self._out_of_range(exc.__cause__)) from None
+            if not exc.retriable:
                 raise
-            raise StreamError(self._out_of_range(exc.__cause__)) from None
+            # The broker is away: nothing to read yet (past the budget this raises BrokerError).
+            OUTAGE.failed(exc, where=self.settings.bootstrap_servers, what=f"reading {self.topic}",
+                          budget_s=self.settings.outage_budget_s)  # fmt: skip
+            return []
         out: list[Record] = []
         for tp, records in batches.items():
             for r in records:
@@ -724,9 +904,10 @@ class PartitionReader:
         """Name each partition, the offset asked for and the range the log holds."""
         asked = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
         tps = list(asked) or [TopicPartition(self.topic, p) for p in self.assignment()]
-        with _translated():
-            starts = self._consumer.beginning_offsets(tps)
-            ends = self._consumer.end_offsets(tps)
+        starts = self.settings.ride_out(
+            lambda: self._consumer.beginning_offsets(tps, self._timeout_ms), "offsets"
+        )
+        ends = self.settings.ride_out(lambda: self._consumer.end_offsets(tps, self._timeout_ms), "offsets")
         where = "; ".join(
             f"partition {tp.partition}: offset {asked.get(tp, '?')} asked, the log holds {starts[tp]}..{ends[tp]}"
             for tp in tps
@@ -740,7 +921,10 @@ class PartitionReader:
         self._consumer.seek(TopicPartition(self.topic, partition), offset)
 
     def position(self, partition: int) -> int:
-        return int(self._consumer.position(TopicPartition(self.topic, partition)))
+        tp = TopicPartition(self.topic, partition)
+        return int(
+            self.settings.ride_out(lambda: self._consumer.position(tp, self._timeout_ms), "a position")
+        )
 
     def pause(self, partitions: Iterable[int]) -> None:
         self._consumer.pause(*(TopicPartition(self.topic, p) for p in partitions))
@@ -759,17 +943,23 @@ class PartitionReader:
             partitions = self.assignment()
         out: dict[int, Committed] = {}
         for p in partitions:
-            om = self._consumer.committed(TopicPartition(self.topic, p), metadata=True)
+            tp = TopicPartition(self.topic, p)
+            om = self.settings.ride_out(
+                lambda tp=tp: self._consumer.committed(tp, metadata=True, timeout_ms=self._timeout_ms),
+                f"committed offsets of {self.topic}",
+            )
             if om is not None and om.offset >= 0:
                 out[p] = Committed(om.offset, om.metadata or "")
         return out
 
     def commit(self, offsets: Mapping[int, int], metadata: str = "") -> None:
         """Advisory commit (monitoring, lag); correctness lives in the checkpoint."""
-        with _translated():
-            self._consumer.commit(
-                {TopicPartition(self.topic, p): OffsetAndMetadata(o, metadata, -1) for p, o in offsets.items()}
-            )
+        marks = {
+            TopicPartition(self.topic, p): OffsetAndMetadata(o, metadata, -1) for p, o in offsets.items()
+        }
+        self.settings.ride_out(
+            lambda: self._consumer.commit(marks, timeout_ms=self._timeout_ms), "committing offsets"
+        )
 
     def group_metadata(self) -> object:
         """Opaque token for ``TransactionalProducer.commit(group=...)`` (KIP-447 fencing)."""
@@ -781,7 +971,13 @@ class PartitionReader:
         if partitions is None:
             partitions = self.assignment()
         tps = [TopicPartition(self.topic, p) for p in partitions]
-        return {tp.partition: int(o) for tp, o in self._consumer.end_offsets(tps).items()}
+        ends = self.settings.ride_out(
+            lambda: self._consumer.end_offsets(tps, self._timeout_ms), "end offsets"
+        )
+        return {tp.partition: int(o) for tp, o in ends.items()}
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        try:  # leaving the group needs the broker; without one, the session timeout does it
+            self._consumer.close(autocommit=False, timeout_ms=self._timeout_ms)
+        except KafkaError as exc:
+            logger.info("%s: consumer closed without leaving the group: %s", self.topic, exc)

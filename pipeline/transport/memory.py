@@ -260,6 +260,7 @@ class _Reader:
         max_poll_records: int = 500,
         on_assigned: Callable[[list[int]], None] | None = None,
         on_revoked: Callable[[list[int]], None] | None = None,
+        on_lost: Callable[[list[int]], None] | None = None,  # members are never evicted in-process
         **_tuning: object,  # the Kafka client's knobs (ReaderOptions): nothing to tune in process
     ) -> None:
         self._b = broker

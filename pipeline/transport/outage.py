@@ -1,0 +1,102 @@
+"""Riding out a broker outage: retry what failed for a passing reason, up to one budget.
+
+A broker restarted by its operator, a failover or a network blip must not end a multi-day run.
+Every call that talks to the broker goes through :func:`ride_out`: a retriable
+``TransportError`` (no connection, a timeout, a coordinator that moved) is retried with
+backoff, and the process says so once (one warning line per outage, one info line when the
+broker answers again). The clock is the process's, not the call's: every client of a process
+talks to the same cluster, so an outage that one call has already waited out is not waited
+again by the next. Past ``budget_s`` of continuous outage the call raises ``BrokerError`` with
+one line that says what to do; the same command run again resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from pipeline.core.errors import BrokerError
+from pipeline.core.topics import TransportError
+
+__all__ = ("DEFAULT_OUTAGE_BUDGET_S", "Outage", "OUTAGE", "ride_out")
+
+logger = logging.getLogger(__name__)
+
+#: How long a process waits for its broker to come back before it gives up (``broker.outage_budget_s``).
+DEFAULT_OUTAGE_BUDGET_S = 180.0
+
+_T = TypeVar("_T")
+
+
+class Outage:
+    """The process's view of the broker: answering, or unreachable since a moment."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    @property
+    def down_s(self) -> float:
+        """How long the current outage has lasted (0 when the broker answers)."""
+        with self._lock:
+            return 0.0 if self._since is None else time.monotonic() - self._since
+
+    def failed(self, error: BaseException, *, where: str, what: str, budget_s: float) -> None:
+        """Note a failed call; past the budget, raise the one-line ``BrokerError``."""
+        with self._lock:
+            now = time.monotonic()
+            if self._since is None:
+                self._since = now
+                logger.warning(
+                    "the Kafka broker at %s does not answer (%s: %s); waiting up to %.0f s for it "
+                    "(broker.outage_budget_s)",
+                    where, what, error, budget_s,
+                )  # fmt: skip
+            down = now - self._since
+        if down > budget_s:
+            raise BrokerError(
+                f"the Kafka broker at {where} has not answered for {down:.0f} s (broker.outage_budget_s is "
+                f"{budget_s:.0f}; last error in {what}: {error}): start it again (or raise the budget), then run "
+                "the same command: it resumes exactly"
+            ) from error
+
+    def answered(self, where: str) -> None:
+        """Note a call that succeeded: an outage, if any, is over."""
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            logger.warning("the Kafka broker at %s answers again after %.0f s", where, time.monotonic() - since)
+
+
+#: One per process: every client of a process talks to the same cluster.
+OUTAGE = Outage()
+
+
+def ride_out(
+    call: Callable[[], _T],
+    *,
+    what: str,
+    where: str,
+    budget_s: float,
+    also_retry: tuple[type[BaseException], ...] = (),
+) -> _T:
+    """``call()``, retried with backoff while it fails with a retriable ``TransportError``
+    (or one of ``also_retry``) and the outage is shorter than ``budget_s``."""
+    delay = 0.25
+    while True:
+        try:
+            result = call()
+        except TransportError as exc:
+            if not exc.retriable:
+                raise
+            OUTAGE.failed(exc, where=where, what=what, budget_s=budget_s)
+        except also_retry as exc:
+            OUTAGE.failed(exc, where=where, what=what, budget_s=budget_s)
+        else:
+            OUTAGE.answered(where)
+            return result
+        time.sleep(delay)  # backoff between attempts at an unreachable broker
+        delay = min(delay * 2, 5.0)
