@@ -22,8 +22,8 @@ from pipeline.app.preflight import check_broker, check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
 from pipeline.core.errors import ConfigError
+from pipeline.core.progress import read_source_counters
 from pipeline.core.topics import RunTopics, Transport
-from pipeline.source.publisher import committed_prompt_counts
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.distributed import init_distributed
 from pipeline.train.runner import run_trainer
@@ -84,11 +84,11 @@ def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], o
     if latest is not None:
         total = manager.read_meta(latest).get("config", {}).get("lr_schedule", {}).get("total_steps")
         return int(total) if total is not None else None
-    counts, closed = committed_prompt_counts(transport, RunTopics(cfg.run_id), cfg.data.partitions)
-    if len(closed) < cfg.data.partitions:
+    source = read_source_counters(transport, RunTopics(cfg.run_id), cfg.data.partitions)  # O(partitions)
+    if not all(c.ended for c in source.values()):
         warn("the source has not finished: constant learning rate (set train.max_steps for cosine)")
         return None
-    return max(1, sum(counts.values()) // cfg.global_batch)
+    return max(1, sum(c.prompts for c in source.values()) // cfg.global_batch)
 
 
 def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], object]) -> TrainJobResult:

@@ -7,6 +7,7 @@ stage code runs on Kafka (``pipeline.transport.kafka``) and in process
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ __all__ = (
     "ReaderOptions",
     "Transport",
     "read_to_end",
+    "group_offsets",
 )
+
+logger = logging.getLogger(__name__)
 
 # Refs are ~1 KB; 8 MiB leaves room for long prompts (token ids) without ever carrying tensors.
 MAX_RECORD_BYTES = 8 * 1024 * 1024
@@ -84,6 +88,11 @@ class RunTopics:
     @property
     def generator_group(self) -> str:
         return f"{self.run_id}.generators"
+
+    @property
+    def source_group(self) -> str:
+        """The source's own group: no consumer, its offsets' metadata hold the source's counts."""
+        return f"{self.run_id}.source"
 
     @property
     def trainer_group(self) -> str:
@@ -272,3 +281,19 @@ def read_to_end(
             yield from reader.poll(0.2)
     finally:
         reader.close()
+
+
+def group_offsets(admin: Admin, group_id: str, topic: str, *, timeout_s: float = 30.0) -> dict[int, Committed]:
+    """A group's committed offsets of ``topic``, retrying the broker's transient answers (a fresh
+    broker has no group coordinator for a moment); bounded by ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return admin.group_offsets(group_id, topic)
+        except TransportError as exc:
+            if not exc.retriable or time.monotonic() + delay > deadline:
+                raise
+            logger.debug("group offsets not available yet (%s); retrying", exc)
+            time.sleep(delay)  # backoff between retries of a transient broker error
+            delay = min(delay * 2, 1.0)
