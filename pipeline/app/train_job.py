@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
-from pipeline.app.manifest import verify_run
+from pipeline.app.manifest import await_run
 from pipeline.app.preflight import check_broker, check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
@@ -97,7 +97,12 @@ def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], o
     check_local(cfg, ("train",))
     online = build_online_run(cfg)
     check_broker(online.transport)
-    verify_run(online.transport, cfg)
+    is_main = os.environ.get("RANK", "0") in ("", "0")  # the process group starts after the wait
+    if not await_run(  # started before the source: wait for the run's topics and vocabulary mapping
+        online.transport, cfg, timeout_s=cfg.train.wait_for_source_s, key="train.wait_for_source_s", stop=stop,
+        say=warn if is_main else (lambda _line: None), vocab=online.store,
+    ):  # fmt: skip
+        return TrainJobResult(TrainResult(step=0, samples_trained=0, reason="stopped"), is_main)
     dist = init_distributed(timeout_s=cfg.train.collective_timeout_s, device=cfg.train.device)
     try:
         # One schedule for every rank and every attempt: rank 0 decides, the others follow.
