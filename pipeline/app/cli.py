@@ -165,8 +165,9 @@ def generate(
     from pipeline.app.generate_job import ad_hoc_generator, configured_generator  # lazy: start-up, torch
 
     owned = [int(p) for p in partitions.split(",")] if partitions else None
+    stop = stop_on_signals()  # a worker started before the source waits for it, and a signal ends that wait
     if config is not None:
-        worker = configured_generator(load(config), worker_id, owned)
+        worker = configured_generator(load(config), worker_id, owned, stop)
     else:
         if not run_id or not storage:
             raise OptionError("--config", "is missing", "pass --config, or --run-id and --storage")
@@ -182,7 +183,7 @@ def generate(
         worker = ad_hoc_generator(
             run_id, storage, address, worker_id, owned, overrides, hidden_size=hidden_size, origin=origin
         )
-    stats = worker.run(stop_on_signals())
+    stats = worker.run(stop)
     console.print(
         f"generator {worker_id}: {stats.refs} samples, {stats.dropped} to the DLQ, "
         f"partitions ended {sorted(stats.ended_partitions)}"
@@ -197,7 +198,10 @@ def train(config: ConfigOption, verbose: VerboseOption = False) -> None:
     setup_logging(verbose)
     from pipeline.app.train_job import train_rank  # lazy: start-up, torch
 
-    job = train_rank(load(config), stop_on_signals(), warn=lambda line: console.print(f"[yellow]{escape(line)}"))
+    def warn(line: str) -> None:  # one line, never wrapped: scripts grep it
+        console.print(f"[yellow]{escape(line)}", soft_wrap=True)
+
+    job = train_rank(load(config), stop_on_signals(), warn=warn)
     if job.is_main:  # the summary line itself comes from the trainer, on rank 0
         console.print(f"{job.result.step} optimizer steps ({job.result.reason}); checkpoint {job.result.checkpoint}")
 

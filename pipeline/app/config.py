@@ -213,6 +213,11 @@ class GenerateSection(_Section):
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="on stop, how long a generator may finish its queued batches"
     )
+    wait_for_source_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="at start, how long a generator waits for the run's topics (the source creates them)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> GenerateSection:
@@ -266,6 +271,12 @@ class TrainSection(_Section):
     )
     drain_timeout_s: float | None = Field(
         default=None, gt=0, description="bound on reading the stream's tail after the last step; null: none"
+    )
+    wait_for_source_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="at start, how long a trainer waits for the run's topics and vocabulary mapping (the source "
+        "stores it once it has read every conversation)",
     )
     output_dir: str = Field(
         default="./runs/out",

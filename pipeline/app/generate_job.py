@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import replace
 from typing import Any
 
 from pipeline.app.config import RunConfig
 from pipeline.app.config_file import parse_config
-from pipeline.app.manifest import verify_run
+from pipeline.app.manifest import await_run
 from pipeline.app.preflight import check_broker, check_local
 from pipeline.app.runtime import build_online_run, target_backend
 from pipeline.app.settings import generator_settings, kafka_settings
@@ -16,14 +18,20 @@ from pipeline.storage import FeatureStore
 
 __all__ = ("configured_generator", "ad_hoc_generator")
 
+logger = logging.getLogger(__name__)
 
-def configured_generator(cfg: RunConfig, worker_id: str, partitions: list[int] | None) -> GeneratorWorker:
-    """A worker of a claimed run: checked, and refused when the run has another configuration."""
+
+def configured_generator(
+    cfg: RunConfig, worker_id: str, partitions: list[int] | None, stop: threading.Event | None = None
+) -> GeneratorWorker:
+    """A worker of a claimed run: checked, and refused when the run has another configuration.
+    Started before the source, it waits (``generate.wait_for_source_s``) for the run's claim."""
     check_local(cfg, ("generate",))
     online = build_online_run(cfg)
     check_broker(online.transport)
-    verify_run(online.transport, cfg)
-    return online.generator(worker_id, partitions)
+    key = "generate.wait_for_source_s"
+    await_run(online.transport, cfg, timeout_s=cfg.generate.wait_for_source_s, key=key, stop=stop, say=logger.warning)
+    return online.generator(worker_id, partitions)  # stopped while waiting: its run() ends at once
 
 
 def ad_hoc_generator(

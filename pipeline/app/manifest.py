@@ -1,19 +1,26 @@
 """The run manifest: what a run is, so that its stages agree and another config cannot reuse it.
 
 The source claims a run (its topics and the manifest, which stores the fingerprinted settings:
-``RunConfig.fingerprint_values``); every stage that joins it (generators, trainers) and a rerun
-of the source compare their own values with the stored ones. A mismatch names each key that
-differs with both values.
+``RunConfig.fingerprint_values``); every stage that joins it (generators, trainers:
+:func:`await_run`) and a rerun of the source compare their own values with the stored ones. A mismatch names each key that
+differs with both values. A stage started before the source waits for the claim, bounded
+(:func:`await_run`), and checks the manifest as soon as it appears.
 """
 
 from __future__ import annotations
 
-from pipeline.app.config import RunConfig, fingerprint_differences
-from pipeline.core.errors import RunMismatchError
-from pipeline.core.messages import RunManifest, decode, encode, now
-from pipeline.core.topics import RunTopics, Transport, read_to_end
+import threading
+from collections.abc import Callable
 
-__all__ = ("claim_run", "verify_run", "read_manifest")
+from pipeline.app.config import RunConfig, fingerprint_differences
+from pipeline.core.errors import ConfigError, RunMismatchError, StreamError
+from pipeline.core.messages import RunManifest, decode, encode, now
+from pipeline.core.progress import read_source_counters
+from pipeline.core.topics import RunTopics, Transport, read_to_end, wait_for
+from pipeline.source.stage import VOCAB_MAPPING_URI
+from pipeline.storage import FeatureStore
+
+__all__ = ("claim_run", "await_run", "read_manifest")
 
 
 def claim_run(transport: Transport, config: RunConfig) -> RunManifest:
@@ -45,11 +52,61 @@ def claim_run(transport: Transport, config: RunConfig) -> RunManifest:
     return manifest
 
 
-def verify_run(transport: Transport, config: RunConfig) -> None:
-    """A stage joining a run (generate, train) refuses a run whose manifest has another config."""
-    existing = read_manifest(transport, RunTopics(config.run_id))
-    if existing is not None:
-        _refuse_mismatch(existing, config, fix="give every stage the same config file")
+def await_run(
+    transport: Transport,
+    config: RunConfig,
+    *,
+    timeout_s: float,
+    key: str,
+    stop: threading.Event | None,
+    say: Callable[[str], object],
+    vocab: FeatureStore | None = None,
+) -> bool:
+    """Wait until the source has claimed the run (its topics and manifest) and, with ``vocab``,
+    stored the vocabulary mapping there; refuse another config's run as soon as its manifest
+    is readable. ``say`` gets the one line saying what this stage waits for. False: ``stop`` was
+    set while waiting; past ``timeout_s`` (the setting ``key``), a ``ConfigError`` naming what
+    is missing and what to start."""
+    claimed = threading.Event()
+    lacking: list[str] = []
+    topics, partitions = RunTopics(config.run_id), config.data.partitions
+
+    def ready() -> bool | None:
+        lacking.clear()
+        if not claimed.is_set():
+            manifest = read_manifest(transport, topics)
+            if manifest is None:
+                lacking.append("its topics and manifest" + (" and its vocabulary mapping" if vocab else ""))
+                return None
+            _refuse_mismatch(manifest, config, fix="give every stage the same config file")
+            claimed.set()
+        if vocab is None:
+            return True
+        ended = all(c.ended for c in read_source_counters(transport, topics, partitions).values())
+        if not vocab.exists(VOCAB_MAPPING_URI):
+            if ended:  # the mapping is stored before the partitions are closed: the source failed
+                raise StreamError(f"the source of run {config.run_id} closed its partitions without storing "
+                                  "the vocabulary mapping: it failed (see its error, the DLQ and `specstream "
+                                  "audit`); fix the input and start a new run")  # fmt: skip
+            lacking.append(f"its vocabulary mapping {vocab.resolve(VOCAB_MAPPING_URI)} (the source stores it "
+                           "once it has read every conversation)")  # fmt: skip
+            return None
+        if not ended:  # then the prompt total is known: the trainer's schedule never depends on start order
+            lacking.append("the end of its prompts (the source closes its partitions after storing the mapping)")
+            return None
+        return True
+
+    def announce() -> None:
+        say(f"waiting up to {timeout_s:.0f} s for the source of run {config.run_id}: {lacking[0]}")
+
+    found = wait_for(ready, timeout_s=timeout_s, stop=stop, announce=announce)
+    if found is None and not (stop is not None and stop.is_set()):
+        raise ConfigError(
+            key,
+            f"run {config.run_id} still lacks {lacking[0]} after waiting {timeout_s:.0f} s",
+            f"start `specstream source` with this run's config, or raise {key}",
+        )
+    return bool(found)
 
 
 def read_manifest(transport: Transport, topics: RunTopics) -> RunManifest | None:

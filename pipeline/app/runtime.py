@@ -42,6 +42,7 @@ from pipeline.app.settings import (
 from pipeline.core.errors import ConfigError
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.generate.backend import TargetBackend
+from pipeline.generate.backpressure import peak_backlog
 from pipeline.generate.worker import GeneratorStats, GeneratorWorker
 from pipeline.source.stage import SourceResult, SourceStage
 from pipeline.storage import FeatureStore
@@ -126,8 +127,26 @@ class OnlineRun:
     def model_spec(self) -> ModelSpec:
         return model_spec(self.config, self.store.root_url)
 
+    def projected_peak_samples(self) -> tuple[int, int] | None:
+        """The most feature files a run holds at once, as (kept for resume, produced but not yet
+        stepped); None: unbounded (it keeps them all).
+
+        Retention ``delete`` removes a checkpoint interval's files only once no retained
+        checkpoint can need them, so up to ``keep_last`` intervals of ``save_interval`` global
+        steps are kept (``keep_last - 1`` retained, plus the one being trained, until its
+        checkpoint). The generators keep at most ``peak_backlog`` samples produced but not yet
+        stepped: the high watermark (the trainer's prefetch and the batches in flight included),
+        plus one trainer window that the end of a partition can add."""
+        c = self.config
+        if c.storage.retention == "retain" or not c.train.save_interval:
+            return None
+        flow = generator_settings(c, "projection", None)
+        assert flow.backpressure is not None and flow.trainer is not None
+        kept = c.train.keep_last * c.train.save_interval * c.global_batch
+        return kept, peak_backlog(flow.backpressure, flow.trainer, c.data.partitions)
+
     def projected_storage(self, avg_tokens: float) -> str:
-        """DESIGN 4.4: exact resume keeps one checkpoint interval of features on storage."""
+        """DESIGN 4.4: exact resume keeps checkpoint intervals of features on storage."""
         c = self.config
         hidden, dtype_bytes = 0, 2
         config_file = Path(str(c.target.model)) / "config.json"
@@ -138,13 +157,15 @@ class OnlineRun:
         if not hidden:
             return "projected peak feature storage: unknown (no hidden size in the target config)"
         per_sample = avg_tokens * (4 * hidden * dtype_bytes + 9)  # aux 3H + final H, ids int64, mask uint8
-        if c.storage.retention == "retain":
-            return f"feature storage grows with the run (retention: retain): ~{per_sample / 1e6:.2f} MB per sample"
-        window = c.train.save_interval * c.global_batch
-        peak = (window + c.generate.high_watermark) * per_sample
+        projected = self.projected_peak_samples()
+        if projected is None:
+            why = "retention: retain" if c.storage.retention == "retain" else "save_interval 0: one interval"
+            return f"feature storage grows with the run ({why}): ~{per_sample / 1e6:.2f} MB per sample"
+        kept, backlog = projected
         return (
-            f"projected peak feature storage: ({c.train.save_interval} x {c.global_batch} + "
-            f"{c.generate.high_watermark}) samples x {per_sample / 1e6:.2f} MB = {peak / 1e9:.2f} GB"
+            f"projected peak feature storage: ({c.train.keep_last} x {c.train.save_interval} x {c.global_batch} + "
+            f"{backlog}) samples x {per_sample / 1e6:.2f} MB = {(kept + backlog) * per_sample / 1e6:,.1f} MB "
+            "(keep_last x save_interval x global batch kept for resume + the generators' peak backlog)"
         )
 
     def run(self, stop: threading.Event | None = None, announce: Callable[[str], object] | None = None) -> RunResult:

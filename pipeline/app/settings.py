@@ -88,6 +88,7 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         drain_timeout_s=g.drain_timeout_s,
         dead_letters=cfg.dead_letters.limits(),
         max_prompt_tokens=cfg.data.max_length,
+        wait_for_source_s=g.wait_for_source_s,
     )
 
 

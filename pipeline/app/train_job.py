@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
-from pipeline.app.manifest import verify_run
+from pipeline.app.manifest import await_run
 from pipeline.app.preflight import check_broker, check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
 from pipeline.core.errors import ConfigError
+from pipeline.core.progress import read_source_counters
 from pipeline.core.topics import RunTopics, Transport
-from pipeline.source.publisher import committed_prompt_counts
 from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.distributed import init_distributed
 from pipeline.train.runner import run_trainer
@@ -84,11 +84,11 @@ def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], o
     if latest is not None:
         total = manager.read_meta(latest).get("config", {}).get("lr_schedule", {}).get("total_steps")
         return int(total) if total is not None else None
-    counts, closed = committed_prompt_counts(transport, RunTopics(cfg.run_id), cfg.data.partitions)
-    if len(closed) < cfg.data.partitions:
+    source = read_source_counters(transport, RunTopics(cfg.run_id), cfg.data.partitions)  # O(partitions)
+    if not all(c.ended for c in source.values()):
         warn("the source has not finished: constant learning rate (set train.max_steps for cosine)")
         return None
-    return max(1, sum(counts.values()) // cfg.global_batch)
+    return max(1, sum(c.prompts for c in source.values()) // cfg.global_batch)
 
 
 def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], object]) -> TrainJobResult:
@@ -97,7 +97,12 @@ def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], o
     check_local(cfg, ("train",))
     online = build_online_run(cfg)
     check_broker(online.transport)
-    verify_run(online.transport, cfg)
+    is_main = os.environ.get("RANK", "0") in ("", "0")  # the process group starts after the wait
+    if not await_run(  # started before the source: wait for the run's topics and vocabulary mapping
+        online.transport, cfg, timeout_s=cfg.train.wait_for_source_s, key="train.wait_for_source_s", stop=stop,
+        say=warn if is_main else (lambda _line: None), vocab=online.store,
+    ):  # fmt: skip
+        return TrainJobResult(TrainResult(step=0, samples_trained=0, reason="stopped"), is_main)
     dist = init_distributed(timeout_s=cfg.train.collective_timeout_s, device=cfg.train.device)
     try:
         # One schedule for every rank and every attempt: rank 0 decides, the others follow.

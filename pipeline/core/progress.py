@@ -3,6 +3,9 @@
 - ``PartitionCounters``: a samples partition's running counts, committed by the generators as the
   metadata of their prompt offsets (so whichever worker takes a partition over forwards a correct
   end-of-stream marker, and backpressure and ``status`` read the same numbers);
+- ``SourceCounters``: a prompts partition's counts, committed by the source in the same
+  transactions as its prompts, as the metadata of its own group's offsets: a source restart, the
+  trainer's schedule and the run's summary read them in O(partitions), never the prompts topic;
 - ``StreamItem`` and ``StreamState``: what the read side hands out and what a checkpoint stores
   to resume it exactly;
 - ``rank_partitions``: which samples partitions a trainer rank reads.
@@ -15,9 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.errors import StreamError
 from pipeline.core.messages import SampleRef
+from pipeline.core.topics import RunTopics, Transport, group_offsets
 
-__all__ = ("PartitionCounters", "StreamItem", "StreamState", "rank_partitions")
+__all__ = (
+    "PartitionCounters", "SourceCounters", "read_source_counters", "StreamItem", "StreamState", "rank_partitions",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,56 @@ class PartitionCounters:
         (or not ended), so a foreign commit never stops backpressure."""
 
         return cls(
-            _lenient(text, "refs", int, 0), _lenient(text, "dropped", int, 0), _lenient(text, "ended", bool, False)
+            _lenient(text, "refs", int, 0),
+            _lenient(text, "dropped", int, 0),
+            _lenient(text, "ended", bool, False),
         )
+
+
+@dataclass(frozen=True)
+class SourceCounters:
+    """What the source has committed to one prompts partition (the metadata of the source group's
+    offset, written in the transaction that holds the prompts it counts).
+
+    ``letters`` are the input lines the source dead-lettered, each counted on the partition of
+    the prompt it was committed with (the letters after the last prompt: the partition the next
+    prompt would have gone to). The offset itself is ``prompts`` (+1 for the marker): the source
+    group has no consumer, its offsets are a ledger, not a position in the topic.
+    """
+
+    prompts: int = 0  # own prompts committed: the partition's next ``seq``
+    letters: int = 0  # input lines dead-lettered by the source
+    ended: bool = False  # its end-of-stream marker is committed
+
+    def to_metadata(self) -> str:
+        """The offset-commit metadata that carries these counts to a restart."""
+        return json.dumps({"prompts": self.prompts, "letters": self.letters, "ended": self.ended})
+
+    @classmethod
+    def from_metadata(cls, text: str) -> SourceCounters:
+        """Strictly read the source's commit metadata (empty: nothing committed yet)."""
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(int(data["prompts"]), int(data["letters"]), bool(data["ended"]))
+
+
+def read_source_counters(
+    transport: Transport, topics: RunTopics, partitions: int
+) -> dict[int, SourceCounters]:
+    """Every prompts partition's committed source counts: one offsets request, O(partitions)."""
+    with transport.admin() as admin:
+        committed = group_offsets(admin, topics.source_group, topics.prompts)
+    counters = {}
+    for p in range(partitions):
+        try:
+            counters[p] = SourceCounters.from_metadata(committed[p].metadata if p in committed else "")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StreamError(
+                f"group {topics.source_group}, partition {p}: unreadable source counts "
+                f"{committed[p].metadata!r} ({exc}); only the source may commit to this group"
+            ) from exc
+    return counters
 
 
 def _lenient(text: str, name: str, kind: Callable[[Any], Any], default: Any) -> Any:

@@ -2,17 +2,22 @@
 
 Everything above the transport layer talks to a broker through these protocols, so the same
 stage code runs on Kafka (``pipeline.transport.kafka``) and in process
-(``pipeline.transport.memory``). Nothing here imports a Kafka client.
+(``pipeline.transport.memory``). Nothing here imports a Kafka client. The helpers at the end
+read what a stage needs (``read_to_end``, ``group_offsets``) and wait for it, bounded, when the
+stage that makes it has not started yet (``wait_for``, ``wait_for_topic``): stages may start in
+any order.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict, Unpack
+from typing import Literal, Protocol, TypedDict, TypeVar, Unpack
 
-from pipeline.core.errors import SpecstreamError, StreamError
+from pipeline.core.errors import ConfigError, SpecstreamError, StreamError
 
 __all__ = (
     "MAX_RECORD_BYTES",
@@ -29,7 +34,12 @@ __all__ = (
     "ReaderOptions",
     "Transport",
     "read_to_end",
+    "group_offsets",
+    "wait_for",
+    "wait_for_topic",
 )
+
+logger = logging.getLogger(__name__)
 
 # Refs are ~1 KB; 8 MiB leaves room for long prompts (token ids) without ever carrying tensors.
 MAX_RECORD_BYTES = 8 * 1024 * 1024
@@ -84,6 +94,11 @@ class RunTopics:
     @property
     def generator_group(self) -> str:
         return f"{self.run_id}.generators"
+
+    @property
+    def source_group(self) -> str:
+        """The source's own group: no consumer, its offsets' metadata hold the source's counts."""
+        return f"{self.run_id}.source"
 
     @property
     def trainer_group(self) -> str:
@@ -274,3 +289,70 @@ def read_to_end(
             yield from reader.poll(0.2)
     finally:
         reader.close()
+
+
+def group_offsets(admin: Admin, group_id: str, topic: str, *, timeout_s: float = 30.0) -> dict[int, Committed]:
+    """A group's committed offsets of ``topic``, retrying the broker's transient answers (a fresh
+    broker has no group coordinator for a moment); bounded by ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return admin.group_offsets(group_id, topic)
+        except TransportError as exc:
+            if not exc.retriable or time.monotonic() + delay > deadline:
+                raise
+            logger.debug("group offsets not available yet (%s); retrying", exc)
+            time.sleep(delay)  # backoff between retries of a transient broker error
+            delay = min(delay * 2, 1.0)
+
+
+T = TypeVar("T")
+
+
+# --- bounded waits: the stages may start in any order ---------------------------------------
+
+
+def wait_for(
+    probe: Callable[[], T | None],
+    *,
+    timeout_s: float,
+    stop: threading.Event | None = None,
+    announce: Callable[[], object] | None = None,
+    interval_s: float = 1.0,
+) -> T | None:
+    """``probe()``'s first answer that is not None, asked every ``interval_s`` for at most
+    ``timeout_s``; ``announce()`` runs once, when the first answer was None. None: the time ran
+    out, or ``stop`` was set (the caller tells which by ``stop.is_set()``)."""
+    found = probe()
+    if found is not None:
+        return found
+    if announce is not None and not (stop is not None and stop.is_set()):
+        announce()
+    deadline = time.monotonic() + timeout_s
+    stopped = stop or threading.Event()
+    while not stopped.wait(min(interval_s, max(0.0, deadline - time.monotonic()))):
+        found = probe()
+        if found is not None or time.monotonic() >= deadline:
+            return found
+    return None
+
+
+def wait_for_topic(
+    admin: Admin, topic: str, timeout_s: float, stop: threading.Event | None, key: str = "generate.wait_for_source_s"
+) -> int:
+    """The partition count of ``topic`` once it exists (0: ``stop`` was set while waiting);
+    a ``ConfigError`` naming the topic and what to start when it does not appear in ``timeout_s``."""
+    count = wait_for(
+        lambda: admin.partition_count(topic) or None,
+        timeout_s=timeout_s,
+        stop=stop,
+        announce=lambda: logger.warning("waiting up to %.0f s for topic %s (start the run's source)", timeout_s, topic),
+    )
+    if count is None and not (stop is not None and stop.is_set()):
+        raise ConfigError(
+            key,
+            f"topic {topic} does not exist after waiting {timeout_s:.0f} s",
+            "start the run's source (`specstream source --config FILE`), check run_id, or raise " + key,
+        )
+    return count or 0

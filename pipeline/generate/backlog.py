@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pipeline.core.errors import StreamError
 from pipeline.core.messages import LedgerStep, Prompt
 from pipeline.core.progress import PartitionCounters
-from pipeline.core.topics import Admin, Committed, Reader, RunTopics, Transport, TransportError
+from pipeline.core.topics import Admin, Committed, Reader, RunTopics, Transport, group_offsets
 from pipeline.generate.backpressure import Backlog, FlowControl
 from pipeline.generate.planner import Decoded
 from pipeline.generate.stats import GeneratorStats
@@ -37,19 +37,8 @@ def consumed_from(step: LedgerStep | None) -> dict[int, int]:
 
 
 def generator_commits(admin: Admin, topics: RunTopics, *, timeout_s: float = 30.0) -> dict[int, Committed]:
-    """The generators' committed prompt offsets, retrying the broker's transient answers
-    (a fresh broker has no group coordinator for a moment)."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        try:
-            return admin.group_offsets(topics.generator_group, topics.prompts)
-        except TransportError as exc:
-            if not exc.retriable or time.monotonic() + delay > deadline:
-                raise
-            logger.debug("group offsets not available yet (%s); retrying", exc)
-            time.sleep(delay)  # backoff between retries of a transient broker error
-            delay = min(delay * 2, 1.0)
+    """The generators' committed prompt offsets, retrying the broker's transient answers."""
+    return group_offsets(admin, topics.generator_group, topics.prompts, timeout_s=timeout_s)
 
 
 class BacklogMonitor:

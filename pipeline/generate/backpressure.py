@@ -43,6 +43,7 @@ __all__ = (
     "partition_needs",
     "required_high_watermark",
     "check_watermarks",
+    "peak_backlog",
     "FlowControl",
     "Backlog",
 )
@@ -138,6 +139,13 @@ def required_high_watermark(window: TrainerWindow, partitions: int) -> int:
     return max(total, window.samples)
 
 
+def peak_backlog(marks: Watermarks, window: TrainerWindow, partitions: int) -> int:
+    """The most samples the generators keep produced but not yet stepped: the high watermark,
+    plus the trainer window that open partitions are never refused when ended partitions still
+    hold the rest of the watermark (the prefetch and the batches in flight are part of both)."""
+    return marks.high + required_high_watermark(window, partitions)
+
+
 def _floor_shares(total: int, needs: Mapping[int, int]) -> dict[int, int]:
     """Split a watermark over the partitions in proportion to their needs (never over the total)."""
     weight = sum(needs.values())
@@ -205,10 +213,12 @@ class FlowControl:
     """Per-partition caps with hysteresis.
 
     Each open partition gets a share of the watermarks in proportion to what its rank needs from
-    it (shares sum to at most the watermark, and each is at least the need: see
-    :func:`check_watermarks`). :meth:`allowance` caps how many more samples a partition may take
-    now (the worker trims a polled batch to it), so the total backlog never exceeds the high
-    watermark; :meth:`update` latches a pause at the cap and releases it at the low share.
+    it (shares sum to at most the watermark less what ended partitions still hold, and each is at
+    least the need: see :func:`check_watermarks`). :meth:`allowance` caps how many more samples a
+    partition may take now (the worker trims a polled batch to it), so the total backlog never
+    exceeds the high watermark, or, once ended partitions hold most of it, the trainer window
+    on top of what they hold (:func:`peak_backlog`); :meth:`update` latches a pause at the cap
+    and releases it at the low share.
     """
 
     def __init__(self, marks: Watermarks, window: TrainerWindow, partitions: int) -> None:
@@ -217,15 +227,17 @@ class FlowControl:
         self.window = window
         self.partitions = partitions
         self.latched: set[int] = set()
-        self._ended: frozenset[int] | None = None
+        self._ended: tuple[frozenset[int], int] | None = None
         self._reshare(frozenset())
 
-    def _reshare(self, ended: frozenset[int]) -> None:
-        if ended == self._ended:
+    def _reshare(self, ended: frozenset[int], held: int = 0) -> None:
+        if (ended, held) == self._ended:
             return
-        self._ended = ended
+        self._ended = (ended, held)
         self.needs = partition_needs(self.window, self.partitions, ended)
-        self.high = _floor_shares(self.marks.high, self.needs)
+        # What ended partitions still hold (the trainer has yet to read it) counts against the
+        # watermark, but an open partition is never capped below what its rank needs for a step.
+        self.high = _floor_shares(max(self.marks.high - held, sum(self.needs.values())), self.needs)
         self.low = {p: min(s, self.high[p] - 1) for p, s in _floor_shares(self.marks.low_samples, self.needs).items()}
         self.high_bytes = _floor_shares(self.marks.high_bytes, self.needs) if self.marks.high_bytes else None
         low_bytes = self.marks.low_bytes_or_default
@@ -235,7 +247,8 @@ class FlowControl:
         self, backlog: Mapping[int, Backlog], bytes_per_sample: float, ended: Iterable[int] = ()
     ) -> set[int]:
         """The partitions to keep paused, given their backlog now."""
-        self._reshare(frozenset(ended))
+        closed = frozenset(ended)
+        self._reshare(closed, sum(b.samples for p, b in backlog.items() if p in closed))
         for p, b in backlog.items():
             if p not in self.high:  # ended: nothing left to pause
                 self.latched.discard(p)

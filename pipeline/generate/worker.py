@@ -38,7 +38,7 @@ from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError, StreamError
 from pipeline.core.faults import crash_point
 from pipeline.core.progress import PartitionCounters
-from pipeline.core.topics import Admin, FencedError, Reader, RunTopics, Transport
+from pipeline.core.topics import Admin, FencedError, Reader, RunTopics, Transport, wait_for_topic
 from pipeline.generate.backend import TargetBackend
 from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commits
 from pipeline.generate.backpressure import FlowControl, TrainerWindow, Watermarks, check_watermarks
@@ -78,6 +78,7 @@ class GeneratorConfig:
     done_check_interval_s: float = 1.0
     dead_letters: DeadLetterLimits = DeadLetterLimits()
     max_prompt_tokens: int | None = None  # longer prompts are refused before the forward
+    wait_for_source_s: float = 600.0  # at start, how long to wait for the run's prompts topic
 
     def validate(self) -> None:
         """Refuse a bad batch size or a watermark that could deadlock, before anything starts."""
@@ -137,9 +138,9 @@ class GeneratorWorker:
         stop = stop or threading.Event()
         started = time.perf_counter()
         try:
-            self._open()
-            self._loop(stop)
-            self._finish()
+            if self._open(stop):  # False: stopped while waiting for the run's prompts topic
+                self._loop(stop)
+                self._finish()
         except FencedError as exc:
             raise self._fenced(exc) from exc
         finally:
@@ -159,12 +160,12 @@ class GeneratorWorker:
         return FencedError(f"{me}: {why}; the broker aborted its open transaction, nothing is lost ({fix})",
                            same_id=exc.same_id)  # fmt: skip
 
-    def _open(self) -> None:
+    def _open(self, stop: threading.Event) -> bool:
         cfg = self.config
         self._admin = self.transport.admin()
-        self._partition_count = self._admin.partition_count(self.topics.prompts) or 0
-        if self._partition_count == 0:
-            raise ConfigError("run_id", f"topic {self.topics.prompts} does not exist", "run the source first")
+        self._partition_count = wait_for_topic(self._admin, self.topics.prompts, cfg.wait_for_source_s, stop)
+        if not self._partition_count:
+            return False
         if cfg.backpressure is not None:
             assert cfg.trainer is not None
             flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
@@ -205,6 +206,7 @@ class GeneratorWorker:
             on_lost=self._on_lost,
             client_id=self.transactional_id,
         )
+        return True
 
     def _loop(self, stop: threading.Event) -> None:
         cfg = self.config

@@ -1,24 +1,29 @@
 """Prompts onto the prompts topic exactly once, restartably, and every partition closed.
 
 :class:`PromptPublisher` sends prompt i to partition ``i % P`` and makes every chunk one
-transaction (cut only after a prompt, so a dead letter commits with the prompt after it), so after
-a crash it counts the committed prompts per partition (the source's transactional id fences the
-dead instance and aborts its open chunk) and continues from there, without repeating a prompt or
-a dead letter. A partition that already carries its end-of-stream marker is left alone.
+transaction (cut only after a prompt, so a dead letter commits with the prompt after it). Each
+transaction also commits, as the metadata of the source group's offsets, every partition's
+counts (:class:`~pipeline.core.progress.SourceCounters`: prompts, dead letters, ended). So after
+a crash (the source's transactional id fences the dead instance and aborts its open chunk) a
+restart reads those counts, one request whatever the size of the topic, and continues from
+there without repeating a prompt or a dead letter. A partition whose end-of-stream marker is
+committed is left alone. Records other producers wrote into the prompts topic never count: the
+topic is not read at all.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipeline.core.deadletter import DeadLetterLimitExceeded
 from pipeline.core.errors import DecodeError
-from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, decode, encode
-from pipeline.core.topics import RunTopics, TransactionalProducer, Transport, read_to_end
+from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, encode
+from pipeline.core.progress import SourceCounters, read_source_counters
+from pipeline.core.topics import Committed, RunTopics, TransactionalProducer, Transport
 
-__all__ = ("SourceStats", "committed_prompt_counts", "PromptPublisher")
+__all__ = ("SourceStats", "PromptPublisher")
 
 logger = logging.getLogger(__name__)
 
@@ -32,31 +37,6 @@ class SourceStats:
     dead_letters: int = 0
     per_partition: dict[int, int] = field(default_factory=dict)
     failed: str | None = None  # the reason the partitions were closed as failed
-
-
-def committed_prompt_counts(
-    transport: Transport, topics: RunTopics, partitions: int, *, timeout_s: float = 120.0
-) -> tuple[dict[int, int], set[int]]:
-    """Per partition: the source's own prompts already committed, and which partitions it closed.
-
-    Only the source's numbered output counts (``pipeline.core.eos``): a stray record another
-    producer wrote into the prompts topic is skipped here, never counted and never fatal.
-    """
-    counts = {p: 0 for p in range(partitions)}
-    closed: set[int] = set()
-    for record in read_to_end(transport, topics.prompts, range(partitions), timeout_s=timeout_s):
-        p = record.partition
-        try:
-            message = decode(record.value or b"")
-        except DecodeError:
-            continue
-        if p in closed or message.run_id != topics.run_id:
-            continue
-        if isinstance(message, Prompt) and message.seq == counts[p]:
-            counts[p] += 1
-        elif isinstance(message, EndOfStream) and message.stage == "source" and message.seq == counts[p]:
-            closed.add(p)
-    return counts, closed
 
 
 class PromptPublisher:
@@ -96,25 +76,25 @@ class PromptPublisher:
             f"{self.run_id}.source", transaction_timeout_ms=self.transaction_timeout_ms
         )
         try:
-            done, closed = committed_prompt_counts(self.transport, self.topics, self.partitions)
-            stats = SourceStats(per_partition=dict(done))
-            sent = {p: 0 for p in range(self.partitions)}
-            committed = dict(done)
+            start = read_source_counters(self.transport, self.topics, self.partitions)
+            stats = SourceStats(per_partition={p: c.prompts for p, c in start.items()})
+            current, committed = dict(start), dict(start)
             try:
-                trailing = self._send_all(producer, prompts, done, closed, sent, committed, stats)
+                trailing, next_p = self._send_all(producer, prompts, start, current, committed, stats)
             except (DecodeError, DeadLetterLimitExceeded) as exc:  # bad input: close every partition failed
                 producer.abort()
-                self._close(producer, closed, committed, str(exc))
+                self._close(producer, committed, str(exc))
                 stats.failed = str(exc)
                 raise
             if before_close is not None:
                 before_close()
             producer.begin()
-            if len(closed) < self.partitions:  # letters after the last prompt go with the markers
+            if trailing and not current[next_p].ended:  # letters after the last prompt go with the markers
                 for letter in trailing:
                     producer.send(self.topics.dlq, 0, encode(letter))
                     stats.dead_letters += 1
-            self._close(producer, closed, sent, None, begun=True)
+                current[next_p] = replace(current[next_p], letters=current[next_p].letters + len(trailing))
+            self._close(producer, current, None, begun=True)
             return stats
         finally:
             producer.close()
@@ -123,17 +103,18 @@ class PromptPublisher:
         self,
         producer: TransactionalProducer,
         items: Iterable[Prompt | DeadLetter],
-        done: dict[int, int],
-        closed: set[int],
-        sent: dict[int, int],
-        committed: dict[int, int],
+        start: dict[int, SourceCounters],
+        current: dict[int, SourceCounters],
+        committed: dict[int, SourceCounters],
         stats: SourceStats,
-    ) -> list[DeadLetter]:
-        """Send the items in chunk transactions; ``committed`` follows what each commit made
-        durable (per partition), for the failed markers if the input turns out bad. Returns the
-        dead letters after the last prompt (they commit with the end-of-stream markers)."""
+    ) -> tuple[list[DeadLetter], int]:
+        """Send the items in chunk transactions, skipping what ``start`` says an earlier attempt
+        committed; ``current`` counts what was sent, ``committed`` what each commit made durable
+        (for the failed markers if the input turns out bad). Returns the dead letters after the
+        last prompt (they commit with the end-of-stream markers) and the partition they count on."""
         index = 0
         in_chunk = 0
+        seen = {p: 0 for p in range(self.partitions)}  # own prompts of each partition met so far
         pending: list[DeadLetter] = []  # sent with the next prompt: committed together or not at all
         producer.begin()
         for item in items:
@@ -142,8 +123,8 @@ class PromptPublisher:
                 continue
             p = index % self.partitions
             index += 1
-            if p in closed or sent[p] < done[p]:  # committed by an earlier attempt, letters too
-                sent[p] += 1
+            if start[p].ended or seen[p] < start[p].prompts:  # committed by an earlier attempt, letters too
+                seen[p] += 1
                 stats.skipped += 1
                 pending.clear()
                 continue
@@ -151,46 +132,62 @@ class PromptPublisher:
                 producer.send(self.topics.dlq, 0, encode(letter))
                 stats.dead_letters += 1
                 in_chunk += 1
-            pending.clear()
-            numbered = item.model_copy(update={"seq": sent[p]})
+            numbered = item.model_copy(update={"seq": seen[p]})
             producer.send(self.topics.prompts, p, encode(numbered), key=item.prompt_id.encode())
-            sent[p] += 1
+            seen[p] += 1
+            current[p] = replace(current[p], prompts=seen[p], letters=current[p].letters + len(pending))
+            pending.clear()
             stats.published += 1
-            stats.per_partition[p] = sent[p]
+            stats.per_partition[p] = seen[p]
             in_chunk += 1
             if in_chunk >= self.chunk_size:
-                producer.commit()
-                committed.update({q: max(committed[q], n) for q, n in sent.items()})
+                self._commit(producer, current, committed)
                 producer.begin()
                 in_chunk = 0
-        producer.commit()
-        committed.update({q: max(committed[q], n) for q, n in sent.items()})
-        return pending
+        self._commit(producer, current, committed)
+        return pending, index % self.partitions
+
+    def _offsets(self, counters: dict[int, SourceCounters]) -> dict[tuple[str, int], Committed]:
+        """The source group's offsets that carry ``counters`` (offset: own records, marker included)."""
+        return {
+            (self.topics.prompts, p): Committed(c.prompts + int(c.ended), c.to_metadata())
+            for p, c in counters.items()
+        }
+
+    def _commit(
+        self,
+        producer: TransactionalProducer,
+        current: dict[int, SourceCounters],
+        committed: dict[int, SourceCounters],
+    ) -> None:
+        """Commit the open chunk with the counts it changed."""
+        changed = {p: c for p, c in current.items() if c != committed[p]}
+        producer.commit(self._offsets(changed), self.topics.source_group)
+        committed.update(changed)
 
     def _close(
         self,
         producer: TransactionalProducer,
-        closed: set[int],
-        counts: dict[int, int],
+        counters: dict[int, SourceCounters],
         fail_reason: str | None,
         *,
         begun: bool = False,
     ) -> None:
-        """One transaction with an end-of-stream marker on every open partition."""
+        """One transaction with an end-of-stream marker on every open partition, and its counts."""
         if not begun:
             producer.begin()
-        for p in range(self.partitions):
-            if p in closed:
-                continue
+        closing = {p: replace(c, ended=True) for p, c in counters.items() if not c.ended}
+        for p, c in closing.items():
             marker = EndOfStream(
                 run_id=self.run_id,
                 stage="source",
                 partition=p,
-                count=counts[p],
-                seq=counts[p],
+                count=c.prompts,
+                seq=c.prompts,
                 status="failed" if fail_reason else "complete",
                 reason=fail_reason or "",
                 producer_id="source",
             )
             producer.send(self.topics.prompts, p, encode(marker))
-        producer.commit()
+        producer.commit(self._offsets(closing), self.topics.source_group)
+        counters.update(closing)

@@ -11,9 +11,10 @@ dlq``), or stops the run (``fail``): every open partition is closed with a *fail
 carries the reason, so generators and trainers stop with it instead of waiting.
 
 The prompts go out through :class:`~pipeline.source.publisher.PromptPublisher` (exactly once,
-restartable). A restart reads the whole input again (so the token counts are complete) and
-refuses a vocabulary mapping that differs from the stored one: the data changed between the
-attempts.
+restartable: it learns what an earlier attempt committed from the source's counts, one offsets
+request, never by reading the prompts topic). A restart reads the whole input again (so the
+token counts are complete) and refuses a vocabulary mapping that differs from the stored one:
+the data changed between the attempts.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ class RunCompleteness:
     ``prompts`` are the source's prompts as the generators closed them: the refs they numbered
     plus the prompts they dead-lettered. Each one is trained, in the tail, dead-lettered upstream
     or missing (a numbered ref that never arrived or failed its checks); foreign records and
-    duplicates never count. Anything missing, or a run that trained nothing, fails.
+    duplicates never count. ``source_letters`` are the input lines that never became a prompt
+    (malformed, too long): they are dead letters too. Anything missing, or a run that trained
+    nothing (of its prompts or of its input lines), fails.
     """
 
     prompts: int
@@ -29,26 +31,30 @@ class RunCompleteness:
     foreign: int  # records on the samples topic that were no generator's output
     partitions_ended: int
     partitions: int
+    source_letters: int = 0  # input lines the source dead-lettered (they never became prompts)
 
     @property
     def dead_letters(self) -> int:
-        return self.dropped + self.foreign
+        return self.source_letters + self.dropped + self.foreign
 
     def line(self) -> str:
         """The run's summary line, for people and scripts."""
         return (
             f"{self.trained} of {self.prompts} prompts trained, {self.missing} missing, "
             f"{self.duplicates} duplicates dropped, {self.tail} tail samples not stepped, "
-            f"{self.dead_letters} dead letters ({self.dropped} prompts, {self.foreign} foreign records)"
+            f"{self.dead_letters} dead letters ({self.source_letters} input lines, {self.dropped} prompts, "
+            f"{self.foreign} foreign records)"
         )
 
     def check(self) -> None:
         """Fail a run that lost prompts, trained nothing, or whose partitions did not all end."""
         if self.partitions_ended != self.partitions:
-            raise StreamError(f"{self.partitions - self.partitions_ended} partitions did not end: {self.line()}")
+            raise StreamError(
+                f"{self.partitions - self.partitions_ended} partitions did not end: {self.line()}"
+            )
         if self.missing:
             raise StreamError(f"incomplete run: {self.line()}; see `specstream audit` and the DLQ")
-        if self.prompts and not self.trained:
+        if (self.prompts or self.source_letters) and not self.trained:
             raise StreamError(f"the run trained nothing: {self.line()}; see the DLQ for why")
 
     @classmethod
@@ -68,6 +74,7 @@ class RunCompleteness:
             foreign=total("foreign"),
             partitions_ended=total("partitions_ended"),
             partitions=total("partitions"),
+            source_letters=sum(int(r.get("source_letters", 0)) for r in ranks),
         )
 
 

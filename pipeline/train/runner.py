@@ -15,7 +15,7 @@ import threading
 import torch
 
 from pipeline.core.errors import ConfigError, StreamError
-from pipeline.core.progress import StreamState, rank_partitions
+from pipeline.core.progress import StreamState, rank_partitions, read_source_counters
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.ledger import LedgerWriter
 from pipeline.storage import FeatureStore
@@ -154,6 +154,9 @@ def run_trainer(
                 "vocab": vocab.fingerprint(),
                 "samples_topic_id": topic_id,  # a re-created topic is another stream: no resume
             },
+            source_letters=lambda: sum(
+                c.letters for c in read_source_counters(transport, topics, num_partitions).values()
+            ),
         )
         return trainer.run(stop)
     finally:

@@ -61,6 +61,7 @@ class Trainer:
     :param commit_offsets: rank 0's advisory group commit ``(next offsets, step, ended partitions)``
     :param delete_feature: deletes one feature file by uri, for retention ``delete``
     :param extra_resume_fields: more settings a checkpoint must match (draft shape, vocab map)
+    :param source_letters: rank 0 asks it at the end of the stream: input lines the source dead-lettered
     """
 
     def __init__(
@@ -77,8 +78,10 @@ class Trainer:
         commit_offsets: CommitOffsets | None = None,
         delete_feature: Callable[[str], None] | None = None,
         extra_resume_fields: dict[str, Any] | None = None,
+        source_letters: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
+        self.source_letters = source_letters
         self.draft = draft
         self.dist = dist
         self.device = dist.device
@@ -215,7 +218,9 @@ class Trainer:
             )
             self._own_step_s += timing.step_s
             self._own_wait_s += timing.wait_s
-            gathered = self.dist.all_gather_object((rank_progress(self.dist.rank, samples, micro[-1].state), timing))
+            gathered = self.dist.all_gather_object(
+                (rank_progress(self.dist.rank, samples, micro[-1].state), timing)
+            )
             if self.dist.is_main:
                 reporter.report(self.step, gathered, summary, lr, grad_norm)
             crash_point("train.after_step")
@@ -318,6 +323,7 @@ class Trainer:
             "dropped_upstream": tail.end.dropped_upstream,
             "trained": self.trained_local,
             "tail": self.tail_local,
+            "source_letters": self.source_letters() if self.source_letters and self.dist.is_main else 0,
         }
         return mine, len(tail.samples)
 

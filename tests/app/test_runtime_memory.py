@@ -28,8 +28,9 @@ def test_online_run_on_the_memory_transport(tmp_path: Path, tiny_target_dir: Pat
     said: list[str] = []
     result = build_online_run(config).run(announce=said.append)
     assert result.reason == "end_of_stream" and result.steps == 16
-    # DESIGN 4.4: (save_interval * global batch + high watermark) * bytes per sample, said at start
-    assert any(line.startswith("projected peak feature storage: (100 x 2 + 16) samples x") for line in said)
+    # DESIGN 4.4: (keep_last * save_interval * global batch + peak backlog) * bytes per sample, said at start;
+    # the peak backlog: the high watermark + one trainer window (2 + 2 x 2 over 2 partitions)
+    assert any(line.startswith("projected peak feature storage: (2 x 100 x 2 + 22) samples x") for line in said)
     assert not list((tmp_path / "features" / "memory-run" / "features").rglob("*.safetensors")), (
         "retention=delete should leave no feature a retained checkpoint cannot need"
     )

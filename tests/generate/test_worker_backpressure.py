@@ -14,6 +14,7 @@ from pipeline.generate.backpressure import (
     Watermarks,
     check_watermarks,
     partition_needs,
+    peak_backlog,
     required_high_watermark,
 )
 from pipeline.generate.synthetic import SyntheticTarget
@@ -105,6 +106,20 @@ def test_when_partitions_end_the_rest_of_the_rank_gets_their_share() -> None:
     flow.update({p: Backlog(0, 0) for p in range(4)}, 0, ended={0})
     assert flow.needs == {1: 3, 2: 6, 3: 3} and flow.high[2] >= 6
     assert flow.allowance(0, 0, 0) == 0  # nothing more for an ended partition
+
+
+def test_what_ended_partitions_still_hold_counts_against_the_watermark() -> None:
+    # One rank over 4 partitions, 24 samples: 6 each. Partition 0 ends holding 6 samples the
+    # trainer has not read yet: the open ones share the other 18, not all 24 (storage peak).
+    window = TrainerWindow(world_size=1, batch_size=4, prefetch=4)
+    flow = FlowControl(Watermarks(high=24, low=12), window, partitions=4)
+    assert sum(flow.high.values()) == 24
+    flow.update({0: Backlog(6, 0), 1: Backlog(0, 0), 2: Backlog(0, 0), 3: Backlog(0, 0)}, 0, ended={0})
+    assert sum(flow.high.values()) == 18 and all(flow.high[p] >= flow.needs[p] for p in (1, 2, 3))
+    # Holding almost everything, they never starve the open ones below one step (no deadlock):
+    flow.update({0: Backlog(22, 0), 1: Backlog(0, 0), 2: Backlog(0, 0), 3: Backlog(0, 0)}, 0, ended={0})
+    assert flow.high == flow.needs == {1: 3, 2: 3, 3: 3}
+    assert 22 + sum(flow.high.values()) <= peak_backlog(flow.marks, window, 4) == 24 + 9  # 8 over 3 rounds to 9
 
 
 def test_a_window_that_does_not_divide_over_the_partitions_needs_the_rounded_watermark() -> None:

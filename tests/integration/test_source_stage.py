@@ -14,16 +14,18 @@ import fsspec
 import pytest
 import torch
 
-from pipeline.core.errors import ConversationError
-from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, prompt_id_for
+from pipeline.core.errors import ConversationError, RunMismatchError
+from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, encode, prompt_id_for
+from pipeline.core.progress import SourceCounters, read_source_counters
 from pipeline.core.topics import RunTopics
 from pipeline.devkit.chats import markov_conversations
 from pipeline.devkit.target import build_tiny_target
+from pipeline.source.publisher import PromptPublisher
 from pipeline.source.stage import SourceConfig, SourceStage, read_vocab_mapping
 from pipeline.storage import FeatureStore
-from pipeline.transport.kafka import KafkaSettings
+from pipeline.transport.kafka import KafkaSettings, PlainProducer
 from pipeline.vocab import build_vocab_mapping, count_tokens
-from tests.support import read_messages
+from tests.support import make_prompts, read_messages
 
 pytestmark = pytest.mark.integration
 
@@ -120,6 +122,22 @@ class CrashingSource(SourceStage):
             yield item
 
 
+class PromptsUnread:
+    """The broker, except that opening a reader on the prompts topic fails the test: whatever
+    goes through it never scans the topic it publishes."""
+
+    def __init__(self, inner: KafkaSettings, topics: RunTopics) -> None:
+        self.inner = inner
+        self.topics = topics
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def reader(self, topic: str, **options):
+        assert topic != self.topics.prompts, f"read {topic}: a restart must cost O(partitions), not O(prompts)"
+        return self.inner.reader(topic, **options)
+
+
 def test_a_restarted_source_publishes_every_prompt_and_letter_once(kafka, run_topics, storage_root, tiny_dir, tmp_path) -> None:
     run_id = run_topics.run_id
     url = str(tmp_path / "data.jsonl")
@@ -132,7 +150,9 @@ def test_a_restarted_source_publishes_every_prompt_and_letter_once(kafka, run_to
         CrashingSource(kafka, config, after=20).run()
     assert read_vocab_mapping(FeatureStore(storage_root, run_id)) is None  # only stored at the end
 
-    result = SourceStage(kafka, config).run()
+    assert sum(c.letters for c in read_source_counters(kafka, run_topics, 4).values()) == 2  # lines 3 and 10
+
+    result = SourceStage(PromptsUnread(kafka, run_topics), config).run()  # the restart never reads the topic
     assert result.stats.skipped > 0 and result.stats.published + result.stats.skipped == 30
 
     by_partition = read_topic(kafka, run_topics)
@@ -141,6 +161,50 @@ def test_a_restarted_source_publishes_every_prompt_and_letter_once(kafka, run_to
     assert [by_partition[p][-1].count for p in range(4)] == [8, 8, 7, 7]
     letters = read_messages(kafka, run_topics.dlq, [0], until=lambda m: len(m) >= 3, timeout_s=10)
     assert sorted(letter.offset for _, letter in letters) == [3, 10, 26]  # each bad line once
+    counters = read_source_counters(kafka, run_topics, 4)
+    assert [(c.prompts, c.ended) for c in counters.values()] == [(8, True), (8, True), (7, True), (7, True)]
+    assert sum(c.letters for c in counters.values()) == 3  # the run's summary reports these
+
+    write_data(url, 30, seed=6)  # other conversations under the same run: the vocabulary check still holds
+    with pytest.raises(RunMismatchError, match="conversations changed"):
+        SourceStage(PromptsUnread(kafka, run_topics), config).run()
+
+
+def test_a_restart_reads_the_source_counts_not_the_prompts_topic(kafka, run_topics) -> None:
+    """Restart cost is O(partitions): a restart after 600 committed prompts reads one offsets
+    request, never the topic (PromptsUnread), and publishes only the rest, each once; records
+    another producer put into the topic meanwhile change nothing."""
+    run_id = run_topics.run_id
+    prompts = make_prompts(run_id, 800)
+
+    def until_crash(limit: int):
+        for n, prompt in enumerate(prompts):
+            if n == limit:
+                raise Interrupted("machine lost")
+            yield prompt
+
+    with pytest.raises(Interrupted):
+        PromptPublisher(kafka, run_id, 4, chunk_size=50).publish(until_crash(620))  # 600 committed, 20 aborted
+    assert read_source_counters(kafka, run_topics, 4) == {p: SourceCounters(150, 0, False) for p in range(4)}
+    strays = PlainProducer(kafka)
+    strays.send(run_topics.prompts, b"\x00 not json", partition=0)
+    strays.send(run_topics.prompts, encode(prompts[0].model_copy(update={"seq": 150})), partition=1)
+    strays.flush()
+    strays.close()
+
+    again = PromptPublisher(PromptsUnread(kafka, run_topics), run_id, 4, chunk_size=50).publish(iter(prompts))
+    assert (again.skipped, again.published) == (600, 200)
+    assert read_source_counters(kafka, run_topics, 4) == {p: SourceCounters(200, 0, True) for p in range(4)}
+    records = read_messages(
+        kafka, run_topics.prompts, range(4), skip_undecodable=True, timeout_s=60,
+        until=lambda m: sum(isinstance(x, EndOfStream) for _, x in m) == 4,
+    )  # fmt: skip
+    for p in range(4):
+        stray = prompts[0].prompt_id if p == 1 else None  # the forged one (prompt 0 belongs to partition 0)
+        own = [m for q, m in records if q == p and isinstance(m, Prompt) and m.prompt_id != stray]
+        assert [m.seq for m in own] == list(range(200)), p  # each number once, in order
+        assert [m.prompt_id for m in own] == [x.prompt_id for x in prompts[p::4]]
+
 
 
 def test_fail_policy_stops_the_run_with_file_and_line_on_every_partition(kafka, run_topics, storage_root, tiny_dir, tmp_path) -> None:

@@ -111,7 +111,7 @@ def test_the_summary_counts_every_prompt_and_an_incomplete_one_is_an_error() -> 
     ok = RunCompleteness.combine([rank, {**rank, "duplicates": 1}])
     assert ok.line() == (
         "16 of 22 prompts trained, 0 missing, 1 duplicates dropped, 2 tail samples not stepped, "
-        "6 dead letters (4 prompts, 2 foreign records)"
+        "6 dead letters (0 input lines, 4 prompts, 2 foreign records)"
     )
     ok.check()
     lost = {**rank, "expected": 10, "missing": 1}
@@ -122,3 +122,6 @@ def test_the_summary_counts_every_prompt_and_an_incomplete_one_is_an_error() -> 
     nothing = {**rank, "expected": 0, "used": 0, "trained": 0, "tail": 0}
     with pytest.raises(StreamError, match="trained nothing"):
         RunCompleteness.combine([nothing]).check()
+    garbage = {**nothing, "dropped_upstream": 0, "foreign": 0, "source_letters": 4066}  # input the source refused
+    with pytest.raises(StreamError, match="0 of 0 prompts trained.*4066 dead letters \\(4066 input lines"):
+        RunCompleteness.combine([garbage]).check()
