@@ -42,6 +42,7 @@ from pipeline.core.topics import Admin, FencedError, Reader, RunTopics, Transpor
 from pipeline.generate.backend import TargetBackend
 from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commits
 from pipeline.generate.backpressure import FlowControl, TrainerWindow, Watermarks, check_watermarks
+from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.planner import BatchPlanner, Decoded, decode_prompts
 from pipeline.generate.stats import GeneratorStats
 from pipeline.generate.writer import BatchWriter, PlannedBatch
@@ -113,6 +114,7 @@ class GeneratorWorker:
         self._reader: Reader | None = None
         self._writer: BatchWriter | None = None
         self._admin: Admin | None = None
+        self._claims: PartitionClaims | NoClaims = NoClaims()  # fixed partitions: claimed in _open
         # In-process transports run rebalance callbacks under their own lock, where the writer
         # could not make progress; only Kafka's (on its IO thread) can wait for it.
         self._drain_on_revoke = transport.rebalance_callbacks_may_wait
@@ -165,6 +167,7 @@ class GeneratorWorker:
         self._partition_count = self._admin.partition_count(self.topics.prompts) or 0
         if self._partition_count == 0:
             raise ConfigError("run_id", f"topic {self.topics.prompts} does not exist", "run the source first")
+        self._claims = claim_partitions(self.transport, cfg)  # fixed partitions: or PartitionsClaimedError
         if cfg.backpressure is not None:
             assert cfg.trainer is not None
             flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
@@ -183,7 +186,7 @@ class GeneratorWorker:
             epoch=cfg.epoch,
             target=self.backend.info,
             samples_topic=self.topics.samples,
-            is_stale=lambda epoch: epoch != self._epoch,
+            is_stale=lambda epoch: epoch != self._epoch or not self._claims.valid(),
             on_committed=self._on_committed,
             depth=cfg.queue_depth,
         )
@@ -210,6 +213,7 @@ class GeneratorWorker:
         assert self._reader is not None and self._writer is not None
         while not stop.is_set():
             self._writer.raise_if_failed()
+            self._claims.check()  # fixed partitions another instance took over: stop
             if self._writer.take_reset() or self._epoch != self._synced_epoch:
                 self._resync()
             if self._finished():
@@ -291,6 +295,7 @@ class GeneratorWorker:
         if self._admin is not None:
             self._admin.close()
             self._admin = None
+        self._claims.release()  # after the producer's close: nothing of ours is open any more
         self.backend.close()
 
     def _on_committed(self, batch: PlannedBatch) -> None:
@@ -352,12 +357,8 @@ class GeneratorWorker:
         for p in assigned:
             self._reader.seek(p, committed[p].offset if p in committed else 0)
         self._synced_epoch = epoch
-        logger.info(
-            "%s: at the committed offsets of partitions %s: %s",
-            self.config.worker_id,
-            assigned,
-            {p: committed[p].offset if p in committed else 0 for p in assigned},
-        )
+        positions = {p: committed[p].offset if p in committed else 0 for p in assigned}
+        logger.info("%s: at the committed offsets of %s: %s", self.config.worker_id, assigned, positions)
 
     # --- progress --------------------------------------------------------------------------
 
