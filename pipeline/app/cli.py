@@ -122,8 +122,11 @@ def _run_and_report(online: OnlineRun) -> None:
 
 
 def source(config: ConfigOption, verbose: VerboseOption = False) -> None:
-    """Tokenize the conversations, store the draft vocabulary and publish the prompts (once)."""
+    """Tokenize the conversations, store the draft vocabulary and publish the prompts (once).
+
+    SIGINT/SIGTERM abort the open chunk and stop; the same command again continues exactly."""
     setup_logging(verbose)
+    stop = stop_on_signals()
     from pipeline.app.manifest import claim_run  # lazy: start-up, kafka-python
     from pipeline.app.preflight import check_broker, check_local  # lazy: start-up, fsspec
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
@@ -133,11 +136,20 @@ def source(config: ConfigOption, verbose: VerboseOption = False) -> None:
     online = build_online_run(cfg)
     check_broker(online.transport)
     claim_run(online.transport, cfg)
-    result = online.source_stage().run()
+    result = online.source_stage().run(stop)
+    if result.stats.stopped:
+        console.print(_SOURCE_STOPPED)
+        return
     typer.echo(
         f"{result.prompts} prompts published over {cfg.data.partitions} partitions "
         f"({result.malformed} malformed lines, {result.truncated} truncated); vocab: {result.vocab_mapping_url}"
     )
+
+
+_SOURCE_STOPPED = (
+    "source stopped before the end: the prompts committed so far stay, the open chunk was aborted; "
+    "run the same command again to continue (no prompt is published twice)"
+)
 
 
 def generate(

@@ -10,6 +10,7 @@ a dead letter. A partition that already carries its end-of-stream marker is left
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class SourceStats:
     dead_letters: int = 0
     per_partition: dict[int, int] = field(default_factory=dict)
     failed: str | None = None  # the reason the partitions were closed as failed
+    stopped: bool = False  # a stop request ended the attempt: its open chunk aborted, a rerun resumes
 
 
 def committed_prompt_counts(
@@ -83,6 +85,7 @@ class PromptPublisher:
         prompts: Iterable[Prompt | DeadLetter],
         *,
         before_close: Callable[[], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> SourceStats:
         """Send every prompt (DeadLetters go to the DLQ, keeping the prompt numbering).
 
@@ -90,7 +93,8 @@ class PromptPublisher:
         markers are (the vocabulary mapping is stored there). When iterating ``prompts`` raises
         a :class:`~pipeline.core.errors.DecodeError` (bad input under a ``fail`` policy), the open
         chunk is aborted, every open partition is closed as failed with that reason, and the
-        error is re-raised; any other error just aborts the chunk (a restart resumes).
+        error is re-raised; any other error just aborts the chunk (a restart resumes). Once
+        ``stop`` is set the open chunk is aborted and nothing more is sent (``stats.stopped``).
         """
         producer = self.transport.transactional_producer(
             f"{self.run_id}.source", transaction_timeout_ms=self.transaction_timeout_ms
@@ -101,12 +105,15 @@ class PromptPublisher:
             sent = {p: 0 for p in range(self.partitions)}
             committed = dict(done)
             try:
-                trailing = self._send_all(producer, prompts, done, closed, sent, committed, stats)
+                trailing = self._send_all(producer, prompts, done, closed, sent, committed, stats, stop)
             except (DecodeError, DeadLetterLimitExceeded) as exc:  # bad input: close every partition failed
                 producer.abort()
                 self._close(producer, closed, committed, str(exc))
                 stats.failed = str(exc)
                 raise
+            if trailing is None:  # stopped: back at the last committed chunk
+                stats.stopped = True
+                return stats
             if before_close is not None:
                 before_close()
             producer.begin()
@@ -128,15 +135,20 @@ class PromptPublisher:
         sent: dict[int, int],
         committed: dict[int, int],
         stats: SourceStats,
-    ) -> list[DeadLetter]:
+        stop: threading.Event | None = None,
+    ) -> list[DeadLetter] | None:
         """Send the items in chunk transactions; ``committed`` follows what each commit made
         durable (per partition), for the failed markers if the input turns out bad. Returns the
-        dead letters after the last prompt (they commit with the end-of-stream markers)."""
+        dead letters after the last prompt (they commit with the end-of-stream markers), or None
+        when ``stop`` ended the attempt (the open chunk is aborted)."""
         index = 0
         in_chunk = 0
         pending: list[DeadLetter] = []  # sent with the next prompt: committed together or not at all
         producer.begin()
         for item in items:
+            if stop is not None and stop.is_set():
+                producer.abort()
+                return None
             if isinstance(item, DeadLetter):
                 pending.append(item)
                 continue
