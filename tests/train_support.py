@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.generate.worker import GeneratorConfig, GeneratorWorker
+from pipeline.ledger import LedgerTail
 from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
 from pipeline.train.config import TrainerSettings
@@ -314,6 +316,21 @@ def spawn_train(
     return subprocess.Popen(
         cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+
+
+def wait_for_step(
+    settings: KafkaSettings, run_id: str, proc: subprocess.Popen[str], step: int, *, timeout_s: float = 120.0
+) -> None:
+    """Until the run's ledger holds ``step`` (bounded; a trainer that exits first fails the test)."""
+    tail = LedgerTail(settings, run_id)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (latest := tail.latest()) is None or latest.step < step:
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, f"the trainer did not reach step {step}"
+            time.sleep(0.2)  # polling an observable condition, not timing a race
+    finally:
+        tail.close()
 
 
 def wait_train(proc: subprocess.Popen[str], timeout_s: float = 180.0) -> tuple[int, str]:

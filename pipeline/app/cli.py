@@ -38,7 +38,14 @@ from pipeline.app.cli_common import (
     verbose_on,
 )
 from pipeline.app.cli_inspect import audit, status
-from pipeline.core.errors import BrokerError, ConfigError, OptionError, RunMismatchError, SpecstreamError
+from pipeline.core.errors import (
+    BrokerError,
+    ConfigError,
+    OptionError,
+    PartitionsClaimedError,
+    RunMismatchError,
+    SpecstreamError,
+)
 from pipeline.core.topics import FencedError
 from pipeline.transport import background_broker as local_broker
 
@@ -115,8 +122,11 @@ def _run_and_report(online: OnlineRun) -> None:
 
 
 def source(config: ConfigOption, verbose: VerboseOption = False) -> None:
-    """Tokenize the conversations, store the draft vocabulary and publish the prompts (once)."""
+    """Tokenize the conversations, store the draft vocabulary and publish the prompts (once).
+
+    SIGINT/SIGTERM abort the open chunk and stop; the same command again continues exactly."""
     setup_logging(verbose)
+    stop = stop_on_signals()
     from pipeline.app.manifest import claim_run  # lazy: start-up, kafka-python
     from pipeline.app.preflight import check_broker, check_local  # lazy: start-up, fsspec
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
@@ -126,16 +136,31 @@ def source(config: ConfigOption, verbose: VerboseOption = False) -> None:
     online = build_online_run(cfg)
     check_broker(online.transport)
     claim_run(online.transport, cfg)
-    result = online.source_stage().run()
+    result = online.source_stage().run(stop)
+    if result.stats.stopped:
+        console.print(_SOURCE_STOPPED)
+        return
     typer.echo(
         f"{result.prompts} prompts published over {cfg.data.partitions} partitions "
         f"({result.malformed} malformed lines, {result.truncated} truncated); vocab: {result.vocab_mapping_url}"
     )
 
 
+_SOURCE_STOPPED = (
+    "source stopped before the end: the prompts committed so far stay, the open chunk was aborted; "
+    "run the same command again to continue (no prompt is published twice)"
+)
+
+
 def generate(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="The run's YAML config.")] = None,
-    worker_id: Annotated[str, typer.Option(help="Stable id: a restart with the same id fences the old one.")] = "gen-0",
+    worker_id: Annotated[
+        Optional[str],
+        typer.Option(
+            help="A restart with the same id fences the old one. Default: gen-p<partitions> with --partitions "
+            "(a restart of the same set takes over at once), else <host>-<pid> (unique per process)."
+        ),
+    ] = None,
     partitions: Annotated[
         Optional[str], typer.Option(help="Comma-separated prompt partitions to own; default: join the group.")
     ] = None,
@@ -164,8 +189,11 @@ def generate(
     setup_logging(verbose)
     from pipeline.app.generate_job import ad_hoc_generator, configured_generator  # lazy: start-up, torch
 
+    from pipeline.generate.claims import default_worker_id  # lazy: start-up, through the generate package
+
     owned = [int(p) for p in partitions.split(",")] if partitions else None
     stop = stop_on_signals()  # a worker started before the source waits for it, and a signal ends that wait
+    worker_id = worker_id or default_worker_id(owned)
     if config is not None:
         worker = configured_generator(load(config), worker_id, owned, stop)
     else:
@@ -183,6 +211,8 @@ def generate(
         worker = ad_hoc_generator(
             run_id, storage, address, worker_id, owned, overrides, hidden_size=hidden_size, origin=origin
         )
+    where = f"partitions {','.join(map(str, owned))}" if owned else "partitions from the group"
+    logger.info("generator %s (transactional id %s): %s", worker_id, worker.transactional_id, where)
     stats = worker.run(stop)
     console.print(
         f"generator {worker_id}: {stats.refs} samples, {stats.dropped} to the DLQ, "
@@ -311,7 +341,7 @@ def main() -> None:
     prefix = f"rank {rank()}: " if os.environ.get("WORLD_SIZE") else ""
     try:
         app()
-    except (ConfigError, BrokerError, RunMismatchError) as exc:
+    except (ConfigError, BrokerError, RunMismatchError, PartitionsClaimedError) as exc:
         if rank() == "0":  # every rank finds the same setting wrong: say it once
             _error(str(exc))
         raise SystemExit(2) from None

@@ -66,13 +66,24 @@ def setup_logging(verbose: bool) -> None:
 
 
 def stop_on_signals() -> threading.Event:
-    """SIGINT/SIGTERM ask the stage to finish (or abort) its transaction and exit cleanly."""
+    """SIGINT/SIGTERM ask the stage to finish (or abort) its transaction and exit cleanly; a
+    SIGINT after that (a second Ctrl-C) ends the process at once with 130, draining nothing (open
+    transactions are aborted by the broker, or fenced by the next start)."""
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
-        if not stop.is_set() and rank() == "0":  # torchrun signals every rank: say it once
-            console.print(f"[yellow]{signal.Signals(signum).name}: finishing the current step, then exiting")
-        stop.set()
+        again = stop.is_set()
+        stop.set()  # before printing: a second signal may run this handler inside the first one
+        if again and signum == signal.SIGINT:
+            console.print("[red]SIGINT again: exiting now, without finishing the step")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        if not again and rank() == "0":  # torchrun signals every rank: say it once
+            console.print(
+                f"[yellow]{signal.Signals(signum).name}: finishing the current step, then exiting "
+                "(Ctrl-C again to exit at once)"
+            )
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

@@ -189,7 +189,11 @@ class OnlineRun:
             )
         preflight(c, self.transport)
         claim_run(self.transport, c)
-        source = self.source_stage().run()
+        source = self.source_stage().run(stop)
+        if source.stats.stopped:  # a signal while publishing: the same command again continues
+            say("source stopped before the end (open chunk aborted); run the same command again to continue")
+            return RunResult("source stopped", 0, "source stopped", 0, None, None, None,
+                             time.perf_counter() - started, source=source)  # fmt: skip
         say(self.projected_storage(source.tokens / max(1, source.prompts)))
         settings = trainer_settings(c, schedule_steps=c.train.max_steps or max(1, source.prompts // c.global_batch))
         workers = [

@@ -19,6 +19,7 @@ __all__ = (
     "BrokerError",
     "StreamError",
     "RunMismatchError",
+    "PartitionsClaimedError",
     "CaptureContractError",
     "NonFiniteLossError",
 )
@@ -96,6 +97,11 @@ class StreamError(SpecstreamError):
 
 class RunMismatchError(SpecstreamError):
     """A topic, manifest or checkpoint belongs to another run or another configuration."""
+
+
+class PartitionsClaimedError(SpecstreamError):
+    """A fixed-partition generator asked for partitions another live generator holds (or lost
+    its own claim to one); the message names the other worker, its partitions and the fix."""
 
 
 class CaptureContractError(SpecstreamError):

@@ -35,6 +35,7 @@ __all__ = (
     "PartitionOffset",
     "StepMetrics",
     "RunManifest",
+    "PartitionClaim",
     "DeadLetter",
     "MESSAGE_TYPES",
     "encode",
@@ -214,6 +215,30 @@ class RunManifest(Message):
     created_at: Annotated[float, Field(ge=0)]
 
 
+class PartitionClaim(Message):
+    """A fixed-partition generator's claim on its prompt partitions, in the run's manifest topic.
+
+    One key per instance (``claim/<instance_id>``): compaction keeps each instance's newest record,
+    which carries everything the claim rules need (``pipeline.generate.claims``): where and when
+    the claim was first made, the newest heartbeat, and whether it ended.
+    """
+
+    NAME: ClassVar[str] = "partition_claim"
+    schema_: Literal["specstream.partition_claim/1"] = Field(
+        default="specstream.partition_claim/1", alias="schema"
+    )
+    worker_id: Identifier
+    instance_id: Identifier
+    partitions: Annotated[list[NonNegative], Field(min_length=1)]
+    host: Annotated[str, Field(max_length=255)]
+    pid: NonNegative
+    claimed_at: Annotated[float, Field(ge=0)]
+    claimed_offset: NonNegative | None = None  # the offset of the first record; None in that record
+    heartbeat_at: Annotated[float, Field(ge=0)]
+    lease_s: Annotated[float, Field(gt=0)]
+    state: Literal["held", "released", "refused"] = "held"
+
+
 class DeadLetter(Message):
     """A record that could not be used, with the reason; the stream goes on without it."""
 
@@ -238,10 +263,11 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     EndOfStream,
     LedgerStep,
     RunManifest,
+    PartitionClaim,
     DeadLetter,
 )
 _BY_NAME: dict[str, type[Message]] = {cls.NAME: cls for cls in MESSAGE_TYPES}
-AnyMessage = Union[Prompt, SampleRef, EndOfStream, LedgerStep, RunManifest, DeadLetter]
+AnyMessage = Union[Prompt, SampleRef, EndOfStream, LedgerStep, RunManifest, PartitionClaim, DeadLetter]
 
 
 def encode(message: Message) -> bytes:

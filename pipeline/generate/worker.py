@@ -42,6 +42,7 @@ from pipeline.core.topics import Admin, FencedError, Reader, RunTopics, Transpor
 from pipeline.generate.backend import TargetBackend
 from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commits
 from pipeline.generate.backpressure import FlowControl, TrainerWindow, Watermarks, check_watermarks
+from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.planner import BatchPlanner, Decoded, decode_prompts
 from pipeline.generate.stats import GeneratorStats
 from pipeline.generate.writer import BatchWriter, PlannedBatch
@@ -114,6 +115,7 @@ class GeneratorWorker:
         self._reader: Reader | None = None
         self._writer: BatchWriter | None = None
         self._admin: Admin | None = None
+        self._claims: PartitionClaims | NoClaims = NoClaims()  # fixed partitions: claimed in _open
         # In-process transports run rebalance callbacks under their own lock, where the writer
         # could not make progress; only Kafka's (on its IO thread) can wait for it.
         self._drain_on_revoke = transport.rebalance_callbacks_may_wait
@@ -166,6 +168,7 @@ class GeneratorWorker:
         self._partition_count = wait_for_topic(self._admin, self.topics.prompts, cfg.wait_for_source_s, stop)
         if not self._partition_count:
             return False
+        self._claims = claim_partitions(self.transport, cfg)  # fixed partitions: or PartitionsClaimedError
         if cfg.backpressure is not None:
             assert cfg.trainer is not None
             flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
@@ -184,7 +187,7 @@ class GeneratorWorker:
             epoch=cfg.epoch,
             target=self.backend.info,
             samples_topic=self.topics.samples,
-            is_stale=lambda epoch: epoch != self._epoch,
+            is_stale=lambda epoch: epoch != self._epoch or not self._claims.valid(),
             on_committed=self._on_committed,
             depth=cfg.queue_depth,
         )
@@ -213,6 +216,7 @@ class GeneratorWorker:
         assert self._reader is not None and self._writer is not None
         while not stop.is_set():
             self._writer.raise_if_failed()
+            self._claims.check()  # fixed partitions another instance took over: stop
             if self._writer.take_reset() or self._epoch != self._synced_epoch:
                 self._resync()
             if self._finished():
@@ -294,6 +298,7 @@ class GeneratorWorker:
         if self._admin is not None:
             self._admin.close()
             self._admin = None
+        self._claims.release()  # after the producer's close: nothing of ours is open any more
         self.backend.close()
 
     def _on_committed(self, batch: PlannedBatch) -> None:
@@ -365,12 +370,8 @@ class GeneratorWorker:
         for p in assigned:
             self._reader.seek(p, committed[p].offset if p in committed else 0)
         self._synced_epoch = epoch
-        logger.info(
-            "%s: at the committed offsets of partitions %s: %s",
-            self.config.worker_id,
-            assigned,
-            {p: committed[p].offset if p in committed else 0 for p in assigned},
-        )
+        positions = {p: committed[p].offset if p in committed else 0 for p in assigned}
+        logger.info("%s: at the committed offsets of %s: %s", self.config.worker_id, assigned, positions)
 
     # --- progress --------------------------------------------------------------------------
 

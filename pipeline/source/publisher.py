@@ -14,6 +14,7 @@ topic is not read at all.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -37,6 +38,7 @@ class SourceStats:
     dead_letters: int = 0
     per_partition: dict[int, int] = field(default_factory=dict)
     failed: str | None = None  # the reason the partitions were closed as failed
+    stopped: bool = False  # a stop request ended the attempt: its open chunk aborted, a rerun resumes
 
 
 class PromptPublisher:
@@ -63,6 +65,7 @@ class PromptPublisher:
         prompts: Iterable[Prompt | DeadLetter],
         *,
         before_close: Callable[[], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> SourceStats:
         """Send every prompt (DeadLetters go to the DLQ, keeping the prompt numbering).
 
@@ -70,7 +73,8 @@ class PromptPublisher:
         markers are (the vocabulary mapping is stored there). When iterating ``prompts`` raises
         a :class:`~pipeline.core.errors.DecodeError` (bad input under a ``fail`` policy), the open
         chunk is aborted, every open partition is closed as failed with that reason, and the
-        error is re-raised; any other error just aborts the chunk (a restart resumes).
+        error is re-raised; any other error just aborts the chunk (a restart resumes). Once
+        ``stop`` is set the open chunk is aborted and nothing more is sent (``stats.stopped``).
         """
         producer = self.transport.transactional_producer(
             f"{self.run_id}.source", transaction_timeout_ms=self.transaction_timeout_ms
@@ -80,12 +84,16 @@ class PromptPublisher:
             stats = SourceStats(per_partition={p: c.prompts for p, c in start.items()})
             current, committed = dict(start), dict(start)
             try:
-                trailing, next_p = self._send_all(producer, prompts, start, current, committed, stats)
+                sent = self._send_all(producer, prompts, start, current, committed, stats, stop)
             except (DecodeError, DeadLetterLimitExceeded) as exc:  # bad input: close every partition failed
                 producer.abort()
                 self._close(producer, committed, str(exc))
                 stats.failed = str(exc)
                 raise
+            if sent is None:  # stopped: back at the last committed chunk
+                stats.stopped = True
+                return stats
+            trailing, next_p = sent
             if before_close is not None:
                 before_close()
             producer.begin()
@@ -107,17 +115,22 @@ class PromptPublisher:
         current: dict[int, SourceCounters],
         committed: dict[int, SourceCounters],
         stats: SourceStats,
-    ) -> tuple[list[DeadLetter], int]:
+        stop: threading.Event | None = None,
+    ) -> tuple[list[DeadLetter], int] | None:
         """Send the items in chunk transactions, skipping what ``start`` says an earlier attempt
         committed; ``current`` counts what was sent, ``committed`` what each commit made durable
         (for the failed markers if the input turns out bad). Returns the dead letters after the
-        last prompt (they commit with the end-of-stream markers) and the partition they count on."""
+        last prompt (they commit with the end-of-stream markers) and the partition they count on,
+        or None when ``stop`` ended the attempt (the open chunk is aborted)."""
         index = 0
         in_chunk = 0
         seen = {p: 0 for p in range(self.partitions)}  # own prompts of each partition met so far
         pending: list[DeadLetter] = []  # sent with the next prompt: committed together or not at all
         producer.begin()
         for item in items:
+            if stop is not None and stop.is_set():
+                producer.abort()
+                return None
             if isinstance(item, DeadLetter):
                 pending.append(item)
                 continue

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -106,8 +107,10 @@ class SourceStage:
         self._tokenizer = tokenizer
         self.store = FeatureStore(config.storage_root, config.run_id, storage_options=config.storage_options)
 
-    def run(self) -> SourceResult:
-        """Publish every prompt and store the vocabulary mapping; safe to rerun after a crash."""
+    def run(self, stop: threading.Event | None = None) -> SourceResult:
+        """Publish every prompt and store the vocabulary mapping; safe to rerun after a crash.
+
+        ``stop`` (SIGINT/SIGTERM) aborts the open chunk and returns (``result.stats.stopped``)."""
         cfg = self.config
         tokenizer = self._tokenizer if self._tokenizer is not None else load_tokenizer(cfg.tokenizer)
         target_vocab = cfg.target_vocab_size or _target_vocab_size(cfg.tokenizer, tokenizer)
@@ -124,6 +127,7 @@ class SourceStage:
         result.stats = publisher.publish(
             self._items(tokenizer, counter, result),
             before_close=lambda: self._store_vocab(counter, target_vocab, result),
+            stop=stop,
         )
         logger.info(
             "source %s: %d prompts (%d published now, %d already committed), %d malformed, "

@@ -15,6 +15,7 @@ from pipeline.core.messages import (
     DeadLetter,
     EndOfStream,
     LedgerStep,
+    PartitionClaim,
     PartitionOffset,
     Prompt,
     RankProgress,
@@ -53,6 +54,10 @@ def examples() -> list:
             metrics=StepMetrics(loss=1.25, ploss=[1.0, 0.3], acc=[0.5, 0.25]), lr=1e-4, created_at=2.0,
         ),
         RunManifest(run_id="r1", config_hash="h", partitions=4, world_size=2, storage_root="/x", target=TARGET, created_at=0.0),
+        PartitionClaim(
+            run_id="r1", worker_id="gen-p0-1", instance_id="i1", partitions=[0, 1], host="h", pid=7,
+            claimed_at=1.0, claimed_offset=3, heartbeat_at=2.5, lease_s=18.0, state="released",
+        ),
         DeadLetter(
             run_id="r1", source_topic="r1.samples", partition=0, offset=7, error="IntegrityError",
             reason="checksum", payload="{}", created_at=3.0,
