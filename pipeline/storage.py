@@ -176,7 +176,9 @@ class FeatureStore:
                 if self.durable:
                     os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, OSError) and not exc.filename:
+                exc.add_note(f"writing {path}")  # a full disk's write error names no file: say which
             try:
                 os.unlink(tmp)
             except FileNotFoundError:

@@ -38,8 +38,9 @@ from pipeline.app.cli_common import (
     verbose_on,
 )
 from pipeline.app.cli_inspect import audit, status
+from pipeline.app.failures import explain
 from pipeline.core.errors import BrokerError, ConfigError, OptionError, RunMismatchError, SpecstreamError
-from pipeline.core.topics import FencedError
+from pipeline.core.topics import FencedError, TransportError
 from pipeline.transport import background_broker as local_broker
 
 if TYPE_CHECKING:
@@ -315,10 +316,13 @@ def main() -> None:
         _error(f"{prefix}{exc}")
         raise SystemExit(1) from None
     except SpecstreamError as exc:
-        _error(f"{prefix}{type(exc).__name__}: {exc}")
+        if isinstance(exc, TransportError):  # the broker's own failure: cause, what to do, traceback
+            _error(f"{prefix}{explain(exc)}{_kept_traceback(exc)}")
+        else:
+            _error(f"{prefix}{type(exc).__name__}: {exc}")
         raise SystemExit(1) from None
     except Exception as exc:  # noqa: BLE001 - not ours (a full disk, a library's bug): its cause in one line
-        _error(f"{prefix}{type(exc).__name__}: {exc}{_kept_traceback(exc)}")
+        _error(f"{prefix}{explain(exc) or f'{type(exc).__name__}: {exc}'}{_kept_traceback(exc)}")
         raise SystemExit(1) from None
 
 
