@@ -38,6 +38,7 @@ from pipeline.app.cli_common import (
     verbose_on,
 )
 from pipeline.app.cli_inspect import audit, status
+from pipeline.app.cli_sweep import sweep
 from pipeline.app.failures import explain
 from pipeline.core.errors import BrokerError, ConfigError, OptionError, RunMismatchError, SpecstreamError
 from pipeline.core.topics import FencedError, TransportError
@@ -275,7 +276,7 @@ def config_check(config: ConfigOption) -> None:
 
 
 # Commands in the order --help shows them: the main job first, then the stages, then tools.
-for command in (quickstart, run, source, generate, train, status, audit, export, replay, demo):
+for command in (quickstart, run, source, generate, train, status, audit, sweep, export, replay, demo):
     app.command()(command)
 
 
