@@ -169,6 +169,7 @@ def main() -> None:
             collective_timeout_s=600,
             metrics_path=str(work / "metrics.jsonl"),
             plot_path=None,
+            min_trained_fraction=1.0,
         )
         device = torch.device(args.device)
         result = run_trainer(

@@ -19,6 +19,7 @@ import os
 import posixpath
 import re
 import struct
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = ("FeatureStore", "StoredFeature", "SafetensorsLayout", "checksum_of", 
 
 logger = logging.getLogger(__name__)
 
+Listed = tuple[int, float | None]  # a stored file's size and modification time (None: not reported)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _MAX_HEADER = 16 * 1024 * 1024
 
@@ -176,7 +178,9 @@ class FeatureStore:
                 if self.durable:
                     os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, OSError) and not exc.filename:
+                exc.add_note(f"writing {path}")  # a full disk's write error names no file: say which
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
@@ -266,24 +270,37 @@ class FeatureStore:
 
     def list(self, partition: int | None = None) -> list[str]:
         """Uris of the stored features (temp files excluded), sorted."""
-        base = posixpath.join(self.run_root, "features")
-        pattern = f"{base}/{partition if partition is not None else '*'}/*.safetensors"
-        found = self.fs.glob(pattern)
-        out = []
-        for path in found:
+        return sorted(self.listing(partition))
+
+    def listing(self, partition: int | None = None) -> dict[str, Listed]:
+        """Every stored feature's uri with its size and modification time (None: not reported)."""
+        which = "*" if partition is None else str(partition)
+        pattern = posixpath.join(self.run_root, "features", which, "*.safetensors")
+        out = {}
+        for path, info in self.fs.glob(pattern, detail=True).items():
             rel = posixpath.relpath(_strip_protocol(path), self.run_root)
             if not posixpath.basename(rel).startswith("."):
-                out.append(rel)
-        return sorted(out)
+                out[rel] = (int(info.get("size") or 0), _modified(info))
+        return out
 
-    def sweep_orphans(self, committed: Iterable[str]) -> list[str]:
+    def orphans(
+        self, committed: Iterable[str], *, min_age_s: float = 0.0, listing: Mapping[str, Listed] | None = None
+    ) -> dict[str, int]:
+        """Sizes of the feature files (of ``listing``, default all) no committed ref names, older
+        than ``min_age_s`` (a file whose age the filesystem does not report counts as new)."""
+        keep, now = set(committed), time.time()
+        return {
+            uri: size for uri, (size, modified) in sorted((self.listing() if listing is None else listing).items())
+            if uri not in keep and (min_age_s <= 0 or (modified is not None and now - modified >= min_age_s))
+        }  # fmt: skip
+
+    def sweep_orphans(self, committed: Iterable[str], *, min_age_s: float = 0.0) -> list[str]:
         """Delete the feature files no committed ref names (aborted or fenced attempts).
 
-        Call it only when no transaction can still commit a ref to one of them: after every
-        partition has ended, or with the generators stopped. Returns the uris removed.
+        Without ``min_age_s``, call it only when no transaction can still commit a ref to one of
+        them: after every partition has ended, or with the generators stopped. Returns the uris removed.
         """
-        keep = set(committed)
-        orphans = [uri for uri in self.list() if uri not in keep]
+        orphans = list(self.orphans(committed, min_age_s=min_age_s))
         for uri in orphans:
             self.delete(uri)
         return orphans
@@ -296,6 +313,15 @@ class FeatureStore:
             self.fs.rm_file(path)
             removed += 1
         return removed
+
+
+def _modified(info: Mapping[str, Any]) -> float | None:
+    """A listing entry's modification time as a Unix time (local, memory and S3 name it differently)."""
+    for key in ("mtime", "created", "LastModified"):
+        value = info.get(key)
+        if isinstance(value, (int, float)) or hasattr(value, "timestamp"):
+            return float(value if isinstance(value, (int, float)) else value.timestamp())
+    return None
 
 
 def _strip_protocol(path: str) -> str:

@@ -9,7 +9,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.core.errors import DecodeError
@@ -25,6 +26,7 @@ __all__ = (
     "wait_for_output",
     "one_error",
     "tree_state",
+    "tmpfs",
 )
 
 
@@ -155,3 +157,24 @@ def tree_state(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under ``root`` with its size and modification time: equal before and after
     means nothing was written there."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Callable[..., None]]:
+    """A real small filesystem mounted at ``path`` (a full or read-only disk for the fault tests);
+    yields ``remount(*options)`` (``"ro"``, ``"size=64m"``...). Unmounted on the way out. Needs
+    root and a kernel that lets this process mount (skips otherwise)."""
+    import pytest  # lazy: start-up, only the fault tests mount
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+
+    def remount(*options: str) -> None:
+        subprocess.run(["mount", "-o", ",".join(("remount", *options)), str(path)], check=True, timeout=30)
+
+    try:
+        yield remount
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)

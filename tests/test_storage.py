@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -65,6 +66,19 @@ def test_every_attempt_writes_its_own_object_and_orphans_are_swept(store: Featur
     assert late.uri != committed.uri and sorted(store.list()) == sorted([committed.uri, late.uri])
     assert store.sweep_orphans([committed.uri]) == [late.uri]
     assert store.list() == [committed.uri]
+
+
+def test_orphans_within_the_grace_period_are_left_alone(tmp_path: Path) -> None:
+    """A young file may be an attempt whose transaction is still open: only older ones go."""
+    store = FeatureStore(str(tmp_path), "run1")
+    committed, old, young = (store.put(0, name, sample(6)) for name in ("s1", "s2", "s3"))
+    hour_ago = time.time() - 3600
+    os.utime(store.resolve(committed.uri), (hour_ago, hour_ago))
+    os.utime(store.resolve(old.uri), (hour_ago, hour_ago))
+    assert store.orphans([committed.uri], min_age_s=600) == {old.uri: old.nbytes}
+    assert store.sweep_orphans([committed.uri], min_age_s=600) == [old.uri]
+    assert store.list() == sorted([committed.uri, young.uri])
+    assert store.orphans([committed.uri]) == {young.uri: young.nbytes}  # no grace: every unnamed file
 
 
 def test_local_write_leaves_no_temp_files_and_is_durable(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def loop_settings(**values: Any) -> TrainerSettings:
         "ttt_steps": 2, "loss_decay": 0.8, "max_length": 32, "seed": 0, "bf16": False, "deterministic": True,
         "save_interval": 3, "keep_last": 1, "retention": "delete", "resume": "auto", "prefetch": 4,
         "idle_timeout_s": 600.0, "drain_timeout_s": None, "collective_timeout_s": 600.0, "metrics_path": None,
-        "plot_path": None,
+        "plot_path": None, "min_trained_fraction": 1.0,
     }  # fmt: skip
     return TrainerSettings(**{**base, **values})
 

@@ -38,6 +38,8 @@ from pipeline.app.cli_common import (
     verbose_on,
 )
 from pipeline.app.cli_inspect import audit, status
+from pipeline.app.cli_sweep import sweep
+from pipeline.app.failures import explain
 from pipeline.core.errors import (
     BrokerError,
     ConfigError,
@@ -46,7 +48,7 @@ from pipeline.core.errors import (
     RunMismatchError,
     SpecstreamError,
 )
-from pipeline.core.topics import FencedError
+from pipeline.core.topics import FencedError, TransportError
 from pipeline.transport import background_broker as local_broker
 
 if TYPE_CHECKING:
@@ -308,7 +310,7 @@ def config_check(config: ConfigOption) -> None:
 
 
 # Commands in the order --help shows them: the main job first, then the stages, then tools.
-for command in (quickstart, run, source, generate, train, status, audit, export, replay, demo):
+for command in (quickstart, run, source, generate, train, status, audit, sweep, export, replay, demo):
     app.command()(command)
 
 
@@ -349,10 +351,13 @@ def main() -> None:
         _error(f"{prefix}{exc}")
         raise SystemExit(1) from None
     except SpecstreamError as exc:
-        _error(f"{prefix}{type(exc).__name__}: {exc}")
+        if isinstance(exc, TransportError):  # the broker's own failure: cause, what to do, traceback
+            _error(f"{prefix}{explain(exc)}{_kept_traceback(exc)}")
+        else:
+            _error(f"{prefix}{type(exc).__name__}: {exc}")
         raise SystemExit(1) from None
     except Exception as exc:  # noqa: BLE001 - not ours (a full disk, a library's bug): its cause in one line
-        _error(f"{prefix}{type(exc).__name__}: {exc}{_kept_traceback(exc)}")
+        _error(f"{prefix}{explain(exc) or f'{type(exc).__name__}: {exc}'}{_kept_traceback(exc)}")
         raise SystemExit(1) from None
 
 

@@ -286,6 +286,11 @@ class TrainSection(_Section):
     deterministic: bool = Field(
         default=False, description="deterministic kernels: bit-identical resume and replay (slower on GPU)"
     )
+    min_trained_fraction: float = Field(
+        default=0.99, ge=0, le=1,
+        description="a run that reached the end of its stream and trained (tail included) a smaller share of its "
+        "prompts (the rest dead-lettered) fails and exports nothing; runs stopped early are not judged",
+    )  # fmt: skip
 
     @field_validator("device")
     @classmethod

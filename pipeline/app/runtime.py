@@ -11,7 +11,10 @@ an ``OnlineRun`` with handles to the parts and a ``run()`` that executes the int
    publishes the prompts (fast, before anything else: the trainer needs the mapping);
 3. generator workers capture and publish on threads while the trainer trains on the main thread
    (``pipeline.app.interleave``: every ending is bounded, a producer's error is re-raised here);
-4. the draft is exported for SGLang from the final checkpoint.
+4. at the end of the stream, the feature files of aborted attempts are swept
+   (``pipeline.app.sweep``);
+5. the draft is exported for SGLang from the final checkpoint, only when the run succeeded (a
+   run that fails its end-of-stream accounting raises before it).
 
 The same stages run as separate processes through the CLI (``source``, ``generate``, ``train``);
 each stage's settings come from ``pipeline.app.settings``.
@@ -39,6 +42,7 @@ from pipeline.app.settings import (
     source_settings,
     trainer_settings,
 )
+from pipeline.app.sweep import sweep_at_end
 from pipeline.core.errors import ConfigError
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.generate.backend import TargetBackend
@@ -221,6 +225,8 @@ class OnlineRun:
 
         outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
         result = outcome.trainer
+        if result.reason == "end_of_stream":  # every generator has ended: no attempt is in flight
+            sweep_at_end(self.transport, self.store, say)
         export_dir = None
         if result.checkpoint:
             export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))

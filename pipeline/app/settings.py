@@ -133,6 +133,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         collective_timeout_s=t.collective_timeout_s,
         metrics_path=str(out / "metrics.jsonl"),
         plot_path=str(out / "curves.png"),
+        min_trained_fraction=t.min_trained_fraction,
         progress=sys.stderr.isatty(),
         dead_letters=cfg.dead_letters.limits(),
     )

@@ -21,6 +21,7 @@ from pipeline.app.manifest import await_run
 from pipeline.app.preflight import check_broker, check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
+from pipeline.app.sweep import sweep_at_end
 from pipeline.core.errors import ConfigError
 from pipeline.core.progress import read_source_counters
 from pipeline.core.topics import RunTopics, Transport
@@ -118,4 +119,6 @@ def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], o
         )
     finally:
         dist.close()
+    if dist.is_main and result.reason == "end_of_stream":  # every partition ended: nothing is in flight
+        sweep_at_end(online.transport, online.store, lambda line: print(line, flush=True))  # beside the summary
     return TrainJobResult(result, dist.is_main)

@@ -157,9 +157,13 @@ def write_jsonl(
 ) -> int:
     """Write one JSON object per line to any fsspec URL; returns the number of records."""
     count = 0
-    with fsspec.open(os.fspath(url), "w", encoding="utf-8", **(storage_options or {})) as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False))
-            fh.write("\n")
-            count += 1
+    try:
+        with fsspec.open(os.fspath(url), "w", encoding="utf-8", **(storage_options or {})) as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False))
+                fh.write("\n")
+                count += 1
+    except OSError as exc:
+        exc.add_note(f"writing {os.fspath(url)}")  # a full disk's write error names no file
+        raise
     return count

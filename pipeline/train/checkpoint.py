@@ -186,7 +186,8 @@ class CheckpointManager:
         tmp.mkdir()
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE))
-            torch.save(dict(state), tmp / STATE_FILE)
+            with open(tmp / STATE_FILE, "wb") as handle:  # a Python file: a full disk's OSError stays in the chain
+                torch.save(dict(state), handle)
             (tmp / INTERVAL_FILE).write_text(json.dumps(sorted(set(interval))))
             body = {"format": FORMAT, "step": step, "end": end, "created_at": time.time(), **dict(meta)}
             (tmp / META_FILE).write_text(json.dumps(body, indent=1, sort_keys=True))
@@ -203,8 +204,9 @@ class CheckpointManager:
             else:
                 os.rename(tmp, final)
             _fsync_dir(self.directory)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            exc.add_note(f"writing checkpoint {final}")  # torch's and safetensors' errors may not say where
             raise
         logger.info("checkpoint %s written", final)
         return CheckpointInfo(step, end, final)

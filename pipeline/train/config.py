@@ -56,6 +56,7 @@ class TrainerSettings:
     collective_timeout_s: float
     metrics_path: str | None
     plot_path: str | None
+    min_trained_fraction: float  # a run that reached its end and trained a smaller share fails
     epoch: int = 0  # not configurable yet: every run is epoch 0 (replay reads it again)
     progress: bool = False  # a progress bar on stderr (rank 0)
     dead_letters: DeadLetterLimits = DeadLetterLimits()  # when bad refs stop the trainer

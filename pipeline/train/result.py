@@ -18,8 +18,9 @@ class RunCompleteness:
     plus the prompts they dead-lettered. Each one is trained, in the tail, dead-lettered upstream
     or missing (a numbered ref that never arrived or failed its checks); foreign records and
     duplicates never count. ``source_letters`` are the input lines that never became a prompt
-    (malformed, too long): they are dead letters too. Anything missing, or a run that trained
-    nothing (of its prompts or of its input lines), fails.
+    (malformed, too long): they are dead letters too. Anything missing, a run that trained
+    nothing (of its prompts or of its input lines), or one whose trained and tail samples fall
+    short of ``min_trained_fraction`` of its prompts (the rest dead-lettered), fails.
     """
 
     prompts: int
@@ -46,8 +47,10 @@ class RunCompleteness:
             f"{self.foreign} foreign records)"
         )
 
-    def check(self) -> None:
-        """Fail a run that lost prompts, trained nothing, or whose partitions did not all end."""
+    def check(self, min_trained_fraction: float = 0.0) -> None:
+        """Fail a run that lost prompts, trained nothing, trained too small a share of its prompts
+        (the tail that cannot fill a global step counts as trained: the batch shape bounds it, it
+        is not lost), or whose partitions did not all end."""
         if self.partitions_ended != self.partitions:
             raise StreamError(
                 f"{self.partitions - self.partitions_ended} partitions did not end: {self.line()}"
@@ -56,6 +59,14 @@ class RunCompleteness:
             raise StreamError(f"incomplete run: {self.line()}; see `specstream audit` and the DLQ")
         if (self.prompts or self.source_letters) and not self.trained:
             raise StreamError(f"the run trained nothing: {self.line()}; see the DLQ for why")
+        usable = self.trained + self.tail
+        if self.prompts and usable / self.prompts < min_trained_fraction - 1e-12:
+            raise StreamError(
+                f"the run trained {usable} of its {self.prompts} prompts ({usable / self.prompts:.1%}, the "
+                f"{self.tail} tail samples included), below train.min_trained_fraction {min_trained_fraction:g}: "
+                f"{self.line()}; see `specstream audit` and the DLQ for why; nothing was exported, the final "
+                "checkpoint is kept (`specstream export` writes a draft from it if you accept the run)"
+            )
 
     @classmethod
     def combine(cls, ranks: list[dict[str, int]]) -> RunCompleteness:

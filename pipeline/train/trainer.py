@@ -352,7 +352,7 @@ class Trainer:
             )
             if self.dist.is_main:
                 print(completeness.line(), flush=True)  # the run's summary line, for people and scripts
-            completeness.check()
+            completeness.check(self.config.min_trained_fraction)
         else:
             if self.state is None:
                 logger.info("%s before the first step: nothing to checkpoint", reason)

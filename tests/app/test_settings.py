@@ -74,6 +74,7 @@ TRAINER = {
     "idle_timeout_s": "train.idle_timeout_s",
     "drain_timeout_s": "train.drain_timeout_s",
     "collective_timeout_s": "train.collective_timeout_s",
+    "min_trained_fraction": "train.min_trained_fraction",
 }
 
 

@@ -235,7 +235,10 @@ def test_a_full_disk_is_one_line_naming_the_cause_with_the_traceback_kept(
     code, out = cli(*args, *(["--verbose"] if verbose else []), env={"TMPDIR": str(temp)})
     assert code == 1, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "OSError: [Errno 28] No space left on device" in errors[0], out
+    assert len(errors) == 1, out
+    conversations = workdir / "data" / "conversations.jsonl"
+    assert errors[0].startswith(f"error: no space left on device writing {conversations}: free space, or set "), out
+    assert "then run the same command again: it resumes exactly" in errors[0]
     kept = list(temp.glob("specstream-traceback-*.txt"))
     if verbose:
         assert "Traceback (most recent call last)" in out and not kept
