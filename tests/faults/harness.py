@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,14 @@ from pipeline.storage import FeatureStore, checksum_of
 from pipeline.transport.kafka import KafkaSettings
 from tests.support import spawn, wait_exit
 
-__all__ = ("audit_clean", "check_committed_files", "committed_refs", "open_transaction_records", "stage")
+__all__ = (
+    "audit_clean",
+    "check_committed_files",
+    "committed_refs",
+    "open_transaction_records",
+    "stage",
+    "wait_stopped",
+)
 
 
 def stage(name: str, config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -76,3 +84,17 @@ def open_transaction_records(kafka: KafkaSettings, run_id: str, partitions: int)
         written = admin.end_offsets(topics.samples, range(partitions), committed_only=False)
         visible = admin.end_offsets(topics.samples, range(partitions), committed_only=True)
     return sum(written.values()) - sum(visible.values())
+
+
+def wait_stopped(pid: int, *, timeout_s: float = 60.0) -> None:
+    """Until the kernel reports the process stopped (state ``T``), bounded: a process that says
+    it stops itself may not have stopped yet, and a SIGCONT sent before would be lost."""
+    deadline = time.monotonic() + timeout_s
+    state = "?"
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.05)  # polling the kernel's view of the process, bounded by the deadline
+    raise TimeoutError(f"process {pid} not stopped within {timeout_s} s (state {state})")
