@@ -11,6 +11,7 @@ its fenced line, or rejoins the group and finds the work done), the run complete
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -29,8 +30,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 CONVERSATIONS, PARTITIONS = 32, 2
 
 
+#: Where the zombie freezes: right after capturing its second batch (it will store the batch's
+#: files late, then try to commit), or in its writer with the second transaction open (files
+#: stored, refs in the log; the broker aborts the transaction at its timeout, then it commits late).
+FREEZE_POINTS = {"late-writes": "generate.after_capture", "open-transaction": "generate.before_commit"}
+
+
+@pytest.mark.parametrize("point", list(FREEZE_POINTS.values()), ids=list(FREEZE_POINTS))
 def test_a_zombie_generator_resumed_after_its_partitions_moved_corrupts_nothing(
-    kafka: KafkaSettings, run_id: str, tmp_path: Path, tiny_target_dir: Path
+    kafka: KafkaSettings, run_id: str, tmp_path: Path, tiny_target_dir: Path, point: str
 ) -> None:
     config = write_config(
         tmp_path, kafka, run_id, tiny_target_dir, conversations=CONVERSATIONS, data={"partitions": PARTITIONS},
@@ -40,9 +48,9 @@ def test_a_zombie_generator_resumed_after_its_partitions_moved_corrupts_nothing(
     with kafka.admin() as admin:
         admin.ensure_run_topics(topics, PARTITIONS)
     store = FeatureStore(str(tmp_path / "features"), run_id)
-    # The zombie freezes right after capturing its second batch, before handing it to its writer.
-    zombie = stage("generate", config, "--worker-id", "zombie",
-                   env={"SPECSTREAM_CRASH_AT": "generate.after_capture:2:SIGSTOP"})  # fmt: skip
+    zombie = stage(
+        "generate", config, "--worker-id", "zombie", env={"SPECSTREAM_CRASH_AT": f"{point}:2:SIGSTOP"}
+    )
     survivor = stage("generate", config, "--worker-id", "survivor")
     trainer = None
     try:
@@ -51,7 +59,7 @@ def test_a_zombie_generator_resumed_after_its_partitions_moved_corrupts_nothing(
         code, out = wait_exit(stage("source", config), timeout_s=180)
         assert code == 0, out
         trainer = stage("train", config)
-        wait_for_output(zombie, r"crash point generate\.after_capture .*SIGSTOP", timeout_s=240)
+        wait_for_output(zombie, rf"crash point {re.escape(point)} .*SIGSTOP", timeout_s=240)
         wait_stopped(zombie.pid, timeout_s=30)
 
         # Its session expires: the group is the survivor alone, which takes the zombie's partition
