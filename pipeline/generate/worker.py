@@ -153,9 +153,10 @@ class GeneratorWorker:
     def _fenced(self, exc: FencedError) -> FencedError:
         """What a fenced worker tells its operator: who took over, and that nothing is lost."""
         me = f"generator {self.config.worker_id} was fenced"
-        if exc.same_id:
-            why = f"another process with the same worker id started (transactional id {self.transactional_id})"
-            fix = "if that was not intended, give each generator its own worker id"
+        if exc.same_id:  # the broker bumped our producer epoch: a new instance, or its own timeout abort
+            why = (f"another process with the same worker id started (transactional id {self.transactional_id}), "
+                   "or this one stalled longer than broker.transaction_timeout_ms")  # fmt: skip
+            fix = "give each generator its own worker id; after a stall (paused, swapping), restart it"
         else:
             why = "the generators' group moved its partitions to the other workers"
             fix = "restart it to rejoin the group"
