@@ -43,14 +43,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from pipeline.core.errors import DecodeError, PartitionsClaimedError, SpecstreamError
 from pipeline.core.messages import PartitionClaim, decode, encode
 from pipeline.core.topics import FencedError, RunTopics, Transport, TransportError, read_to_end
-
-if TYPE_CHECKING:
-    from pipeline.generate.worker import GeneratorConfig
+from pipeline.generate.config import GeneratorConfig
 
 __all__ = (
     "ClaimLost",
