@@ -118,8 +118,9 @@ def run_trainer(
                 dist.world_size,
             )
         store = FeatureStore(storage_root, settings.run_id, storage_options=storage_options)
-        dlq = transport.plain_producer()
-        closers.append(dlq)
+        dlq = transport.plain_producer() if record else None  # a replay writes nothing into the live run
+        if dlq is not None:
+            closers.append(dlq)
 
         def open_source(state: StreamState | None) -> SampleStream:
             return SampleStream(

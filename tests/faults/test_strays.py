@@ -128,6 +128,13 @@ def test_strays_and_a_real_duplicate_neither_break_nor_pollute_a_run(kafka, run_
     letters = read_messages(
         kafka, topics.dlq, [0], timeout_s=30, until=lambda got: len(got) >= 2 * sum(strays_per_partition.values())
     )
+    # A replay meets the same strays and dead-letters them again, but into nothing of the live run's.
+    with kafka.admin() as admin:
+        dlq_before = admin.end_offsets(topics.dlq, [0])
+    code, out = wait_exit(spawn(["replay", "--config", str(path), "--out", str(tmp_path / "replay")]), timeout_s=300)
+    assert code == 0, out
+    with kafka.admin() as admin:
+        assert admin.end_offsets(topics.dlq, [0]) == dlq_before, "a replay wrote into the live run's DLQ"
     reasons = " | ".join(m.reason for _, m in letters if isinstance(m, DeadLetter))
     for expected in ("not a UTF-8 JSON document", "unknown schema", "without a sequence number",
                      "without its sequence number", "inside the run", "is missing", "final_hidden_states is declared",
