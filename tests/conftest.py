@@ -104,3 +104,16 @@ def tiny_target_dir() -> Path:
     from pipeline.devkit.target import build_tiny_target  # noqa: PLC0415
 
     return build_tiny_target()
+
+
+@pytest.fixture
+def own_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A private SPECSTREAM_HOME that reuses the cached jars but keeps its own broker state
+    (spawned ``specstream`` processes inherit it)."""
+    from pipeline.transport import kafka_jars  # lazy: start-up (only the local-broker tests)
+
+    jars = kafka_jars.libs_dir()
+    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
+    (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}").mkdir()
+    (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}" / "libs").symlink_to(jars)
+    return tmp_path

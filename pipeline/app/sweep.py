@@ -102,7 +102,7 @@ def sweep_at_end(
     try:
         report = sweep_run(transport, store, grace_s=0.0)
     except Exception as exc:  # the run itself succeeded; the orphans can wait
-        logger.warning("end-of-run sweep failed", exc_info=True)
+        logger.debug("end-of-run sweep failed", exc_info=True)  # the line below says it
         say(
             f"orphaned feature files were not swept ({type(exc).__name__}: {exc}): run `specstream sweep --config ...`"
         )

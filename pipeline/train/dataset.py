@@ -233,8 +233,8 @@ class Prefetcher:
         finally:
             try:
                 self.source.close()
-            except Exception:  # closing after a failure must not mask it
-                logger.warning("closing the sample stream failed", exc_info=True)
+            except Exception as exc:  # closing after a failure must not mask it
+                logger.warning("closing the sample stream failed: %s", exc)
 
     def _collate(self, items: list[StreamItem], started: float) -> MicroBatch:
         batch = collate([i.tensors for i in items], max_length=self.max_length, dtype=self.dtype)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.core.errors import RunMismatchError, StreamError
+from pipeline.core.errors import BrokerError, RunMismatchError, StreamError
 from pipeline.core.messages import LedgerStep
 from pipeline.core.progress import StreamState
 from pipeline.train.checkpoint import CheckpointInfo, CheckpointManager, LoadedCheckpoint, config_hash
@@ -217,8 +217,10 @@ class CheckpointCoordinator:
             ended = frozenset(p for s in states for p, st in s.partitions.items() if st.get("marker"))
             try:
                 self.commit_offsets(positions, step, ended)
-            except Exception:  # advisory (monitoring, lag): the checkpoint holds the truth
-                logger.warning("committing the trainer group offsets at step %d failed", step, exc_info=True)
+            except BrokerError:
+                raise  # the broker stayed away past the outage budget: the stage stops (and resumes from here)
+            except Exception as exc:  # advisory (monitoring, lag): the checkpoint holds the truth
+                logger.warning("committing the trainer group offsets at step %d failed (advisory): %s", step, exc)
         delete = self.delete_feature if self.delete_feature is not None else (lambda uri: None)
         policy = self.config.retention if self.delete_feature is not None else "retain"
         try:

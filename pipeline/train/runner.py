@@ -164,7 +164,7 @@ def run_trainer(
         for closer in reversed(closers):
             try:
                 closer.close()  # type: ignore[attr-defined]
-            except Exception:  # closing must not mask the run's own error
-                logger.warning("closing %s failed", type(closer).__name__, exc_info=True)
+            except Exception as exc:  # closing must not mask the run's own error
+                logger.warning("closing %s failed: %s", type(closer).__name__, exc)
         if own_dist:
             dist.close()

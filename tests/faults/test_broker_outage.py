@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.topics import RunTopics
+from pipeline.transport import background_broker
 from pipeline.transport.broker import LocalKafka
 from pipeline.transport.kafka import KafkaSettings
 from tests.integration.test_runtime import write_config
@@ -45,14 +46,18 @@ def _take_down(local: LocalKafka, how: signal.Signals) -> None:
     local.proc.wait(60)
 
 
+def _wait_for_topic(settings: KafkaSettings, topic: str) -> None:
+    deadline = time.monotonic() + 120
+    with settings.admin() as admin:
+        while topic not in admin.topics():  # the run creates its topics first thing
+            assert time.monotonic() < deadline, f"{topic} not created in 120 s"
+            time.sleep(0.2)  # polling the broker's topic list, bounded by the deadline
+
+
 def _wait_for_steps(local: LocalKafka, run_id: str, steps: int) -> None:
     """Until the trainer has recorded ``steps`` optimizer steps in the run's ledger (bounded)."""
     settings, ledger = KafkaSettings(local.bootstrap), RunTopics(run_id).ledger
-    deadline = time.monotonic() + 120
-    with settings.admin() as admin:
-        while ledger not in admin.topics():  # the run creates its topics first thing
-            assert time.monotonic() < deadline, f"{ledger} not created in 120 s"
-            time.sleep(0.2)  # polling the broker's topic list, bounded by the deadline
+    _wait_for_topic(settings, ledger)
     read_messages(settings, ledger, [0], timeout_s=300,
                   until=lambda got: len(got) >= steps)  # fmt: skip
 
@@ -111,3 +116,38 @@ def test_past_the_outage_budget_one_line_then_the_same_command_resumes(
     assert code == 0, out
     assert f"{CONVERSATIONS} of {CONVERSATIONS} prompts trained, 0 missing" in out, out
     _audit_clean(config, CONVERSATIONS)
+
+
+def test_the_local_broker_stopped_and_started_mid_run(own_home, run_id, tmp_path, tiny_target_dir) -> None:
+    """`specstream broker stop`, then `start`: the same address, the run's topics kept, the run goes on."""
+    code, out = wait_exit(spawn(["broker", "start"]), timeout_s=180)
+    assert code == 0, out
+    state = background_broker.detached_status()
+    assert state is not None
+    config = write_config(
+        tmp_path, KafkaSettings(state.bootstrap), run_id, tiny_target_dir, conversations=CONVERSATIONS,
+        data={"partitions": 2}, train={"save_interval": 2, "prefetch": 1},
+    )  # fmt: skip
+    run = spawn(["run", "--config", str(config)])
+    try:
+        settings = KafkaSettings(state.bootstrap)
+        _wait_for_topic(settings, RunTopics(run_id).ledger)
+        read_messages(settings, RunTopics(run_id).ledger, [0], timeout_s=300, until=lambda got: len(got) >= 2)
+        code, out = wait_exit(spawn(["broker", "stop"]), timeout_s=120)
+        assert code == 0, out
+        code, out = wait_exit(spawn(["broker", "start"]), timeout_s=180)
+        assert code == 0, out
+        restarted = background_broker.detached_status()
+        assert restarted is not None and restarted.bootstrap == state.bootstrap
+        code, out = wait_exit(run, timeout_s=420)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    try:
+        assert code == 0, out
+        assert (
+            f"{CONVERSATIONS} of {CONVERSATIONS} prompts trained, 0 missing, 0 duplicates dropped" in out
+        ), out
+        _audit_clean(config, CONVERSATIONS)
+    finally:
+        background_broker.stop_detached()

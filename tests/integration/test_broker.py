@@ -30,16 +30,6 @@ def test_missing_maven_names_what_to_install_and_the_alternative(
         kafka_jars.install()
 
 
-@pytest.fixture
-def own_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A private SPECSTREAM_HOME that reuses the cached jars but keeps its own broker state."""
-    jars = kafka_jars.libs_dir()
-    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
-    (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}").mkdir()
-    (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}" / "libs").symlink_to(jars)
-    return tmp_path
-
-
 @pytest.mark.integration
 def test_detached_broker_starts_reports_and_stops(own_home: Path) -> None:
     """What `specstream broker start|status|stop` do, with its own state directory."""
