@@ -17,16 +17,19 @@ supersedes every earlier instance of the same id (a restart: the same transactio
 the predecessor at the broker, so its claim ends with it, without waiting for its lease). A
 claim gets its partitions, all or none, unless an earlier instance of another worker id held one
 of them and was live when the claim was made: not released, and its heartbeat then less than one
-lease old. Heartbeats form an unbroken chain (an instance that could not renew within its lease
-gives up rather than renew late), so "live at time t" is decided by the newest heartbeat alone.
+lease old. An instance's heartbeats form a chain; a heartbeat that comes more than a lease after
+the one before (the broker was away longer than the lease) starts a new claim at its own offset,
+so a worker that claimed the partitions meanwhile comes first, and the late one loses them.
 
 **Acquire** reads the claims, refuses at once a partition held by a live instance of another
 worker id, then writes its claim, reads the topic to its end again and checks that the fold gives
 it every partition: of two simultaneous starts the one whose claim is first in the log wins, and
 the other writes ``refused`` and stops with one error line naming the winner. A thread renews the
-claim every third of the lease and reads what others wrote: superseded by a restart of its own id
-or overtaken after a missed lease, the claim is *lost*; the worker then commits nothing more
-(:meth:`PartitionClaims.valid` is part of its writer's staleness check) and stops. A holder
+claim every third of the lease (through a broker outage, up to the outage budget) and reads what
+others wrote: superseded by a restart of its own id or overtaken while its lease had lapsed, the
+claim is *lost*; a lapse nobody used (the broker was down) is renewed. The worker commits nothing
+more while its heartbeat is old (:meth:`PartitionClaims.valid` is part of its writer's staleness
+check) and stops once the claim is lost. A holder
 counts on its claim only for two thirds of the lease after its last heartbeat, so it stops
 committing before anyone else may take over. Clocks of different hosts are compared: the lease
 (three session timeouts) must be much longer than their skew.
@@ -127,19 +130,24 @@ def holders(
 ) -> dict[int, PartitionClaim]:
     """Partition -> the claim holding it (the module docstring's rules), from (offset, claim)
     records in any order; with ``now``, only the holders still live then."""
-    newest: dict[str, tuple[int, int, PartitionClaim]] = {}  # instance -> (first offset, offset, claim)
-    for offset, claim in records:
-        first = claim.claimed_offset if claim.claimed_offset is not None else offset
+    # instance -> (where its unbroken chain starts: offset and time, its newest claim)
+    newest: dict[str, tuple[int, float, PartitionClaim]] = {}
+    for offset, claim in sorted(records, key=lambda record: record[0]):
         known = newest.get(claim.instance_id)
-        if known is None or offset > known[1]:
-            newest[claim.instance_id] = (min(first, known[0]) if known else first, offset, claim)
+        if known is None:
+            first = claim.claimed_offset if claim.claimed_offset is not None else offset
+            newest[claim.instance_id] = (first, claim.claimed_at, claim)
+        elif claim.heartbeat_at > _lapses_at(known[2]):  # renewed after a lapse: a new claim from here
+            newest[claim.instance_id] = (offset, claim.heartbeat_at, claim)
+        else:
+            newest[claim.instance_id] = (known[0], known[1], claim)
     held: dict[int, PartitionClaim] = {}
-    for _, _, claim in sorted(newest.values(), key=lambda item: item[0]):
+    for _, claimed_at, claim in sorted(newest.values(), key=lambda item: item[0]):
         if claim.state == "refused":
             continue
         for p in [p for p, h in held.items() if h.worker_id == claim.worker_id]:
             del held[p]  # a restart of the same worker id: the broker fenced the predecessor
-        if not any(p in held and claim.claimed_at < _lapses_at(held[p]) for p in claim.partitions):
+        if not any(p in held and claimed_at < _lapses_at(held[p]) for p in claim.partitions):
             held.update(dict.fromkeys(claim.partitions, claim))
     if now is not None:
         held = {p: h for p, h in held.items() if now < _lapses_at(h)}
@@ -247,18 +255,16 @@ class PartitionClaims:
     def _renew(self) -> None:
         previous = self._heartbeat
         now = time.time()
-        if now - previous > self.lease_s:  # renewing late would break the heartbeat chain
-            self._lose(
-                f"its claim was not renewed for {now - previous:.0f} s, past its {self.lease_s:.0f} s lease"
-            )
-            return
-        self._write("held", now)
-        if time.time() >= previous + self.lease_s:  # delivered after a competitor may have claimed
-            self._lose(f"its renewal reached the broker after its {self.lease_s:.0f} s lease had lapsed")
-            return
-        self._heartbeat = now
+        self._write("held", now)  # rides out a broker outage (up to the budget)
         self._read_new()
-        taken = self._not_mine()
+        taken = self._not_mine()  # after a lapse: whoever claimed meanwhile comes first
+        if not taken:
+            if now > previous + self.lease_s:  # the chain restarted here: later records say so
+                self._first_offset = max(o for o, c in self._records.items() if c.instance_id == self.instance_id)
+                self._claimed_at = now
+                logger.info("%s: claim renewed after a %.0f s gap; no one claimed its partitions meanwhile",
+                            self.worker_id, now - previous)  # fmt: skip
+            self._heartbeat = now
         if taken:
             named = [h for _, h in sorted(taken.items()) if h is not None]
             same = bool(named) and named[0].worker_id == self.worker_id
@@ -277,11 +283,10 @@ class PartitionClaims:
         return self._lost is None and time.time() < self._heartbeat + self.lease_s * 2 / 3
 
     def check(self) -> None:
-        """Raise ``ClaimLost`` once the claim is gone (the worker stops; nothing more commits)."""
-        if self._lost is None and not self.valid():
-            self._lose(
-                f"its heartbeat is {time.time() - self._heartbeat:.0f} s old (lease {self.lease_s:.0f} s)"
-            )
+        """Raise ``ClaimLost`` once the claim is gone (the worker stops; nothing more commits).
+
+        An old heartbeat alone is not a loss: nothing commits meanwhile (:meth:`valid`), and the
+        renewal decides, once the broker answers, whether someone else took the partitions."""
         if self._lost is not None and self._superseded:  # the worker says it as for a fenced producer
             raise FencedError(self._lost, same_id=True)
         if self._lost is not None:

@@ -71,3 +71,13 @@ def test_default_worker_ids() -> None:
     assert many.startswith("gen-p0-63-n64-") and len(many) < 64
     group = default_worker_id(None)
     assert group.endswith(f"-{os.getpid()}") and group != default_worker_id([0])
+
+
+def test_a_renewal_after_a_lapse_is_a_new_claim_that_comes_after_whoever_claimed_meanwhile() -> None:
+    late = 100.0 + LEASE + 5  # the broker was away longer than a1's lease
+    records = [(0, claim("a", "a1", [0], 100.0)), (1, claim("b", "b1", [0], 100.0 + LEASE + 1))]
+    records.append((2, claim("a", "a1", [0], 100.0, heartbeat_at=late, claimed_offset=0)))
+    assert owners(records, now=late) == {0: "b1"}
+    # Nobody claimed during the lapse: the late renewal simply holds the partition again.
+    alone = [records[0], records[2]]
+    assert owners(alone, now=late + 1) == {0: "a1"}
