@@ -145,7 +145,7 @@ class GeneratorWorker:
             epoch=cfg.epoch,
             target=self.backend.info,
             samples_topic=self.topics.samples,
-            is_stale=lambda epoch: epoch != self._epoch or not self._claims.valid(),
+            is_stale=lambda epoch: epoch != self._epoch or not self._claim_holds(),
             on_committed=self._on_committed,
             depth=cfg.queue_depth,
         )
@@ -177,6 +177,9 @@ class GeneratorWorker:
             self._claims.check()  # fixed partitions another instance took over: stop
             if self._writer.take_reset() or self._epoch != self._synced_epoch:
                 self._resync()
+            if not self._claims.valid():  # being renewed (a broker outage): nothing could commit
+                stop.wait(cfg.poll_timeout_s)
+                continue
             if self._finished():
                 # Finished on our optimistic counts: make sure the last batches really commit.
                 self._drain_or_fail()
@@ -258,6 +261,15 @@ class GeneratorWorker:
             self._admin = None
         self._claims.release()  # after the producer's close: nothing of ours is open any more
         self.backend.close()
+
+    def _claim_holds(self) -> bool:
+        """Whether a batch may still commit under our claim; a batch dropped because it may not
+        moves the epoch, so the worker rewinds to the committed offsets and redoes its prompts."""
+        if self._claims.valid():
+            return True
+        with self._lock:
+            self._epoch += 1
+        return False
 
     def _on_committed(self, batch: PlannedBatch) -> None:
         """Live stats, from the writer thread, once a batch's transaction has committed."""

@@ -178,7 +178,7 @@ class CheckpointCoordinator:
             try:
                 outcome = (self._write(step, gathered, end=end), None)
             except Exception as exc:  # every rank must learn of it, not wait in a barrier
-                logger.exception("checkpoint at step %d failed", step)
+                logger.debug("checkpoint at step %d failed", step, exc_info=True)  # re-raised below
                 outcome, error = (None, f"{type(exc).__name__}: {exc}"), exc
         info, message = self.dist.broadcast_object(outcome)
         if message is not None or info is None:

@@ -34,9 +34,11 @@ _T = TypeVar("_T")
 class Outage:
     """The process's view of the broker: answering, or unreachable since a moment."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, quiet_s: float = 2.0) -> None:
         self._lock = threading.Lock()
         self._since: float | None = None
+        self._warned = False
+        self._quiet_s = quiet_s  # a blip shorter than this (a fresh coordinator loading) is not reported
 
     @property
     def down_s(self) -> float:
@@ -50,12 +52,14 @@ class Outage:
             now = time.monotonic()
             if self._since is None:
                 self._since = now
+            down = now - self._since
+            if not self._warned and down >= self._quiet_s:
+                self._warned = True
                 logger.warning(
                     "the Kafka broker at %s does not answer (%s: %s); waiting up to %.0f s for it "
                     "(broker.outage_budget_s)",
                     where, what, error, budget_s,
                 )  # fmt: skip
-            down = now - self._since
         if down > budget_s:
             raise BrokerError(
                 f"the Kafka broker at {where} has not answered for {down:.0f} s (broker.outage_budget_s is "
@@ -67,7 +71,8 @@ class Outage:
         """Note a call that succeeded: an outage, if any, is over."""
         with self._lock:
             since, self._since = self._since, None
-        if since is not None:
+            warned, self._warned = self._warned, False
+        if since is not None and warned:
             logger.warning("the Kafka broker at %s answers again after %.0f s", where, time.monotonic() - since)
 
 
