@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.app.config_file import load_config
+from pipeline.app.manifest import claim_run
 from pipeline.core.messages import EndOfStream
 from pipeline.core.topics import RunTopics
 from pipeline.storage import FeatureStore, checksum_of
@@ -45,8 +47,7 @@ def test_a_zombie_generator_resumed_after_its_partitions_moved_corrupts_nothing(
         generate={"high_watermark": 8, "low_watermark": 6}, train={"prefetch": 1, "save_interval": 100},
     )  # fmt: skip
     topics = RunTopics(run_id)
-    with kafka.admin() as admin:
-        admin.ensure_run_topics(topics, PARTITIONS)
+    claim_run(kafka, load_config(config))  # the run's topics and manifest, as the source makes them first
     store = FeatureStore(str(tmp_path / "features"), run_id)
     zombie = stage(
         "generate", config, "--worker-id", "zombie", env={"SPECSTREAM_CRASH_AT": f"{point}:2:SIGSTOP"}
