@@ -52,7 +52,7 @@ def test_a_run_below_the_trained_fraction_fails_and_exports_nothing(
             "error: StreamError: the run trained 18 of its 24 prompts (75.0%, the 0 tail samples included), "
             "below train.min_trained_fraction 0.99: 18 of 24 prompts trained, 0 missing"
         ), line
-        assert "6 dead letters (6 prompts, 0 foreign records)" in line and "nothing was exported" in line
+        assert "6 dead letters (0 input lines, 6 prompts, 0 foreign records)" in line and "nothing was exported" in line
         code, generated = wait_exit(generator, timeout_s=120)
         assert code == 0 and "18 samples, 6 to the DLQ" in generated, generated
     finally:
