@@ -663,6 +663,8 @@ class TransactionalProducer:
             try:
                 self._await("aborting", self._producer._transaction_manager.begin_abort)
                 return
+            except FencedError:
+                raise  # another instance holds our id: re-initialising would fence it in turn
             except TransportError as exc:
                 logger.info("%s: abort failed (%s); re-initialising the producer", self.transactional_id, exc)
         self._reopen()
