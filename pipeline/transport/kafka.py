@@ -565,6 +565,7 @@ class TransactionalProducer:
         self.in_transaction = False
         self._begun_at = 0.0
         self._broken = False  # a step's outcome is unknown: only a re-initialisation helps
+        self._fenced: FencedError | None = None  # another instance took our id: nothing helps
 
     def _init_transactions(self) -> None:
         """Fence any earlier instance with this id and complete or abort its open transaction."""
@@ -630,6 +631,8 @@ class TransactionalProducer:
                 done = result.wait(timeout_ms=int(self.settings.outage_budget_s * 1000))
         except FencedError as exc:
             if not (exc.same_id and self._timed_out()):
+                if exc.same_id:
+                    self._fenced = exc
                 raise
             self._broken = True
             raise TransportError(
@@ -659,11 +662,15 @@ class TransactionalProducer:
         if not self.in_transaction and not self._broken:
             return
         self.in_transaction = False
+        if self._fenced is not None:  # re-initialising would fence the instance that took our id
+            raise self._fenced
         if not self._broken:
             try:
                 self._await("aborting", self._producer._transaction_manager.begin_abort)
                 return
-            except FencedError:
+            except FencedError as exc:
+                if exc.same_id:
+                    self._fenced = exc
                 raise  # another instance holds our id: re-initialising would fence it in turn
             except TransportError as exc:
                 logger.info("%s: abort failed (%s); re-initialising the producer", self.transactional_id, exc)
