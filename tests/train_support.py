@@ -298,7 +298,18 @@ def train_cmd(
         },
     }  # fmt: skip
     config_path.write_text(yaml.safe_dump(raw))
+    _claim_once(kafka, config_path)
     return ["train", "--config", str(config_path), "--verbose"]
+
+
+def _claim_once(kafka: KafkaSettings, config_path: Path) -> None:
+    """The run's manifest, as the source would have written it first (the trainer waits for it)."""
+    from pipeline.app.config_file import load_config  # lazy: start-up, only the process tests
+    from pipeline.app.manifest import read_manifest, write_manifest  # lazy: as above
+
+    config = load_config(config_path)
+    if read_manifest(kafka, RunTopics(config.run_id)) is None:  # the test made the topics (any partitions)
+        write_manifest(kafka, config)
 
 
 def spawn_train(

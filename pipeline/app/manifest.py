@@ -20,7 +20,7 @@ from pipeline.core.topics import RunTopics, Transport, read_to_end, wait_for
 from pipeline.source.stage import VOCAB_MAPPING_URI
 from pipeline.storage import FeatureStore
 
-__all__ = ("claim_run", "await_run", "read_manifest")
+__all__ = ("await_run", "claim_run", "read_manifest", "write_manifest")
 
 
 def claim_run(transport: Transport, config: RunConfig) -> RunManifest:
@@ -33,6 +33,12 @@ def claim_run(transport: Transport, config: RunConfig) -> RunManifest:
         admin.ensure_run_topics(topics, config.data.partitions)
     if existing is not None:
         return existing
+    return write_manifest(transport, config)
+
+
+def write_manifest(transport: Transport, config: RunConfig) -> RunManifest:
+    """Record the run's manifest (its config fingerprint) in the run's manifest topic."""
+    topics = RunTopics(config.run_id)
     manifest = RunManifest(
         run_id=config.run_id,
         config_hash=config.fingerprint(),
