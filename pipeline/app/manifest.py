@@ -58,6 +58,11 @@ def write_manifest(transport: Transport, config: RunConfig) -> RunManifest:
     return manifest
 
 
+def _needs_prompt_total(config: RunConfig) -> bool:
+    """A decaying learning-rate schedule without ``max_steps`` is as long as the run's prompts."""
+    return config.train.lr_schedule != "constant" and config.train.max_steps is None
+
+
 def await_run(
     transport: Transport,
     config: RunConfig,
@@ -97,7 +102,7 @@ def await_run(
             lacking.append(f"its vocabulary mapping {vocab.resolve(VOCAB_MAPPING_URI)} (the source stores it "
                            "once it has read every conversation)")  # fmt: skip
             return None
-        if not ended:  # then the prompt total is known: the trainer's schedule never depends on start order
+        if not ended and _needs_prompt_total(config):  # the schedule's length must not depend on start order
             lacking.append("the end of its prompts (the source closes its partitions after storing the mapping)")
             return None
         return True
