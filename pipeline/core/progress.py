@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.core.errors import StreamError
 from pipeline.core.messages import SampleRef
-from pipeline.core.topics import RunTopics, Transport, group_offsets
+from pipeline.core.topics import RunTopics, Transport
 
 __all__ = (
     "PartitionCounters", "SourceCounters", "read_source_counters", "StreamItem", "StreamState", "rank_partitions",
@@ -105,7 +105,7 @@ def read_source_counters(
 ) -> dict[int, SourceCounters]:
     """Every prompts partition's committed source counts: one offsets request, O(partitions)."""
     with transport.admin() as admin:
-        committed = group_offsets(admin, topics.source_group, topics.prompts)
+        committed = admin.group_offsets(topics.source_group, topics.prompts)  # the transport rides out transient errors
     counters = {}
     for p in range(partitions):
         try:

@@ -3,7 +3,7 @@
 Everything above the transport layer talks to a broker through these protocols, so the same
 stage code runs on Kafka (``pipeline.transport.kafka``) and in process
 (``pipeline.transport.memory``). Nothing here imports a Kafka client. The helpers at the end
-read what a stage needs (``read_to_end``, ``group_offsets``) and wait for it, bounded, when the
+read what a stage needs (``read_to_end``) and wait for it, bounded, when the
 stage that makes it has not started yet (``wait_for``, ``wait_for_topic``): stages may start in
 any order.
 """
@@ -34,7 +34,6 @@ __all__ = (
     "ReaderOptions",
     "Transport",
     "read_to_end",
-    "group_offsets",
     "wait_for",
     "wait_for_topic",
 )
@@ -289,22 +288,6 @@ def read_to_end(
             yield from reader.poll(0.2)
     finally:
         reader.close()
-
-
-def group_offsets(admin: Admin, group_id: str, topic: str, *, timeout_s: float = 30.0) -> dict[int, Committed]:
-    """A group's committed offsets of ``topic``, retrying the broker's transient answers (a fresh
-    broker has no group coordinator for a moment); bounded by ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        try:
-            return admin.group_offsets(group_id, topic)
-        except TransportError as exc:
-            if not exc.retriable or time.monotonic() + delay > deadline:
-                raise
-            logger.debug("group offsets not available yet (%s); retrying", exc)
-            time.sleep(delay)  # backoff between retries of a transient broker error
-            delay = min(delay * 2, 1.0)
 
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pipeline.core.errors import StreamError
 from pipeline.core.messages import LedgerStep, Prompt
 from pipeline.core.progress import PartitionCounters
-from pipeline.core.topics import Admin, Committed, Reader, RunTopics, Transport, group_offsets
+from pipeline.core.topics import Admin, Committed, Reader, RunTopics, Transport
 from pipeline.generate.backpressure import Backlog, FlowControl
 from pipeline.generate.planner import Decoded
 from pipeline.generate.stats import GeneratorStats
@@ -36,9 +36,9 @@ def consumed_from(step: LedgerStep | None) -> dict[int, int]:
     return {position.partition: position.records for rank in step.ranks for position in rank.next_offsets}
 
 
-def generator_commits(admin: Admin, topics: RunTopics, *, timeout_s: float = 30.0) -> dict[int, Committed]:
-    """The generators' committed prompt offsets, retrying the broker's transient answers."""
-    return group_offsets(admin, topics.generator_group, topics.prompts, timeout_s=timeout_s)
+def generator_commits(admin: Admin, topics: RunTopics) -> dict[int, Committed]:
+    """The generators' committed prompt offsets (the transport rides out transient answers)."""
+    return admin.group_offsets(topics.generator_group, topics.prompts)
 
 
 class BacklogMonitor:
