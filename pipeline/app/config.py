@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.app.config_monitor import MonitorSection
+
 from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
 from pipeline.core.messages import SettingValue
@@ -140,6 +142,7 @@ class DataSection(_Section):
         default="dlq", description="a bad line: `dlq` reports it and goes on, `fail` stops the run"
     )
     limit: int | None = Field(default=None, gt=0, description="use only the first N conversations")
+    eval_path: str | None = Field(default=None, description="held-out conversations JSONL, captured once, never trained")
     max_line_bytes: int = Field(
         default=DEFAULT_MAX_LINE_BYTES, gt=0,
         description="a longer JSONL line is dead-lettered unread (memory stays bounded by config)",
@@ -283,6 +286,10 @@ class TrainSection(_Section):
         description="checkpoints, metrics.jsonl, curves.png, export/: a filesystem path every rank shares",
     )
     seed: int = Field(default=0, description="seeds the draft's initialisation and every RNG")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default=["tensorboard"], description="scalar trackers on rank 0 (under output_dir); `wandb` when installed"
+    )
+    eval_interval: int = Field(default=50, gt=0, description="evaluate on `data.eval_path` every N steps (rank 0)")
     deterministic: bool = Field(
         default=False, description="deterministic kernels: bit-identical resume and replay (slower on GPU)"
     )
@@ -321,6 +328,7 @@ class RunConfig(_Section):
     dead_letters: DeadLetterSection = Field(
         default_factory=DeadLetterSection, description="when bad input stops a stage instead of being dead-lettered"
     )
+    monitor: MonitorSection = Field(default_factory=MonitorSection, description="heartbeats and Prometheus metrics")
 
     @model_validator(mode="after")
     def _window_fits(self) -> RunConfig:
