@@ -99,6 +99,7 @@ class FeatureStore:
         self.root_url = root_url
         self.run_id = run_id
         self.durable = durable
+        self.storage_options = dict(storage_options or {})  # a sibling store (the eval sub-run's) reuses them
         self.fs, root = fsspec.url_to_fs(root_url, **dict(storage_options or {}))
         self._local = isinstance(self.fs, LocalFileSystem)
         self.run_root = posixpath.join(root.rstrip("/") or "/", run_id)

@@ -75,6 +75,7 @@ class RunResult:
     first_step_s: float | None = None
     source: SourceResult | None = None
     generators: list[GeneratorStats] = field(default_factory=list)
+    eval: dict[str, float] | None = None  # the final figures on the held-out set (``data.eval_path``)
 
 
 def target_backend(config: RunConfig, *, synthetic_hidden_size: int = 64) -> TargetBackend:
@@ -117,6 +118,8 @@ class OnlineRun:
     transport: Transport
     store: FeatureStore
     topics: RunTopics
+    #: Receives rank 0's evaluations on the held-out set ``(step, figures)`` (trackers).
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
 
     def make_backend(self) -> TargetBackend:
         return target_backend(self.config)
@@ -179,6 +182,7 @@ class OnlineRun:
         """
         # The training stack (torch, the loop, export) is imported when a run starts, not with this
         # module: the source and generator processes compose an OnlineRun without training.
+        from pipeline.train.evaluate import eval_line  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.export import export_checkpoint  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.runner import run_trainer, single_rank  # lazy: start-up, torch loads only when the trainer runs
 
@@ -221,6 +225,7 @@ class OnlineRun:
                 stop=stop_event,
                 dist=single_rank(c.train.device),
                 storage_options=dict(c.storage.options),
+                on_eval=self.on_eval,
             )
 
         outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
@@ -231,6 +236,8 @@ class OnlineRun:
         if result.checkpoint:
             export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))
         summary = result.completeness.line() if result.completeness else f"{result.samples_trained} samples trained"
+        if result.eval is not None:
+            summary += f"; {eval_line(result.eval_step or result.step, result.eval)}"
         plot = settings.plot_path
         return RunResult(
             summary=summary,
@@ -243,6 +250,7 @@ class OnlineRun:
             wall_s=time.perf_counter() - started,
             source=source,
             generators=stats,
+            eval=result.eval,
         )
 
 

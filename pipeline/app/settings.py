@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
 from pipeline.app.config_file import bootstrap_origin
+from pipeline.core.topics import RunTopics
 from pipeline.generate.backpressure import TrainerWindow, Watermarks
 from pipeline.generate.worker import GeneratorConfig
 from pipeline.source.stage import SourceConfig
@@ -59,6 +60,7 @@ def source_settings(cfg: RunConfig) -> SourceConfig:
         storage_options=dict(cfg.storage.options),
         max_line_bytes=cfg.data.max_line_bytes,
         dead_letters=cfg.dead_letters.limits(),
+        eval_data=cfg.data.eval_path,
     )
 
 
@@ -89,6 +91,7 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         dead_letters=cfg.dead_letters.limits(),
         max_prompt_tokens=cfg.data.max_length,
         wait_for_source_s=g.wait_for_source_s,
+        eval_run_id=_eval_run_id(cfg),
     )
 
 
@@ -136,7 +139,15 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         min_trained_fraction=t.min_trained_fraction,
         progress=sys.stderr.isatty(),
         dead_letters=cfg.dead_letters.limits(),
+        eval_run_id=_eval_run_id(cfg),
+        eval_interval=t.eval_interval,
+        eval_metrics_path=str(out / "eval.jsonl"),
     )
+
+
+def _eval_run_id(cfg: RunConfig) -> str | None:
+    """The held-out set's sub-run (``RunTopics.eval``), when ``data.eval_path`` gives one."""
+    return RunTopics(cfg.run_id).eval.run_id if cfg.data.eval_path else None
 
 
 def vocab_mapping_url(cfg: RunConfig, storage_root_url: str) -> str:

@@ -21,6 +21,7 @@ from pipeline.core.errors import ConfigError, SpecstreamError, StreamError
 
 __all__ = (
     "MAX_RECORD_BYTES",
+    "EVAL_SUFFIX",
     "RunTopics",
     "Record",
     "Committed",
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 # Refs are ~1 KB; 8 MiB leaves room for long prompts (token ids) without ever carrying tensors.
 MAX_RECORD_BYTES = 8 * 1024 * 1024
+
+#: The eval set's sub-run id is the run id with this suffix (``RunTopics.eval``).
+EVAL_SUFFIX = ".eval"
 
 #: Where a reader starts: the group's committed offsets, the beginning, the end, or explicit offsets.
 Start = Literal["committed", "earliest", "latest"]
@@ -102,6 +106,20 @@ class RunTopics:
     @property
     def trainer_group(self) -> str:
         return f"{self.run_id}.trainers"
+
+    @property
+    def eval(self) -> RunTopics:
+        """The held-out eval set's topics: a sub-run ``<run>.eval`` of one partition, so its
+        prompts, samples, counts and features never mix with the training ones."""
+        return RunTopics(f"{self.run_id}{EVAL_SUFFIX}")
+
+    @property
+    def eval_prompts(self) -> str:
+        return self.eval.prompts
+
+    @property
+    def eval_samples(self) -> str:
+        return self.eval.samples
 
     def all(self) -> list[str]:
         """Every topic of the run (for deletion and checks)."""

@@ -42,6 +42,7 @@ from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commit
 from pipeline.generate.backpressure import FlowControl
 from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.config import GeneratorConfig
+from pipeline.generate.eval_capture import BorrowedBackend, eval_config, eval_store
 from pipeline.generate.planner import BatchPlanner, Decoded, decode_prompts
 from pipeline.generate.stats import GeneratorStats
 from pipeline.generate.writer import BatchWriter, PlannedBatch
@@ -65,6 +66,7 @@ class GeneratorWorker:
         self.config = config
         self.topics = RunTopics(config.run_id)
         self.stats = GeneratorStats()
+        self.eval_stats: GeneratorStats | None = None  # the eval set's capture (not in ``stats``)
         self._lock = threading.Lock()
         self._epoch = 0  # bumped on every assignment change and rewind
         self._synced_epoch = -1  # the epoch our positions and counters were last resynced at
@@ -97,6 +99,7 @@ class GeneratorWorker:
         stop = stop or threading.Event()
         started = time.perf_counter()
         try:
+            self._capture_eval(stop)
             if self._open(stop):  # False: stopped while waiting for the run's prompts topic
                 self._loop(stop)
                 self._finish()
@@ -106,6 +109,14 @@ class GeneratorWorker:
             self.close()
             self.stats.wall_s = time.perf_counter() - started
         return self.stats
+
+    def _capture_eval(self, stop: threading.Event) -> None:
+        """The held-out eval set first, once, by a worker over the eval sub-run (see eval_capture)."""
+        config = eval_config(self.config)
+        if config is not None and not stop.is_set():
+            store, backend = eval_store(self.store, config), BorrowedBackend(self.backend)
+            self.eval_stats = GeneratorWorker(self.transport, store, backend, config).run(stop)
+            logger.info("%s: eval set captured (%d refs by this worker)", self.config.worker_id, self.eval_stats.refs)
 
     def _fenced(self, exc: FencedError) -> FencedError:
         """What a fenced worker tells its operator: who took over, and that nothing is lost."""

@@ -33,6 +33,7 @@ from pipeline.core.messages import DeadLetter, Prompt, now
 from pipeline.core.model_dir import read_text_config
 from pipeline.core.topics import Transport
 from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES, MalformedLine, read_conversations
+from pipeline.source.eval_prompts import publish_eval_prompts
 from pipeline.source.publisher import PromptPublisher, SourceStats
 from pipeline.source.template import load_tokenizer
 from pipeline.storage import FeatureStore
@@ -72,6 +73,7 @@ class SourceConfig:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     transaction_timeout_ms: int = 60_000
     storage_options: dict[str, Any] = field(default_factory=dict)
+    eval_data: str | None = None  # held-out conversations: the eval sub-run's prompts, never trained
 
     def urls(self) -> list[str]:
         return [self.data] if isinstance(self.data, (str, os.PathLike)) else list(self.data)
@@ -92,6 +94,7 @@ class SourceResult:
     vocab_fingerprint: str = ""
     draft_vocab_size: int = 0
     target_vocab_size: int = 0
+    eval_prompts: int = 0  # held-out prompts on the eval topic (not in ``prompts``)
 
 
 class SourceStage:
@@ -124,6 +127,12 @@ class SourceStage:
             transaction_timeout_ms=cfg.transaction_timeout_ms,
         )
         started = time.perf_counter()
+        if cfg.eval_data:  # first: the generators capture the eval set before the training prompts
+            evals = publish_eval_prompts(self.transport, cfg, tokenizer, dead_letter=_dead_letter, stop=stop)
+            result.eval_prompts = evals.published + evals.skipped
+            if evals.stopped:
+                result.stats.stopped = True
+                return result
         result.stats = publisher.publish(
             self._items(tokenizer, counter, result),
             before_close=lambda: self._store_vocab(counter, target_vocab, result),

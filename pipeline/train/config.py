@@ -60,6 +60,9 @@ class TrainerSettings:
     epoch: int = 0  # not configurable yet: every run is epoch 0 (replay reads it again)
     progress: bool = False  # a progress bar on stderr (rank 0)
     dead_letters: DeadLetterLimits = DeadLetterLimits()  # when bad refs stop the trainer
+    eval_run_id: str | None = None  # the held-out set's sub-run (None: no evaluation)
+    eval_interval: int = 50  # rank 0 evaluates every N steps and at the end
+    eval_metrics_path: str | None = None  # eval.jsonl, one row per evaluation
 
     def __post_init__(self) -> None:
         positive = {

@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 
 from pipeline.core.errors import ConfigError, StreamError
 from pipeline.core.progress import StreamState, rank_partitions, read_source_counters
-from pipeline.core.topics import RunTopics, Transport
+from pipeline.core.topics import RunTopics, Transport, wait_for
 from pipeline.ledger import LedgerWriter
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.train.config import TrainerSettings
 from pipeline.train.distributed import DistContext, init_distributed
+from pipeline.train.evaluate import Evaluator, OnEval
 from pipeline.train.model import ModelSpec, build_draft
 from pipeline.train.result import TrainResult
 from pipeline.train.rng import seed_everything
 from pipeline.train.trainer import Trainer
 
-__all__ = ("OffsetCommitter", "single_rank", "run_trainer")
+__all__ = ("OffsetCommitter", "single_rank", "run_trainer", "load_eval_set")
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,69 @@ def _samples_topic(transport: Transport, topics: RunTopics) -> tuple[int, str | 
     return count, topic_id
 
 
+def load_eval_set(
+    transport: Transport,
+    store: FeatureStore,
+    *,
+    timeout_s: float,
+) -> list[dict[str, torch.Tensor]] | None:
+    """Every sample of the eval sub-run ``store.run_id`` (one partition, to its end marker),
+    waiting at most ``timeout_s`` in all; None, with a warning saying why, when it is not
+    complete by then (training goes on without evaluation)."""
+    topic = RunTopics(store.run_id).samples
+    deadline = time.monotonic() + timeout_s
+    with transport.admin() as admin:
+        exists = wait_for(lambda: admin.partition_count(topic) or None, timeout_s=timeout_s, interval_s=0.5)
+    if exists is None:
+        logger.warning("eval set: topic %s does not exist after %.0f s: no evaluation", topic, timeout_s)
+        return None
+    stream = SampleStream(transport, store, store.run_id, [0], idle_timeout_s=None)
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), stream.interrupt)
+    timer.start()
+    try:
+        samples = [item.tensors for item in stream.items()]
+        ended = stream.tracker.all_ended()
+    except StreamError as exc:
+        logger.warning("eval set %s unreadable (%s): no evaluation", topic, exc)
+        return None
+    finally:
+        timer.cancel()
+        stream.close()
+    if not ended:
+        logger.warning(
+            "eval set: %s has %d samples and no end marker after %.0f s (are the generators running?): "
+            "no evaluation", topic, len(samples), timeout_s,
+        )  # fmt: skip
+        return None
+    return samples
+
+
+def _evaluator(
+    settings: TrainerSettings,
+    transport: Transport,
+    storage_root: str,
+    storage_options: dict[str, object] | None,
+    on_eval: OnEval | None,
+) -> Evaluator | None:
+    """Rank 0's evaluator on the held-out set, when the run has one. Its first use waits for the
+    eval set at most ``idle_timeout_s``, and at most half ``collective_timeout_s`` (the other
+    ranks wait for rank 0 at the next vote)."""
+    if settings.eval_run_id is None:
+        return None
+    store = FeatureStore(storage_root, settings.eval_run_id, storage_options=storage_options)
+    wait_s = min(settings.idle_timeout_s, settings.collective_timeout_s / 2)
+    return Evaluator(
+        lambda: load_eval_set(transport, store, timeout_s=wait_s),
+        interval=settings.eval_interval,
+        batch_size=settings.batch_size,
+        ttt_steps=settings.ttt_steps,
+        decay=settings.loss_decay,
+        max_length=settings.max_length,
+        path=settings.eval_metrics_path,
+        on_eval=on_eval,
+    )
+
+
 def run_trainer(
     settings: TrainerSettings,
     *,
@@ -89,11 +154,13 @@ def run_trainer(
     device: str | None = None,
     storage_options: dict[str, object] | None = None,
     record: bool = True,
+    on_eval: OnEval | None = None,
 ) -> TrainResult:
     """Train one rank of ``settings.run_id`` on the live samples topic (call it on every rank).
 
     ``record=False`` (replay) writes no ledger records and commits no group offsets: the run's
-    own history stays the live run's.
+    own history stays the live run's. ``on_eval(step, figures)`` receives rank 0's evaluations on
+    the held-out set (``settings.eval_run_id``).
     """
     own_dist = dist is None
     dist = dist or init_distributed(timeout_s=settings.collective_timeout_s, device=device)
@@ -158,6 +225,8 @@ def run_trainer(
             source_letters=lambda: sum(
                 c.letters for c in read_source_counters(transport, topics, num_partitions).values()
             ),
+            evaluator=_evaluator(settings, transport, storage_root, storage_options, on_eval)
+            if dist.is_main else None,
         )
         return trainer.run(stop)
     finally:

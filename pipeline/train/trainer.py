@@ -35,6 +35,7 @@ from pipeline.train.config import LRSchedule, TrainerSettings
 from pipeline.train.dataset import ItemSource, LockstepFeeder, MicroBatch, Prefetcher
 from pipeline.train.distributed import DistContext, Vote
 from pipeline.train.draft import Eagle3Draft
+from pipeline.train.evaluate import Evaluator, eval_line
 from pipeline.train.metrics import RankTiming, StepRecord
 from pipeline.train.report import StepReporter, rank_progress
 from pipeline.train.result import RunCompleteness, TrainResult
@@ -79,8 +80,10 @@ class Trainer:
         delete_feature: Callable[[str], None] | None = None,
         extra_resume_fields: dict[str, Any] | None = None,
         source_letters: Callable[[], int] | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.config = config
+        self.evaluator = evaluator if dist.is_main else None  # rank 0 evaluates, between steps
         self.source_letters = source_letters
         self.draft = draft
         self.dist = dist
@@ -223,6 +226,8 @@ class Trainer:
             )
             if self.dist.is_main:
                 reporter.report(self.step, gathered, summary, lr, grad_norm)
+            if self.evaluator is not None and self.evaluator.due(self.step):
+                self._evaluate()
             crash_point("train.after_step")
             if cfg.save_interval and self.step % cfg.save_interval == 0:
                 self._checkpoint(end=False)
@@ -327,8 +332,16 @@ class Trainer:
         }
         return mine, len(tail.samples)
 
+    def _evaluate(self) -> None:
+        assert self.evaluator is not None
+        self.evaluator.run(self.step, self.draft, self.lm_head, device=self.device, autocast=self._autocast)
+
     def _finish(self, reason: str, feeder: LockstepFeeder) -> TrainResult:
         result = TrainResult(step=self.step, samples_trained=0, reason=reason)
+        if self.evaluator is not None and self.step > 0:  # the final figures, for the summary
+            self._evaluate()
+            if self.evaluator.last is not None:
+                result.eval_step, result.eval = self.evaluator.last
         if reason == "end_of_stream":
             error: BaseException | None = None
             try:
@@ -352,6 +365,8 @@ class Trainer:
             )
             if self.dist.is_main:
                 print(completeness.line(), flush=True)  # the run's summary line, for people and scripts
+                if result.eval is not None:
+                    print(eval_line(self.step, result.eval), flush=True)
             completeness.check(self.config.min_trained_fraction)
         else:
             if self.state is None:
