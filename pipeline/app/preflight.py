@@ -42,9 +42,13 @@ def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
                 "fetched at run time)",
             )
     if "source" in stages:
-        fs, path = _filesystem("data.path", config.data.path, {})
-        if not fs.exists(path):
-            raise ConfigError("data.path", f"{config.data.path} does not exist", "point it at a JSONL file of conversations")
+        inputs = {"data.path": (config.data.path, "point it at a JSONL file of conversations")}
+        if config.data.eval_path:
+            inputs["data.eval_path"] = (config.data.eval_path, "point it at a JSONL file of held-out conversations, or unset it")
+        for key, (url, fix) in inputs.items():
+            fs, path = _filesystem(key, url, {})
+            if not fs.exists(path):
+                raise ConfigError(key, f"{url} does not exist", fix)
     fs, root = _filesystem("storage.root", config.storage.root, config.storage.options)
     if set(stages) & set(STAGES):  # a stage writes features and talks to Kafka; export only reads
         if isinstance(fs, LocalFileSystem):
