@@ -338,7 +338,7 @@ class Trainer:
 
     def _finish(self, reason: str, feeder: LockstepFeeder) -> TrainResult:
         result = TrainResult(step=self.step, samples_trained=0, reason=reason)
-        if self.evaluator is not None and self.step > 0:  # the final figures, for the summary
+        if self.evaluator is not None and self.step > 0 and reason != "stopped":  # final figures, for the summary
             self._evaluate()
             if self.evaluator.last is not None:
                 result.eval_step, result.eval = self.evaluator.last
