@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.errors import DecodeError
+from pipeline.core.errors import DecodeError, StreamError
 from pipeline.core.messages import DeadLetter, decode
 from pipeline.core.topics import RunTopics, Transport, read_to_end
 
@@ -34,10 +34,11 @@ __all__ = (
 STAGES = ("source", "generate", "train")
 _EXCERPT = 80
 # Record-specific parts of a reason: quoted values, paths, hex ids and checksums, numbers.
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_QUOTED = re.compile(r"(?<!\w)'[^']*'|\"[^\"]*\"")
 _PATH = re.compile(r"(?:[\w.-]*/)+[\w.-]+")
-_HEXISH = re.compile(r"\b(?=[0-9a-f]*\d)[0-9a-f]{8,}\b", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", re.IGNORECASE)
+_HEXISH = re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b", re.IGNORECASE)
+# A number on its own, not part of a name ("UTF-8", "crc32c", "sha256" keep theirs).
+_NUMBER = re.compile(r"(?<![\w-])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", re.IGNORECASE)
 
 
 def stage_of(source_topic: str) -> str:
@@ -55,7 +56,7 @@ def normalise_reason(reason: str) -> str:
     """A reason without what is specific to one record, so that letters of one cause group.
 
     The rule: quoted values become ``'…'``, paths ``<path>``, hex ids and checksums ``<id>``, and
-    every other number ``N``; then runs of spaces collapse. "line 7: not JSON" and "line 12: not
+    every number on its own ``N`` (not one inside a name: ``UTF-8`` stays); then runs of spaces collapse. "line 7: not JSON" and "line 12: not
     JSON" are one cause; "token id 900 is outside the vocabulary of 512" stays apart from a
     missing file.
     """
@@ -104,11 +105,12 @@ class ReasonCount:
 def read_dead_letters(transport: Transport, run_id: str, timeout_s: float = 60.0) -> list[Letter]:
     """The run's dead letters in DLQ order, each once: a trainer that resumes re-reads and
     re-letters a record (same source topic, partition and offset), which is one letter, not two.
-    Records that are no dead letter of this run (another producer's) are skipped."""
+    Records that are no dead letter of this run (another producer's) are skipped; a run without
+    a DLQ topic on this broker is a ``StreamError`` (a wrong run id or broker, not a clean run)."""
     topic = RunTopics(run_id).dlq
     with transport.admin() as admin:
         if admin.partition_count(topic) is None:
-            return []
+            raise StreamError(f"run {run_id} has no topics on this broker (no {topic}): check the run id and the broker")
     seen: set[tuple[str, int, int]] = set()
     out: list[Letter] = []
     for record in read_to_end(transport, topic, [0], timeout_s=timeout_s):

@@ -28,6 +28,8 @@ def test_record_specific_numbers_paths_and_ids_do_not_split_a_cause() -> None:
     )
     assert normalise_reason("unknown schema 'a/1'") == normalise_reason("unknown schema 'b/2'")
     assert normalise_reason("line 7: not JSON") != normalise_reason("line 7: is missing")
+    assert normalise_reason("not a UTF-8 JSON document") == "not a UTF-8 JSON document"  # a name keeps its digits
+    assert normalise_reason("input_ids [-1, 5] uses crc32c") == "input_ids [N, N] uses crc32c"
 
 
 def test_count_by_reason_groups_same_cause_largest_first_and_keeps_an_example() -> None:

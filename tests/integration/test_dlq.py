@@ -15,7 +15,7 @@ import pytest
 from pipeline.core.topics import RunTopics
 from pipeline.transport.kafka import KafkaSettings
 from tests.integration.test_runtime import write_config
-from tests.support import spawn, wait_exit
+from tests.support import one_error, spawn, wait_exit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -63,6 +63,8 @@ def test_dlq_lists_each_stages_letters_with_reasons_counts_and_filters(kafka: Ka
     capped = _dlq("--config", str(path), "--limit", "2")
     assert capped["count"] == 6 and len(capped["letters"]) == 2 and capped["by_reason"] == everything["by_reason"]
 
+    code, text = wait_exit(spawn(["dlq", "--config", str(path), "--run-id", "no-such-run"]), timeout_s=60)
+    assert code != 0 and "run no-such-run has no topics on this broker" in one_error(text), text
     code, text = wait_exit(spawn(["dlq", "--config", str(path), "--stage", "nope"]), timeout_s=60)
     assert code != 0 and "--stage" in text and "source, generate, train" in text, text
     code, text = wait_exit(spawn(["dlq", "--config", str(path)]), timeout_s=60)
