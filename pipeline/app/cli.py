@@ -37,7 +37,7 @@ from pipeline.app.cli_common import (
     stop_on_signals,
     verbose_on,
 )
-from pipeline.app.cli_inspect import audit, status
+from pipeline.app.cli_inspect import audit, dlq, status
 from pipeline.app.cli_sweep import sweep
 from pipeline.app.failures import explain
 from pipeline.core.errors import (
@@ -310,7 +310,7 @@ def config_check(config: ConfigOption) -> None:
 
 
 # Commands in the order --help shows them: the main job first, then the stages, then tools.
-for command in (quickstart, run, source, generate, train, status, audit, sweep, export, replay, demo):
+for command in (quickstart, run, source, generate, train, status, audit, dlq, sweep, export, replay, demo):
     app.command()(command)
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from typing import Annotated, Optional
+
 import typer
 from rich.console import Console
 
+from pipeline.core.errors import BrokerError
 from pipeline.transport import background_broker as local_broker
-from pipeline.transport import kafka_jars
+from pipeline.transport import kafka_jars, kafka_tools
 
 __all__ = ("broker_app",)
 
@@ -16,7 +20,7 @@ console = Console(stderr=True)
 
 @broker_app.command("install")
 def broker_install(version: str = kafka_jars.KAFKA_VERSION) -> None:
-    """Assemble the broker's jars from Maven Central into the cache (needs mvn; once)."""
+    """Assemble the broker's jars and Kafka's tools from Maven Central into the cache (needs mvn; once)."""
     path = kafka_jars.install(version)
     typer.echo(str(path))
 
@@ -46,3 +50,35 @@ def broker_status() -> None:
         console.print("no local broker is running")
         raise typer.Exit(1)
     typer.echo(state.bootstrap)
+
+
+def _tool_bootstrap(name: str) -> str:
+    """KAFKA_BOOTSTRAP_SERVERS, else the local broker of `specstream broker start`."""
+    address = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or getattr(local_broker.detached_status(), "bootstrap", None)
+    if not address:
+        raise BrokerError(
+            f"no broker for {name}: pass `-- --bootstrap-server host:port`, set KAFKA_BOOTSTRAP_SERVERS, "
+            "or start the local one with `specstream broker start`"
+        )
+    return address
+
+
+@broker_app.command("tools", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def broker_tools(
+    name: Annotated[Optional[str], typer.Argument(help="The tool, as Kafka's script name (no name: list them).")] = None,
+    args: Annotated[Optional[list[str]], typer.Argument(help="The tool's own arguments, after `--`.")] = None,
+) -> None:
+    """Run one of Apache Kafka's command-line tools from the installed jars.
+
+    `specstream broker tools kafka-console-consumer -- --topic RUN.samples --from-beginning`;
+    --bootstrap-server defaults to KAFKA_BOOTSTRAP_SERVERS, else the local broker.
+    """
+    if name is None:
+        for tool, main_class in kafka_tools.TOOLS.items():
+            typer.echo(f"{tool:<24} {main_class}")
+        return
+    tool_args = list(args or [])
+    command = kafka_tools.tool_command(name, tool_args)  # unknown name, no java, no tools: one line
+    if kafka_tools.takes_bootstrap(name, tool_args):
+        command += ["--bootstrap-server", _tool_bootstrap(name)]
+    os.execv(command[0], command)  # as bin/kafka-run-class.sh: the tool's exit code and signals are the command's

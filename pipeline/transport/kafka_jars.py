@@ -1,8 +1,10 @@
 """The broker's runtime jars, assembled once from Maven Central into the cache (no tarball).
 
-``install()`` runs Maven over ``infra/kafka/pom.xml`` to copy Apache Kafka's runtime jars into
-``$SPECSTREAM_HOME/kafka-<version>/libs`` (atomically: a half-copied folder is never taken for a
-complete one). The local broker and ``specstream broker install`` use it.
+``install()`` runs Maven over ``infra/kafka/pom.xml`` to copy Apache Kafka's runtime jars, and its
+command-line tools (``kafka-tools``), into ``$SPECSTREAM_HOME/kafka-<version>/libs`` (atomically: a
+half-copied folder is never taken for a complete one). The local broker needs only the broker's
+jars (``libs_ready``), so an older install without the tools still starts it offline;
+``specstream broker install`` completes such an install (``tools_ready``) in place.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from pipeline.core.errors import BrokerError
 
-__all__ = ("KAFKA_VERSION", "home_dir", "libs_dir", "install", "libs_ready")
+__all__ = ("KAFKA_VERSION", "home_dir", "libs_dir", "install", "libs_ready", "tools_ready")
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,6 @@ _NO_MAVEN = (
     "(e.g. `apt-get install maven`) and run `specstream broker install`, or use a broker you "
     "already run by setting KAFKA_BOOTSTRAP_SERVERS=host:port"
 )
-
 
 
 def home_dir() -> Path:
@@ -53,10 +54,16 @@ def libs_ready(libs: Path, version: str) -> bool:
     return (libs / f"kafka_2.13-{version}.jar").is_file() and any(libs.glob("log4j-slf4j-impl-*.jar"))
 
 
+def tools_ready(libs: Path, version: str) -> bool:
+    """Whether Kafka's command-line tools are in ``libs`` too (installs before them lack them)."""
+    return libs_ready(libs, version) and (libs / f"kafka-tools-{version}.jar").is_file()
+
+
 def install(version: str = KAFKA_VERSION, *, force: bool = False) -> Path:
-    """Copy the broker's runtime jars from Maven Central into the cache (once); return the dir."""
+    """Copy the broker's runtime jars and the tools from Maven Central into the cache (once; an
+    install without the tools is completed); return the dir."""
     libs = libs_dir(version)
-    if libs_ready(libs, version) and not force:
+    if tools_ready(libs, version) and not force:
         return libs
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -69,7 +76,7 @@ def install(version: str = KAFKA_VERSION, *, force: bool = False) -> Path:
     ]  # fmt: skip
     logger.info("assembling Kafka %s jars from Maven Central into %s", version, libs)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0 or not (staging / f"kafka_2.13-{version}.jar").is_file():
+    if proc.returncode != 0 or not tools_ready(staging, version):
         shutil.rmtree(staging, ignore_errors=True)
         raise BrokerError(
             f"mvn could not assemble Kafka {version} (exit {proc.returncode}):\n"
