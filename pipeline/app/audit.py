@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.core.deadletter import stage_of
 from pipeline.core.errors import CaptureContractError, DecodeError, PayloadError, StreamError
 from pipeline.core.features import check_ref
 from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, SampleRef, decode
@@ -177,16 +178,6 @@ def _verifier(store: FeatureStore | None) -> Callable[[SampleRef], bool]:
     return valid
 
 
-def _stage_of(letter: DeadLetter) -> str:
-    if letter.source_topic.startswith("source:"):
-        return "source"
-    if letter.source_topic.endswith(".prompts"):
-        return "generate"
-    if letter.source_topic.endswith(".samples"):
-        return "train"
-    return letter.source_topic
-
-
 def _by_partition(
     transport: Transport, topic: str, partitions: int, timeout_s: float
 ) -> dict[int, list[Record]]:
@@ -250,7 +241,7 @@ def audit_run(
             if where in seen_letters:  # a trainer that resumed re-reads and re-letters a record
                 continue
             seen_letters.add(where)
-            key = (_stage_of(letter), letter.error)
+            key = (stage_of(letter.source_topic), letter.error)
             audit.dead_letters[key] += 1
             audit.examples.setdefault(f"{key[0]}/{key[1]}", letter.reason[:200])
     return audit

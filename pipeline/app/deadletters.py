@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.deadletter import stage_of
 from pipeline.core.errors import DecodeError, StreamError
 from pipeline.core.messages import DeadLetter, decode
 from pipeline.core.topics import RunTopics, Transport, read_to_end
@@ -39,17 +40,6 @@ _PATH = re.compile(r"(?:[\w.-]*/)+[\w.-]+")
 _HEXISH = re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b", re.IGNORECASE)
 # A number on its own, not part of a name ("UTF-8", "crc32c", "sha256" keep theirs).
 _NUMBER = re.compile(r"(?<![\w-])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", re.IGNORECASE)
-
-
-def stage_of(source_topic: str) -> str:
-    """The stage that dead-lettered a record, from where the record was read."""
-    if source_topic.startswith("source:"):
-        return "source"
-    if source_topic.endswith(".prompts"):
-        return "generate"
-    if source_topic.endswith(".samples"):
-        return "train"
-    return source_topic
 
 
 def normalise_reason(reason: str) -> str:

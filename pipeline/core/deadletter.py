@@ -9,7 +9,7 @@ from pipeline.core.errors import StreamError
 from pipeline.core.messages import DeadLetter, now
 from pipeline.core.topics import Record
 
-__all__ = ("PAYLOAD_LIMIT", "dead_letter", "DeadLetterLimits", "DeadLetterPolicy", "DeadLetterLimitExceeded")
+__all__ = ("PAYLOAD_LIMIT", "dead_letter", "stage_of", "DeadLetterLimits", "DeadLetterPolicy", "DeadLetterLimitExceeded")
 
 #: How much of a bad record's payload a dead letter keeps (the rest is marked truncated).
 PAYLOAD_LIMIT = 64 * 1024
@@ -31,6 +31,17 @@ def dead_letter(run_id: str, record: Record, error: Exception, sample_id: str | 
         sample_id=sample_id,
         created_at=now(),
     )
+
+
+def stage_of(source_topic: str) -> str:
+    """The stage that dead-lettered a record, from where the record was read."""
+    if source_topic.startswith("source:"):
+        return "source"
+    if source_topic.endswith(".prompts"):
+        return "generate"
+    if source_topic.endswith(".samples"):
+        return "train"
+    return source_topic
 
 
 class DeadLetterLimitExceeded(StreamError):
@@ -75,7 +86,7 @@ class DeadLetterPolicy:
         if self.consecutive >= limits.max_consecutive:
             raise DeadLetterLimitExceeded(
                 f"{self.stage}: {self.consecutive} invalid records in a row (last: {reason}); the input "
-                "is systematically wrong. See the DLQ (`specstream audit`), fix the input or the "
+                "is systematically wrong. See the dead letters (`specstream dlq`), fix the input or the "
                 "setting, or raise dead_letters.max_consecutive"
             )
         if seen >= limits.min_records and self.invalid / seen > limits.max_invalid_ratio:
