@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -89,11 +90,13 @@ def run_trainer(
     device: str | None = None,
     storage_options: dict[str, object] | None = None,
     record: bool = True,
+    observe: Callable[[Trainer], None] | None = None,
 ) -> TrainResult:
     """Train one rank of ``settings.run_id`` on the live samples topic (call it on every rank).
 
     ``record=False`` (replay) writes no ledger records and commits no group offsets: the run's
-    own history stays the live run's.
+    own history stays the live run's. ``observe`` receives the trainer before it runs (the
+    metrics exporter reads its live counters).
     """
     own_dist = dist is None
     dist = dist or init_distributed(timeout_s=settings.collective_timeout_s, device=device)
@@ -159,6 +162,8 @@ def run_trainer(
                 c.letters for c in read_source_counters(transport, topics, num_partitions).values()
             ),
         )
+        if observe is not None:
+            observe(trainer)
         return trainer.run(stop)
     finally:
         for closer in reversed(closers):
