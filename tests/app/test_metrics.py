@@ -138,3 +138,34 @@ def test_server_serves_metrics_and_a_taken_port_is_a_config_error() -> None:
                 serve_metrics(LiveProcess("r1"), holder.getsockname()[1], addr="127.0.0.1")
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_single_process_run_serves_its_generators_and_trainer(tmp_path, tiny_target_dir) -> None:
+    """``run``/``quickstart`` wiring: one endpoint over the run's generator threads and trainer."""
+    from pipeline.app.config_file import parse_config
+    from pipeline.app.runtime import build_online_run
+    from pipeline.devkit.chats import markov_conversations, write_jsonl
+    from pipeline.devkit.target import TINY_AUX_LAYER_IDS
+
+    data = tmp_path / "data.jsonl"
+    write_jsonl(markov_conversations(16, seed=2), str(data))
+    config = parse_config({
+        "run_id": "metrics-run", "broker": {"bootstrap_servers": "memory"},
+        "storage": {"root": str(tmp_path / "features")}, "data": {"path": str(data), "max_length": 128, "partitions": 2},
+        "target": {"backend": "hf", "model": str(tiny_target_dir), "aux_layer_ids": list(TINY_AUX_LAYER_IDS)},
+        "generate": {"high_watermark": 16, "low_watermark": 8},
+        "train": {"batch_size": 2, "ttt_steps": 2, "draft_vocab_size": 64, "output_dir": str(tmp_path / "out")},
+    })  # fmt: skip
+    online = build_online_run(config)
+    live = LiveProcess(config.run_id, online.transport)  # what `run --metrics-port` serves
+    result = online.run(watch=live)
+    assert result.reason == "end_of_stream"
+    got = _samples(RunCollector(live))  # the live objects stay readable after the run
+    gen = (("id", "metrics-run-gen-0"), ("role", "generator"), ("run", "metrics-run"))
+    rank0 = (("id", "0"), ("role", "trainer"), ("run", "metrics-run"))
+    assert got[("specstream_samples_produced_total", gen)] == 16
+    assert got[("specstream_feature_bytes_written_total", gen)] > 0
+    assert got[("specstream_samples_trained_total", rank0)] == 16
+    assert got[("specstream_trainer_step", rank0)] == result.steps
+    assert {got[("specstream_consumer_lag", (("partition", p), ("run", "metrics-run")))] for p in "01"} == {0}
