@@ -66,6 +66,15 @@ config_app = typer.Typer(help="The run config: its reference, and a check of a f
 app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
 logger = logging.getLogger(__name__)
+MetricsPortOption = Annotated[
+    Optional[int],
+    typer.Option(help="Serve Prometheus metrics on this port (/metrics); 0: any free port; overrides "
+                 "monitor.metrics_port (a trainer rank adds its LOCAL_RANK)."),
+]  # fmt: skip
+
+
+def _say(line: str) -> None:  # one line, never wrapped: scripts and tests read the URL from it
+    console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 # --- the main job ---------------------------------------------------------------------------
 
@@ -77,6 +86,7 @@ def quickstart(
     conversations: Annotated[int, typer.Option(help="Synthetic conversations to train on.")] = 768,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
     bootstrap: BootstrapOption = None,
+    metrics_port: MetricsPortOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """The main job on a fresh machine: local broker, tiny target, online EAGLE3 training, export.
@@ -97,10 +107,10 @@ def quickstart(
         console.print(f"continuing run {run_id} in {workdir}")
     console.print("building the tiny target and synthetic data (cached after the first run)...")
     config = quickstart_config(workdir, conversations=conversations, bootstrap=address, max_steps=max_steps, run_id=run_id)
-    _run_and_report(build_online_run(config, transport=kafka_settings(config, address, origin=origin)))
+    _run_and_report(build_online_run(config, transport=kafka_settings(config, address, origin=origin)), metrics_port)
 
 
-def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
+def run(config: ConfigOption, metrics_port: MetricsPortOption = None, verbose: VerboseOption = False) -> None:
     """Run every stage in this process: source, generators and trainer, interleaved."""
     setup_logging(verbose)
     from pipeline.app.preflight import check_local  # lazy: start-up, fsspec
@@ -108,11 +118,16 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
 
     cfg = load(config)
     check_local(cfg)  # before the local broker may be started for it
-    _run_and_report(build_online_run(cfg))
+    _run_and_report(build_online_run(cfg), metrics_port)
 
 
-def _run_and_report(online: OnlineRun) -> None:
-    result = online.run(stop_on_signals(), announce=console.print)  # the trainer prints the summary line
+def _run_and_report(online: OnlineRun, metrics_port: int | None) -> None:
+    from pipeline.app.metrics_server import start_metrics  # lazy: start-up, prometheus_client loads for the stages
+
+    stop = stop_on_signals()
+    c = online.config
+    live = start_metrics(c.monitor.metrics_port, metrics_port, c.run_id, transport=online.transport, say=_say)
+    result = online.run(stop, announce=console.print, watch=live)  # the trainer prints the summary line
     console.print(
         f"{result.steps} optimizer steps ({result.reason}) in {result.wall_s:.1f} s"
         + (f"; curves: {result.plot_path}" if result.plot_path else "")
@@ -179,6 +194,7 @@ def generate(
     dtype: Annotated[Optional[str], typer.Option(help="Without --config: target.dtype.")] = None,
     transaction_timeout_ms: Annotated[Optional[int], typer.Option(help="Without --config.")] = None,
     session_timeout_ms: Annotated[Optional[int], typer.Option(help="Without --config.")] = None,
+    metrics_port: MetricsPortOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Run one generator worker until the prompts end (or SIGTERM).
@@ -190,14 +206,18 @@ def generate(
     """
     setup_logging(verbose)
     from pipeline.app.generate_job import ad_hoc_generator, configured_generator  # lazy: start-up, torch
+    from pipeline.app.metrics_server import start_metrics  # lazy: start-up, prometheus_client loads for the stages
 
     from pipeline.generate.claims import default_worker_id  # lazy: start-up, through the generate package
 
     owned = [int(p) for p in partitions.split(",")] if partitions else None
     stop = stop_on_signals()  # a worker started before the source waits for it, and a signal ends that wait
     worker_id = worker_id or default_worker_id(owned)
-    if config is not None:
-        worker = configured_generator(load(config), worker_id, owned, stop)
+    cfg = load(config) if config is not None else None
+    live = start_metrics(cfg.monitor.metrics_port if cfg else None, metrics_port, cfg.run_id if cfg else run_id or "",
+                         say=_say)  # fmt: skip
+    if cfg is not None:
+        worker = configured_generator(cfg, worker_id, owned, stop)
     else:
         if not run_id or not storage:
             raise OptionError("--config", "is missing", "pass --config, or --run-id and --storage")
@@ -215,6 +235,7 @@ def generate(
         )
     where = f"partitions {','.join(map(str, owned))}" if owned else "partitions from the group"
     logger.info("generator %s (transactional id %s): %s", worker_id, worker.transactional_id, where)
+    live.watch_generator(worker)
     stats = worker.run(stop)
     console.print(
         f"generator {worker_id}: {stats.refs} samples, {stats.dropped} to the DLQ, "
@@ -222,18 +243,22 @@ def generate(
     )
 
 
-def train(config: ConfigOption, verbose: VerboseOption = False) -> None:
+def train(config: ConfigOption, metrics_port: MetricsPortOption = None, verbose: VerboseOption = False) -> None:
     """Train the draft on the samples topic; under torchrun, one process per rank.
 
     torchrun --nproc-per-node N --no-python specstream train --config run.yaml
     """
     setup_logging(verbose)
+    from pipeline.app.metrics_server import start_metrics  # lazy: start-up, prometheus_client loads for the stages
     from pipeline.app.train_job import train_rank  # lazy: start-up, torch
 
     def warn(line: str) -> None:  # one line, never wrapped: scripts grep it
         console.print(f"[yellow]{escape(line)}", soft_wrap=True)
 
-    job = train_rank(load(config), stop_on_signals(), warn=warn)
+    cfg = load(config)
+    stop = stop_on_signals()
+    live = start_metrics(cfg.monitor.metrics_port, metrics_port, cfg.run_id, say=_say, per_local_rank=True)
+    job = train_rank(cfg, stop, warn=warn, watch=live)
     if job.is_main:  # the summary line itself comes from the trainer, on rank 0
         console.print(f"{job.result.step} optimizer steps ({job.result.reason}); checkpoint {job.result.checkpoint}")
 

@@ -52,6 +52,7 @@ from pipeline.source.stage import SourceResult, SourceStage
 from pipeline.storage import FeatureStore
 
 if TYPE_CHECKING:
+    from pipeline.app.metrics import LiveProcess
     from pipeline.train.model import ModelSpec
     from pipeline.train.result import TrainResult
 
@@ -175,10 +176,16 @@ class OnlineRun:
             "(keep_last x save_interval x global batch kept for resume + the generators' peak backlog)"
         )
 
-    def run(self, stop: threading.Event | None = None, announce: Callable[[str], object] | None = None) -> RunResult:
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        announce: Callable[[str], object] | None = None,
+        watch: LiveProcess | None = None,
+    ) -> RunResult:
         """Source, then generators (threads) and trainer (here) interleaved, then export.
 
-        ``announce`` receives the start-up facts a person should see (e.g. projected storage).
+        ``announce`` receives the start-up facts a person should see (e.g. projected storage);
+        ``watch`` (the metrics exporter's view) is given the generators and the trainer.
         """
         # The training stack (torch, the loop, export) is imported when a run starts, not with this
         # module: the source and generator processes compose an OnlineRun without training.
@@ -209,6 +216,9 @@ class OnlineRun:
             for i in range(min(c.generate.workers, c.data.partitions))
         ]
         stats: list[GeneratorStats] = []
+        if watch is not None:
+            for worker in workers:
+                watch.watch_generator(worker)
 
         def producer(worker: GeneratorWorker) -> Callable[[threading.Event], None]:
             def run(stop_event: threading.Event) -> None:
@@ -226,6 +236,7 @@ class OnlineRun:
                 dist=single_rank(c.train.device),
                 storage_options=dict(c.storage.options),
                 on_eval=self.on_eval,
+                observe=watch.watch_trainer if watch is not None else None,
             )
 
         outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)

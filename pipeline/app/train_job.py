@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
 from pipeline.app.manifest import await_run
@@ -29,6 +30,9 @@ from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.distributed import init_distributed
 from pipeline.train.runner import run_trainer
 from pipeline.train.result import TrainResult
+
+if TYPE_CHECKING:
+    from pipeline.app.metrics import LiveProcess
 
 __all__ = ("TrainJobResult", "launched_world_size", "check_world_size", "schedule_steps", "train_rank")
 
@@ -92,12 +96,17 @@ def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], o
     return max(1, sum(c.prompts for c in source.values()) // cfg.global_batch)
 
 
-def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], object]) -> TrainJobResult:
-    """Check, join the run, train this rank to the end of the stream, max_steps or a stop."""
+def train_rank(
+    cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], object], watch: LiveProcess | None = None
+) -> TrainJobResult:
+    """Check, join the run, train this rank to the end of the stream, max_steps or a stop;
+    ``watch`` (the metrics exporter's view) is given the transport and the trainer."""
     check_world_size(cfg, launched_world_size())
     check_local(cfg, ("train",))
     online = build_online_run(cfg)
     check_broker(online.transport)
+    if watch is not None:
+        watch.transport = online.transport
     is_main = os.environ.get("RANK", "0") in ("", "0")  # the process group starts after the wait
     if not await_run(  # started before the source: wait for the run's topics and vocabulary mapping
         online.transport, cfg, timeout_s=cfg.train.wait_for_source_s, key="train.wait_for_source_s", stop=stop,
@@ -116,6 +125,7 @@ def train_rank(cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], o
             stop=stop,
             dist=dist,
             storage_options=dict(cfg.storage.options),
+            observe=watch.watch_trainer if watch is not None else None,
         )
     finally:
         dist.close()

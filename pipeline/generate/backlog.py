@@ -106,7 +106,6 @@ class Throttle:
         self.monitor = monitor
         self.stats = stats
         self.name = name
-        self._paused_since: float | None = None
 
     def _backlog(self, assigned: list[int], counters: Mapping[int, PartitionCounters]) -> dict[int, Backlog]:
         """Per partition: produced (ours exact, with queued batches; others' as committed)
@@ -134,11 +133,11 @@ class Throttle:
             logger.info("%s: backlog low, resuming prompt partitions %s", self.name, sorted(have - want))
         now_ = time.monotonic()
         if want and assigned and want >= set(assigned):
-            if self._paused_since is None:
-                self._paused_since = now_
-        elif self._paused_since is not None:
-            self.stats.paused_s += now_ - self._paused_since
-            self._paused_since = None
+            if self.stats.paused_since is None:
+                self.stats.paused_since = now_
+        elif self.stats.paused_since is not None:
+            self.stats.paused_s += now_ - self.stats.paused_since
+            self.stats.paused_since = None
 
     def trim(
         self,

@@ -24,7 +24,8 @@ class GeneratorStats:
     aborted_batches: int = 0
     rebalances: int = 0
     pauses: int = 0
-    paused_s: float = 0.0
+    paused_s: float = 0.0  # closed pauses; an open one started at paused_since
+    paused_since: float | None = None  # time.monotonic() when every owned partition paused; None: running
     max_backlog: int = 0
     trimmed: int = 0  # polled records left for later because their partition was at its cap
     wall_s: float = 0.0

@@ -290,6 +290,9 @@ class GeneratorWorker:
         s.dropped += sum(batch.dropped.values())
         s.tokens += batch.tokens
         s.ended_partitions.extend(batch.ended)
+        writer = self._writer  # its bytes and timings, live for the metrics exporter (_collect: at the end)
+        if writer is not None:
+            s.nbytes, s.write_s, s.commit_s = writer.stats.nbytes, writer.stats.write_s, writer.stats.commit_s
 
     def _collect(self, writer: BatchWriter) -> None:
         w = writer.stats

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -155,12 +156,14 @@ def run_trainer(
     storage_options: dict[str, object] | None = None,
     record: bool = True,
     on_eval: OnEval | None = None,
+    observe: Callable[[Trainer], None] | None = None,
 ) -> TrainResult:
     """Train one rank of ``settings.run_id`` on the live samples topic (call it on every rank).
 
     ``record=False`` (replay) writes no ledger records and commits no group offsets: the run's
     own history stays the live run's. ``on_eval(step, figures)`` receives rank 0's evaluations on
-    the held-out set (``settings.eval_run_id``).
+    the held-out set (``settings.eval_run_id``); ``observe`` receives the trainer before it runs
+    (the metrics exporter reads its live counters).
     """
     own_dist = dist is None
     dist = dist or init_distributed(timeout_s=settings.collective_timeout_s, device=device)
@@ -228,6 +231,8 @@ def run_trainer(
             evaluator=_evaluator(settings, transport, storage_root, storage_options, on_eval)
             if dist.is_main else None,
         )
+        if observe is not None:
+            observe(trainer)
         return trainer.run(stop)
     finally:
         for closer in reversed(closers):
