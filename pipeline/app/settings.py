@@ -59,6 +59,7 @@ def source_settings(cfg: RunConfig) -> SourceConfig:
         storage_options=dict(cfg.storage.options),
         max_line_bytes=cfg.data.max_line_bytes,
         dead_letters=cfg.dead_letters.limits(),
+        heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
     )
 
 
@@ -89,6 +90,7 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         dead_letters=cfg.dead_letters.limits(),
         max_prompt_tokens=cfg.data.max_length,
         wait_for_source_s=g.wait_for_source_s,
+        heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
     )
 
 
@@ -136,6 +138,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         min_trained_fraction=t.min_trained_fraction,
         progress=sys.stderr.isatty(),
         dead_letters=cfg.dead_letters.limits(),
+        heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
     )
 
 

@@ -42,6 +42,7 @@ from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commit
 from pipeline.generate.backpressure import FlowControl
 from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.config import GeneratorConfig
+from pipeline.generate.liveness import generator_heartbeat
 from pipeline.generate.planner import BatchPlanner, Decoded, decode_prompts
 from pipeline.generate.stats import GeneratorStats
 from pipeline.generate.writer import BatchWriter, PlannedBatch
@@ -84,6 +85,7 @@ class GeneratorWorker:
         self._partition_count = 0
         self._done_checked_at = 0.0
         self._first_records_at: float | None = None
+        self._heartbeat = generator_heartbeat(transport, config, self.stats)
 
     @property
     def transactional_id(self) -> str:
@@ -96,15 +98,16 @@ class GeneratorWorker:
         of the run has ended (group mode, ``exit_when_done``), or ``stop`` is set."""
         stop = stop or threading.Event()
         started = time.perf_counter()
-        try:
-            if self._open(stop):  # False: stopped while waiting for the run's prompts topic
-                self._loop(stop)
-                self._finish()
-        except FencedError as exc:
-            raise self._fenced(exc) from exc
-        finally:
-            self.close()
-            self.stats.wall_s = time.perf_counter() - started
+        with self._heartbeat.lifetime(stop):  # the final heartbeat says how it ended
+            try:
+                if self._open(stop):  # False: stopped while waiting for the run's prompts topic
+                    self._loop(stop)
+                    self._finish()
+            except FencedError as exc:
+                raise self._fenced(exc) from exc
+            finally:
+                self.close()
+                self.stats.wall_s = time.perf_counter() - started
         return self.stats
 
     def _fenced(self, exc: FencedError) -> FencedError:
@@ -123,7 +126,9 @@ class GeneratorWorker:
     def _open(self, stop: threading.Event) -> bool:
         cfg = self.config
         self._admin = self.transport.admin()
+        self._heartbeat.set_state("waiting", f"waiting for {self.topics.prompts} (start the run's source)")
         self._partition_count = wait_for_topic(self._admin, self.topics.prompts, cfg.wait_for_source_s, stop)
+        self._heartbeat.set_state("running")
         if not self._partition_count:
             return False
         self._claims = claim_partitions(self.transport, cfg)  # fixed partitions: or PartitionsClaimedError
@@ -133,7 +138,7 @@ class GeneratorWorker:
             monitor = BacklogMonitor(
                 self.transport, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin
             )
-            self._throttle = Throttle(flow, monitor, self.stats, name=cfg.worker_id)
+            self._throttle = Throttle(flow, monitor, self.stats, name=cfg.worker_id, heartbeat=self._heartbeat)
         producer = self.transport.transactional_producer(
             self.transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms
         )

@@ -60,6 +60,7 @@ class TrainerSettings:
     epoch: int = 0  # not configurable yet: every run is epoch 0 (replay reads it again)
     progress: bool = False  # a progress bar on stderr (rank 0)
     dead_letters: DeadLetterLimits = DeadLetterLimits()  # when bad refs stop the trainer
+    heartbeat_interval_s: float | None = None  # each rank's heartbeat (None: none; not a resume field)
 
     def __post_init__(self) -> None:
         positive = {
