@@ -19,8 +19,12 @@ def status(
     config: OptionalConfig = None,
     bootstrap: BootstrapOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON object.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C (in place on a terminal).")] = False,
-    interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds between refreshes (--watch).")] = 2.0,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C (in place on a terminal).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, help="Seconds between refreshes (--watch).")
+    ] = 2.0,
 ) -> None:
     """The run's state (running, stalled, finished, stopped, failed), each process from its heartbeat,
     per partition produced/dropped/consumed/lag and end of stream, prompts, samples/s, ETA, DLQ."""

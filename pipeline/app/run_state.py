@@ -62,11 +62,15 @@ def decide_run_state(beats: Iterable[Heartbeat], *, now: float, lag: int) -> Run
     failed = [b for b in beats if b.state == "failed"]
     if failed:
         return RunState(
-            "failed", max(b.created_at for b in failed), "; ".join(f"{_name(b)}: {b.reason or 'failed'}" for b in failed)
+            "failed",
+            max(b.created_at for b in failed),
+            "; ".join(f"{_name(b)}: {b.reason or 'failed'}" for b in failed),
         )
     trainers = [b for b in beats if b.role == "trainer"]
     if trainers and all(b.state == "finished" for b in trainers):
-        summary = next((dict(b.counters) for b in trainers if "prompts" in b.counters), dict(trainers[0].counters))
+        summary = next(
+            (dict(b.counters) for b in trainers if "prompts" in b.counters), dict(trainers[0].counters)
+        )
         return RunState("finished", max(b.created_at for b in trainers), "end of stream", summary)
     if trainers and all(b.state in FINAL_STATES for b in trainers):
         why = sorted({b.reason or b.state for b in trainers})

@@ -22,6 +22,8 @@ from pipeline.core.topics import RunTopics, Transport, read_to_end
 
 __all__ = ("PartitionStatus", "RunStatus", "run_status", "render_status")
 
+ROLES = ("source", "generator", "trainer")  # the order status lists processes in: the DAG's
+
 
 @dataclass(frozen=True)
 class PartitionStatus:
@@ -48,7 +50,7 @@ class RunStatus:
     samples_per_s: float | None
     dead_letters: int
     processes: list[Heartbeat] = field(default_factory=list)
-    state: RunState = RunState("unknown")
+    state: RunState = field(default_factory=lambda: RunState("unknown"))
     prompts: int = 0  # the source's committed prompts
     source_ended: bool = False  # every prompts partition has its end-of-stream marker
     now: float = 0.0
@@ -90,25 +92,47 @@ class RunStatus:
             "eta_s": self.eta_s,
             "dead_letters": self.dead_letters,
             "partitions": [
-                {"partition": p.partition, "produced": p.produced, "dropped": p.dropped, "consumed": p.consumed,
-                 "lag": p.backlog, "generators_ended": p.generator_ended}
+                {
+                    "partition": p.partition,
+                    "produced": p.produced,
+                    "dropped": p.dropped,
+                    "consumed": p.consumed,
+                    "lag": p.backlog,
+                    "generators_ended": p.generator_ended,
+                }
                 for p in self.partitions
-            ],  # fmt: skip
+            ],
             "processes": [
-                {"role": b.role, "id": b.id, "host": b.host, "pid": b.pid, "state": b.state, "reason": b.reason,
-                 "alive": alive(b, self.now), "age_s": round(age_s(b, self.now), 3), "interval_s": b.interval_s,
-                 "started_at": b.started_at, "last_seen": b.created_at, "counters": dict(b.counters)}
+                {
+                    "role": b.role,
+                    "id": b.id,
+                    "host": b.host,
+                    "pid": b.pid,
+                    "state": b.state,
+                    "reason": b.reason,
+                    "alive": alive(b, self.now),
+                    "age_s": round(age_s(b, self.now), 3),
+                    "interval_s": b.interval_s,
+                    "started_at": b.started_at,
+                    "last_seen": b.created_at,
+                    "counters": dict(b.counters),
+                }
                 for b in self.processes
-            ],  # fmt: skip
+            ],
             "now": self.now,
         }
 
 
 def _read_all(transport: Transport, topic: str, partition: int, start: int, timeout_s: float) -> list[bytes]:
-    return [r.value or b"" for r in read_to_end(transport, topic, [partition], start={partition: start}, timeout_s=timeout_s)]
+    return [
+        r.value or b""
+        for r in read_to_end(transport, topic, [partition], start={partition: start}, timeout_s=timeout_s)
+    ]
 
 
-def _recent_steps(transport: Transport, topics: RunTopics, lookback: int, timeout_s: float) -> list[LedgerStep]:
+def _recent_steps(
+    transport: Transport, topics: RunTopics, lookback: int, timeout_s: float
+) -> list[LedgerStep]:
     with transport.admin() as admin:
         end = admin.end_offsets(topics.ledger, [0])[0]
     steps = []
@@ -146,15 +170,16 @@ def run_status(
     if len(steps) >= 2 and steps[-1].created_at > steps[0].created_at:
         samples = sum(len(r.sample_ids) for s in steps[1:] for r in s.ranks)
         rate = samples / (steps[-1].created_at - steps[0].created_at)
-    letters = sum(
-        1 for v in _read_all(transport, topics.dlq, 0, 0, timeout_s) if _is_dead_letter(v)
-    )
+    letters = sum(1 for v in _read_all(transport, topics.dlq, 0, 0, timeout_s) if _is_dead_letter(v))
     partitions = []
     for p in range(count):
         c = PartitionCounters.from_metadata(commits[p].metadata) if p in commits else PartitionCounters()
         partitions.append(PartitionStatus(p, c.refs, c.dropped, c.ended, consumed.get(p, 0)))
     source = read_source_counters(transport, topics, count)
-    beats = sorted(read_heartbeats(transport, run_id, timeout_s=timeout_s).values(), key=lambda b: (b.role, b.id))
+    beats = sorted(
+        read_heartbeats(transport, run_id, timeout_s=timeout_s).values(),
+        key=lambda b: (ROLES.index(b.role), b.id),
+    )
     now = time.time() if now is None else now
     lag = sum(p.backlog for p in partitions)
     return RunStatus(
@@ -211,8 +236,10 @@ def render_status(status: RunStatus) -> str:
     rate = f", {status.samples_per_s:.1f} samples/s" if status.samples_per_s else ""
     eta = f", ETA {_duration(status.eta_s)}" if status.eta_s is not None else ""
     lines = [
-        f"run {status.run_id}: step {status.step if status.step is not None else '-'}, "
-        f"{status.consumed} of {status.produced} produced samples trained{rate}",
+        (
+            f"run {status.run_id}: step {status.step if status.step is not None else '-'}, "
+            f"{status.consumed} of {status.produced} produced samples trained{rate}"
+        ),
         _state_line(status),
         f"prompts: {total} from the source, {status.consumed} trained{eta}",
         f"{'partition':>9} {'produced':>9} {'dropped':>8} {'consumed':>9} {'lag':>6}  end of stream",
@@ -230,7 +257,7 @@ def render_status(status: RunStatus) -> str:
             lines.append(
                 f"{b.role + '/' + b.id:<28} {b.host[:16]:<16} {b.pid:>7} {b.state:<9} {seen:>8}  {_counters(b.counters)}"
             )
-            if b.reason:
+            if b.reason and b.state != "finished":
                 lines.append(f"{'':<28} {b.state}: {b.reason}")
     else:
         lines.append("processes: no heartbeats (not started yet, or a run from before heartbeats)")

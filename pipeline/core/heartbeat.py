@@ -130,7 +130,9 @@ class HeartbeatPublisher:
         if thread is not None:
             thread.join(timeout_s)
             if thread.is_alive():
-                logger.warning("%s: final heartbeat not delivered in %.0f s; exiting without it", self.name, timeout_s)
+                logger.warning(
+                    "%s: final heartbeat not delivered in %.0f s; exiting without it", self.name, timeout_s
+                )
 
     def fail(self, exc: BaseException) -> None:
         """The stage raised: the final heartbeat says failed, with the error's one line."""
@@ -175,7 +177,9 @@ class HeartbeatPublisher:
         try:
             if self._producer is None:
                 with self.transport.admin() as admin:
-                    admin.ensure_topics({self.topics.heartbeats: 1}, configs={self.topics.heartbeats: HEARTBEAT_TOPIC_CONFIG})
+                    admin.ensure_topics(
+                        {self.topics.heartbeats: 1}, configs={self.topics.heartbeats: HEARTBEAT_TOPIC_CONFIG}
+                    )
                 self._producer = self.transport.plain_producer()
             value = encode(self.message())
             self._producer.send(self.topics.heartbeats, value, partition=0, key=self.name.encode())

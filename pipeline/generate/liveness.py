@@ -24,7 +24,9 @@ __all__ = ("generator_heartbeat", "PauseReport")
 logger = logging.getLogger(__name__)
 
 
-def generator_heartbeat(transport: Transport, config: GeneratorConfig, stats: GeneratorStats) -> HeartbeatPublisher:
+def generator_heartbeat(
+    transport: Transport, config: GeneratorConfig, stats: GeneratorStats
+) -> HeartbeatPublisher:
     """The worker's heartbeat (not started), with its live counts as counters."""
 
     def counters() -> dict[str, int | float]:

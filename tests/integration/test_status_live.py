@@ -47,7 +47,9 @@ def poll(kafka: KafkaSettings, run_id: str, until: Callable[[dict[str, Any]], bo
         if until(view):
             return view
         time.sleep(0.5)  # polling the broker's view, bounded by the deadline
-    raise AssertionError(f"status never showed {what} in {timeout_s:.0f} s: {json.dumps(view, indent=1)[-4000:]}")
+    raise AssertionError(
+        f"status never showed {what} in {timeout_s:.0f} s: {json.dumps(view, indent=1)[-4000:]}"
+    )
 
 
 def process(view: dict[str, Any], role: str, id_: str | None = None) -> dict[str, Any] | None:
@@ -112,10 +114,21 @@ def test_status_shows_paused_running_stalled_and_finished(
         done = status_json(config)
         assert done["state"] == "finished", done
         summary = done["summary"]
-        assert (summary["prompts"], summary["trained"] + summary["tail"]) == (CONVERSATIONS, CONVERSATIONS), summary
+        assert (summary["prompts"], summary["trained"] + summary["tail"]) == (CONVERSATIONS, CONVERSATIONS), (
+            summary
+        )
         assert summary["missing"] == summary["duplicates"] == 0, summary
         assert {p["state"] for p in done["processes"]} == {"finished"}, done["processes"]
         assert done["lag"] == 0 and done["eta_s"] is None, done
+
+        # 5. --watch, not on a terminal: one plain view after another until Ctrl-C, which exits 0
+        watch = spawn(["status", "--config", str(config), "--watch", "--interval", "0.5"])
+        trainers.append(watch)
+        wait_for_output(watch, r"^state: finished at", timeout_s=60)
+        wait_for_output(watch, r"^state: finished at", timeout_s=30)
+        watch.send_signal(signal.SIGINT)
+        code, out = wait_exit(watch, timeout_s=30)
+        assert code == 0, out[-4000:]
     finally:
         for proc in (generator, *trainers):
             if proc.poll() is None:
