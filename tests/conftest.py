@@ -90,7 +90,7 @@ def run_topics(kafka: KafkaSettings, run_id: str) -> Iterator[RunTopics]:
         admin.ensure_run_topics(topics, 4)
     yield topics
     with KafkaAdmin(kafka) as admin:
-        admin.delete_topics([topics.prompts, topics.samples, topics.ledger, topics.dlq, topics.manifest])
+        admin.delete_topics(topics.all())
 
 
 @pytest.fixture

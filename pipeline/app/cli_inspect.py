@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -13,11 +15,46 @@ from pipeline.core.errors import OptionError
 __all__ = ("status", "audit", "dlq")
 
 
-def status(run_id: RunIdOption = None, config: OptionalConfig = None, bootstrap: BootstrapOption = None) -> None:
-    """Per partition: produced, dropped, consumed, lag and end-of-stream state; DLQ; samples/s."""
+def status(
+    run_id: RunIdOption = None,
+    config: OptionalConfig = None,
+    bootstrap: BootstrapOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON object.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C (in place on a terminal).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, help="Seconds between refreshes (--watch).")
+    ] = 2.0,
+) -> None:
+    """The run's state (running, stalled, finished, stopped, failed), each process from its heartbeat,
+    per partition produced/dropped/consumed/lag and end of stream, prompts, samples/s, ETA, DLQ."""
     from pipeline.app.status import render_status, run_status  # lazy: start-up, kafka-python
 
-    typer.echo(render_status(run_status(*run_transport(run_id, config, bootstrap)[::-1])))
+    name, transport = run_transport(run_id, config, bootstrap)
+
+    def show() -> str:
+        current = run_status(transport, name)
+        return json.dumps(current.to_json(), sort_keys=True) if json_out else render_status(current)
+
+    if not watch:
+        typer.echo(show())
+        return
+    try:
+        if sys.stdout.isatty() and not json_out:
+            from rich.live import Live  # lazy: start-up, only for --watch on a terminal
+            from rich.text import Text  # lazy: start-up, only for --watch on a terminal
+
+            with Live(Text(show()), auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(Text(show()), refresh=True)
+        while True:  # not a terminal (or --json): one view after another, line-oriented
+            typer.echo(show() + ("" if json_out else "\n"), nl=True)
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 def audit(

@@ -61,6 +61,7 @@ def source_settings(cfg: RunConfig) -> SourceConfig:
         max_line_bytes=cfg.data.max_line_bytes,
         dead_letters=cfg.dead_letters.limits(),
         eval_data=cfg.data.eval_path,
+        heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
     )
 
 
@@ -92,6 +93,7 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         max_prompt_tokens=cfg.data.max_length,
         wait_for_source_s=g.wait_for_source_s,
         eval_run_id=_eval_run_id(cfg),
+        heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
     )
 
 
@@ -142,6 +144,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         eval_run_id=_eval_run_id(cfg),
         eval_interval=t.eval_interval,
         eval_metrics_path=str(out / "eval.jsonl"),
+        heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
     )
 
 

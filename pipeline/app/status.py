@@ -1,21 +1,28 @@
-"""``specstream status``: where a run stands, per partition, read from Kafka alone.
+"""``specstream status``: where a run stands, per partition and per process, read from Kafka alone.
 
 Produced and dropped counts come from the generators' committed offset metadata (exact, written
 in the same transactions as the refs); consumed counts and the step come from the newest ledger
-record; samples/s from the ledger's recent records; the DLQ count from the DLQ topic. Nothing here
-writes anything.
+record; samples/s from the ledger's recent records; the DLQ count from the DLQ topic; the prompt
+total from the source's counts; every process's state and last-seen age from its newest heartbeat,
+and the run's state from those (:mod:`pipeline.app.run_state`). Nothing here writes anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
+from pipeline.app.run_state import RunState, age_s, alive, decide_run_state
 from pipeline.core.errors import RunMismatchError
-from pipeline.core.messages import DeadLetter, LedgerStep, decode
-from pipeline.core.progress import PartitionCounters
+from pipeline.core.heartbeat import FINAL_STATES, read_heartbeats
+from pipeline.core.messages import DeadLetter, Heartbeat, LedgerStep, decode
+from pipeline.core.progress import PartitionCounters, read_source_counters
 from pipeline.core.topics import RunTopics, Transport, read_to_end
 
 __all__ = ("PartitionStatus", "RunStatus", "run_status", "render_status")
+
+ROLES = ("source", "generator", "trainer")  # the order status lists processes in: the DAG's
 
 
 @dataclass(frozen=True)
@@ -35,13 +42,18 @@ class PartitionStatus:
 
 @dataclass(frozen=True)
 class RunStatus:
-    """Where a run stands, read from Kafka alone."""
+    """Where a run stands, read from Kafka alone, as of ``now`` (epoch seconds)."""
 
     run_id: str
     partitions: list[PartitionStatus]
     step: int | None
     samples_per_s: float | None
     dead_letters: int
+    processes: list[Heartbeat] = field(default_factory=list)
+    state: RunState = field(default_factory=lambda: RunState("unknown"))
+    prompts: int = 0  # the source's committed prompts
+    source_ended: bool = False  # every prompts partition has its end-of-stream marker
+    now: float = 0.0
 
     @property
     def produced(self) -> int:
@@ -51,12 +63,76 @@ class RunStatus:
     def consumed(self) -> int:
         return sum(p.consumed for p in self.partitions)
 
+    @property
+    def lag(self) -> int:
+        return sum(p.backlog for p in self.partitions)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds to train what is left, at the recent rate (None: unknown or not running)."""
+        if self.state.state != "running" or not self.source_ended or not self.samples_per_s:
+            return None
+        left = self.prompts - sum(p.dropped for p in self.partitions) - self.consumed
+        return max(0.0, left / self.samples_per_s)
+
+    def to_json(self) -> dict[str, Any]:
+        """A stable machine-readable view (``status --json``)."""
+        return {
+            "run_id": self.run_id,
+            "state": self.state.state,
+            "since": self.state.since,
+            "reason": self.state.reason,
+            "summary": self.state.summary,
+            "step": self.step,
+            "prompts": {"total": self.prompts, "source_ended": self.source_ended, "trained": self.consumed},
+            "produced": self.produced,
+            "consumed": self.consumed,
+            "lag": self.lag,
+            "samples_per_s": self.samples_per_s,
+            "eta_s": self.eta_s,
+            "dead_letters": self.dead_letters,
+            "partitions": [
+                {
+                    "partition": p.partition,
+                    "produced": p.produced,
+                    "dropped": p.dropped,
+                    "consumed": p.consumed,
+                    "lag": p.backlog,
+                    "generators_ended": p.generator_ended,
+                }
+                for p in self.partitions
+            ],
+            "processes": [
+                {
+                    "role": b.role,
+                    "id": b.id,
+                    "host": b.host,
+                    "pid": b.pid,
+                    "state": b.state,
+                    "reason": b.reason,
+                    "alive": alive(b, self.now),
+                    "age_s": round(age_s(b, self.now), 3),
+                    "interval_s": b.interval_s,
+                    "started_at": b.started_at,
+                    "last_seen": b.created_at,
+                    "counters": dict(b.counters),
+                }
+                for b in self.processes
+            ],
+            "now": self.now,
+        }
+
 
 def _read_all(transport: Transport, topic: str, partition: int, start: int, timeout_s: float) -> list[bytes]:
-    return [r.value or b"" for r in read_to_end(transport, topic, [partition], start={partition: start}, timeout_s=timeout_s)]
+    return [
+        r.value or b""
+        for r in read_to_end(transport, topic, [partition], start={partition: start}, timeout_s=timeout_s)
+    ]
 
 
-def _recent_steps(transport: Transport, topics: RunTopics, lookback: int, timeout_s: float) -> list[LedgerStep]:
+def _recent_steps(
+    transport: Transport, topics: RunTopics, lookback: int, timeout_s: float
+) -> list[LedgerStep]:
     with transport.admin() as admin:
         end = admin.end_offsets(topics.ledger, [0])[0]
     steps = []
@@ -70,8 +146,10 @@ def _recent_steps(transport: Transport, topics: RunTopics, lookback: int, timeou
     return steps
 
 
-def run_status(transport: Transport, run_id: str, *, timeout_s: float = 30.0) -> RunStatus:
-    """Read the run's counters, ledger and DLQ (nothing is written)."""
+def run_status(
+    transport: Transport, run_id: str, *, timeout_s: float = 30.0, now: float | None = None
+) -> RunStatus:
+    """Read the run's counters, ledger, DLQ and heartbeats (nothing is written)."""
     topics = RunTopics(run_id)
     with transport.admin() as admin:
         count = admin.partition_count(topics.samples)
@@ -92,14 +170,24 @@ def run_status(transport: Transport, run_id: str, *, timeout_s: float = 30.0) ->
     if len(steps) >= 2 and steps[-1].created_at > steps[0].created_at:
         samples = sum(len(r.sample_ids) for s in steps[1:] for r in s.ranks)
         rate = samples / (steps[-1].created_at - steps[0].created_at)
-    letters = sum(
-        1 for v in _read_all(transport, topics.dlq, 0, 0, timeout_s) if _is_dead_letter(v)
-    )
+    letters = sum(1 for v in _read_all(transport, topics.dlq, 0, 0, timeout_s) if _is_dead_letter(v))
     partitions = []
     for p in range(count):
         c = PartitionCounters.from_metadata(commits[p].metadata) if p in commits else PartitionCounters()
         partitions.append(PartitionStatus(p, c.refs, c.dropped, c.ended, consumed.get(p, 0)))
-    return RunStatus(run_id, partitions, latest.step if latest else None, rate, letters)
+    source = read_source_counters(transport, topics, count)
+    beats = sorted(
+        read_heartbeats(transport, run_id, timeout_s=timeout_s).values(),
+        key=lambda b: (ROLES.index(b.role), b.id),
+    )
+    now = time.time() if now is None else now
+    lag = sum(p.backlog for p in partitions)
+    return RunStatus(
+        run_id, partitions, latest.step if latest else None, rate, letters,
+        processes=beats, state=decide_run_state(beats, now=now, lag=lag),
+        prompts=sum(c.prompts for c in source.values()),
+        source_ended=bool(source) and all(c.ended for c in source.values()), now=now,
+    )  # fmt: skip
 
 
 def _is_dead_letter(value: bytes) -> bool:
@@ -109,12 +197,51 @@ def _is_dead_letter(value: bytes) -> bool:
         return False
 
 
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch is not None else "-"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _state_line(status: RunStatus) -> str:
+    st = status.state
+    if st.state == "finished":
+        s = st.summary
+        counts = (
+            f"{s.get('trained', s.get('samples', 0)):g} of {s.get('prompts', status.prompts):g} prompts trained, "
+            f"{s.get('missing', 0):g} missing, {s.get('duplicates', 0):g} duplicates dropped, "
+            f"{s.get('tail', 0):g} tail samples not stepped, {s.get('dead_letters', 0):g} dead letters"
+        )
+        return f"state: finished at {_when(st.since)}: {counts}"
+    if st.state in ("stalled", "stopped", "failed"):
+        word = {"stalled": "since", "stopped": "at", "failed": "at"}[st.state]
+        return f"state: {st.state} {word} {_when(st.since)}: {st.reason}"
+    return f"state: {st.state}" + (f" ({st.reason})" if st.reason else "")
+
+
+def _counters(counters: dict[str, int | float]) -> str:
+    return " ".join(f"{k}={v:g}" for k, v in counters.items())
+
+
 def render_status(status: RunStatus) -> str:
-    """A plain-text table (the CLI prints it through rich)."""
+    """A plain-text view: the run's state, its totals, each partition and each process."""
+    total = f"{status.prompts}" + ("" if status.source_ended else " so far")
+    rate = f", {status.samples_per_s:.1f} samples/s" if status.samples_per_s else ""
+    eta = f", ETA {_duration(status.eta_s)}" if status.eta_s is not None else ""
     lines = [
-        f"run {status.run_id}: step {status.step if status.step is not None else '-'}, "
-        f"{status.consumed} of {status.produced} produced samples trained"
-        + (f", {status.samples_per_s:.1f} samples/s" if status.samples_per_s else ""),
+        (
+            f"run {status.run_id}: step {status.step if status.step is not None else '-'}, "
+            f"{status.consumed} of {status.produced} produced samples trained{rate}"
+        ),
+        _state_line(status),
+        f"prompts: {total} from the source, {status.consumed} trained{eta}",
         f"{'partition':>9} {'produced':>9} {'dropped':>8} {'consumed':>9} {'lag':>6}  end of stream",
     ]
     for p in status.partitions:
@@ -122,5 +249,17 @@ def render_status(status: RunStatus) -> str:
             f"{p.partition:>9} {p.produced:>9} {p.dropped:>8} {p.consumed:>9} {p.backlog:>6}  "
             f"{'generators done' if p.generator_ended else 'open'}"
         )
+    if status.processes:
+        lines.append(f"{'process':<28} {'host':<16} {'pid':>7} {'state':<9} {'seen':>8}  counters")
+        for b in status.processes:
+            silent = not alive(b, status.now) and b.state not in FINAL_STATES
+            seen = f"{age_s(b, status.now):.0f} s" + (" silent" if silent else "")
+            lines.append(
+                f"{b.role + '/' + b.id:<28} {b.host[:16]:<16} {b.pid:>7} {b.state:<9} {seen:>8}  {_counters(b.counters)}"
+            )
+            if b.reason and b.state != "finished":
+                lines.append(f"{'':<28} {b.state}: {b.reason}")
+    else:
+        lines.append("processes: no heartbeats (not started yet, or a run from before heartbeats)")
     lines.append(f"dead letters: {status.dead_letters}")
     return "\n".join(lines)

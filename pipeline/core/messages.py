@@ -37,6 +37,7 @@ __all__ = (
     "RunManifest",
     "PartitionClaim",
     "DeadLetter",
+    "Heartbeat",
     "MESSAGE_TYPES",
     "encode",
     "decode",
@@ -257,6 +258,26 @@ class DeadLetter(Message):
     created_at: Annotated[float, Field(ge=0)]
 
 
+class Heartbeat(Message):
+    """One process's liveness and counters, every ``monitor.heartbeat_interval_s``, keyed by
+    ``<role>/<id>`` in the run's compacted heartbeats topic (``pipeline.core.heartbeat``)."""
+
+    NAME: ClassVar[str] = "heartbeat"
+    schema_: Literal["specstream.heartbeat/1"] = Field(default="specstream.heartbeat/1", alias="schema")
+    role: Literal["source", "generator", "trainer"]
+    id: Identifier
+    host: Annotated[str, Field(max_length=255)]
+    pid: NonNegative
+    state: Literal["starting", "running", "paused", "waiting", "finished", "stopped", "failed"]
+    reason: Annotated[str, Field(max_length=1000)] = ""  # why failed, paused, waiting or stopped
+    counters: Annotated[dict[Annotated[str, Field(max_length=64)], int | float], Field(max_length=32)] = Field(
+        default_factory=dict
+    )
+    interval_s: Annotated[float, Field(gt=0)]
+    started_at: Annotated[float, Field(ge=0)]
+    created_at: Annotated[float, Field(ge=0)]
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Prompt,
     SampleRef,
@@ -265,9 +286,10 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     RunManifest,
     PartitionClaim,
     DeadLetter,
+    Heartbeat,
 )
 _BY_NAME: dict[str, type[Message]] = {cls.NAME: cls for cls in MESSAGE_TYPES}
-AnyMessage = Union[Prompt, SampleRef, EndOfStream, LedgerStep, RunManifest, PartitionClaim, DeadLetter]
+AnyMessage = Union[Prompt, SampleRef, EndOfStream, LedgerStep, RunManifest, PartitionClaim, DeadLetter, Heartbeat]
 
 
 def encode(message: Message) -> bytes:

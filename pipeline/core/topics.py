@@ -95,6 +95,11 @@ class RunTopics:
         return f"{self.run_id}.manifest"
 
     @property
+    def heartbeats(self) -> str:
+        """Compacted, one partition: every process's newest heartbeat, keyed by ``<role>/<id>``."""
+        return f"{self.run_id}.heartbeats"
+
+    @property
     def generator_group(self) -> str:
         return f"{self.run_id}.generators"
 
@@ -123,7 +128,7 @@ class RunTopics:
 
     def all(self) -> list[str]:
         """Every topic of the run (for deletion and checks)."""
-        return [self.prompts, self.samples, self.ledger, self.dlq, self.manifest]
+        return [self.prompts, self.samples, self.ledger, self.dlq, self.manifest, self.heartbeats]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from pipeline.core.errors import StreamError
 from pipeline.core.messages import LedgerStep, Prompt
 from pipeline.core.progress import PartitionCounters
 from pipeline.core.topics import Admin, Committed, Reader, RunTopics, Transport
+from pipeline.core.heartbeat import HeartbeatPublisher
 from pipeline.generate.backpressure import Backlog, FlowControl
+from pipeline.generate.liveness import PauseReport
 from pipeline.generate.planner import Decoded
 from pipeline.generate.stats import GeneratorStats
 from pipeline.ledger import LedgerTail
@@ -101,11 +103,15 @@ class Throttle:
     included); the rest of the backlog comes from the monitor.
     """
 
-    def __init__(self, flow: FlowControl, monitor: BacklogMonitor, stats: GeneratorStats, *, name: str) -> None:
+    def __init__(
+        self, flow: FlowControl, monitor: BacklogMonitor, stats: GeneratorStats, *, name: str,
+        heartbeat: HeartbeatPublisher | None = None,
+    ) -> None:  # fmt: skip
         self.flow = flow
         self.monitor = monitor
         self.stats = stats
         self.name = name
+        self.report = PauseReport(name, flow, stats, heartbeat)  # the log lines and the heartbeat state
 
     def _backlog(self, assigned: list[int], counters: Mapping[int, PartitionCounters]) -> dict[int, Backlog]:
         """Per partition: produced (ours exact, with queued batches; others' as committed)
@@ -117,6 +123,7 @@ class Throttle:
         """Pause the owned partitions whose backlog reached their cap, resume those below low."""
         assigned = reader.assignment()
         want: set[int] = set()
+        backlog: dict[int, Backlog] = {}
         if assigned:
             self.monitor.refresh()
             backlog = self._backlog(assigned, counters)
@@ -126,18 +133,9 @@ class Throttle:
         have = set(reader.paused())
         if want - have:
             reader.pause(sorted(want - have))
-            self.stats.pauses += 1
-            logger.info("%s: backlog high, pausing prompt partitions %s", self.name, sorted(want - have))
         if have - want:
             reader.resume(sorted(have - want))
-            logger.info("%s: backlog low, resuming prompt partitions %s", self.name, sorted(have - want))
-        now_ = time.monotonic()
-        if want and assigned and want >= set(assigned):
-            if self.stats.paused_since is None:
-                self.stats.paused_since = now_
-        elif self.stats.paused_since is not None:
-            self.stats.paused_s += now_ - self.stats.paused_since
-            self.stats.paused_since = None
+        self.report.update(want, assigned, backlog)
 
     def trim(
         self,

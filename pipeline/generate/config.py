@@ -40,6 +40,7 @@ class GeneratorConfig:
     max_prompt_tokens: int | None = None  # longer prompts are refused before the forward
     wait_for_source_s: float = 600.0  # at start, how long to wait for the run's prompts topic
     eval_run_id: str | None = None  # the eval sub-run captured first (``pipeline.generate.eval_capture``)
+    heartbeat_interval_s: float | None = None  # publish a heartbeat this often (None: none)
 
     def validate(self) -> None:
         """Refuse a bad batch size or a watermark that could deadlock, before anything starts."""

@@ -17,14 +17,35 @@ No backpressure: the eval set is small and read by the trainer once.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pipeline.generate.backend import Capture, PromptTokens, TargetBackend, TargetInfo
 from pipeline.generate.config import GeneratorConfig
+from pipeline.generate.stats import GeneratorStats
 from pipeline.storage import FeatureStore
 
-__all__ = ("BorrowedBackend", "eval_config", "eval_store")
+if TYPE_CHECKING:
+    from pipeline.generate.worker import GeneratorWorker
+
+__all__ = ("BorrowedBackend", "eval_config", "eval_store", "capture_eval_set")
+
+logger = logging.getLogger(__name__)
+
+
+def capture_eval_set(worker: GeneratorWorker, stop: threading.Event) -> GeneratorStats | None:
+    """Run ``worker``'s share of the eval capture (a worker of its class over the eval sub-run,
+    lending it the target); None when it has none to do."""
+    config = eval_config(worker.config)
+    if config is None or stop.is_set():
+        return None
+    store, backend = eval_store(worker.store, config), BorrowedBackend(worker.backend)
+    stats = type(worker)(worker.transport, store, backend, config).run(stop)
+    logger.info("%s: eval set captured (%d refs by this worker)", worker.config.worker_id, stats.refs)
+    return stats
 
 
 def eval_config(config: GeneratorConfig) -> GeneratorConfig | None:
@@ -41,6 +62,7 @@ def eval_config(config: GeneratorConfig) -> GeneratorConfig | None:
         trainer=None,
         exit_when_done=True,
         eval_run_id=None,
+        heartbeat_interval_s=None,  # the worker's own heartbeat covers the capture
     )
 
 

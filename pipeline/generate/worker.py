@@ -42,7 +42,8 @@ from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commit
 from pipeline.generate.backpressure import FlowControl
 from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.config import GeneratorConfig
-from pipeline.generate.eval_capture import BorrowedBackend, eval_config, eval_store
+from pipeline.generate.eval_capture import capture_eval_set
+from pipeline.generate.liveness import generator_heartbeat
 from pipeline.generate.planner import BatchPlanner, Decoded, decode_prompts
 from pipeline.generate.stats import GeneratorStats
 from pipeline.generate.writer import BatchWriter, PlannedBatch
@@ -86,6 +87,7 @@ class GeneratorWorker:
         self._partition_count = 0
         self._done_checked_at = 0.0
         self._first_records_at: float | None = None
+        self._heartbeat = generator_heartbeat(transport, config, self.stats)
 
     @property
     def transactional_id(self) -> str:
@@ -98,25 +100,18 @@ class GeneratorWorker:
         of the run has ended (group mode, ``exit_when_done``), or ``stop`` is set."""
         stop = stop or threading.Event()
         started = time.perf_counter()
-        try:
-            self._capture_eval(stop)
-            if self._open(stop):  # False: stopped while waiting for the run's prompts topic
-                self._loop(stop)
-                self._finish()
-        except FencedError as exc:
-            raise self._fenced(exc) from exc
-        finally:
-            self.close()
-            self.stats.wall_s = time.perf_counter() - started
+        with self._heartbeat.lifetime(stop):  # the final heartbeat says how it ended
+            try:
+                self.eval_stats = capture_eval_set(self, stop)  # the held-out set first, once
+                if self._open(stop):  # False: stopped while waiting for the run's prompts topic
+                    self._loop(stop)
+                    self._finish()
+            except FencedError as exc:
+                raise self._fenced(exc) from exc
+            finally:
+                self.close()
+                self.stats.wall_s = time.perf_counter() - started
         return self.stats
-
-    def _capture_eval(self, stop: threading.Event) -> None:
-        """The held-out eval set first, once, by a worker over the eval sub-run (see eval_capture)."""
-        config = eval_config(self.config)
-        if config is not None and not stop.is_set():
-            store, backend = eval_store(self.store, config), BorrowedBackend(self.backend)
-            self.eval_stats = GeneratorWorker(self.transport, store, backend, config).run(stop)
-            logger.info("%s: eval set captured (%d refs by this worker)", self.config.worker_id, self.eval_stats.refs)
 
     def _fenced(self, exc: FencedError) -> FencedError:
         """What a fenced worker tells its operator: who took over, and that nothing is lost."""
@@ -134,7 +129,9 @@ class GeneratorWorker:
     def _open(self, stop: threading.Event) -> bool:
         cfg = self.config
         self._admin = self.transport.admin()
+        self._heartbeat.set_state("waiting", f"waiting for {self.topics.prompts} (start the run's source)")
         self._partition_count = wait_for_topic(self._admin, self.topics.prompts, cfg.wait_for_source_s, stop)
+        self._heartbeat.set_state("running")
         if not self._partition_count:
             return False
         self._claims = claim_partitions(self.transport, cfg)  # fixed partitions: or PartitionsClaimedError
@@ -144,7 +141,7 @@ class GeneratorWorker:
             monitor = BacklogMonitor(
                 self.transport, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin
             )
-            self._throttle = Throttle(flow, monitor, self.stats, name=cfg.worker_id)
+            self._throttle = Throttle(flow, monitor, self.stats, name=cfg.worker_id, heartbeat=self._heartbeat)
         producer = self.transport.transactional_producer(
             self.transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms
         )

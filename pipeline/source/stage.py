@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy
 from pipeline.core.errors import ConfigError, RunMismatchError
+from pipeline.core.heartbeat import HeartbeatPublisher
 from pipeline.core.messages import DeadLetter, Prompt, now
 from pipeline.core.model_dir import read_text_config
 from pipeline.core.topics import Transport
@@ -74,6 +75,7 @@ class SourceConfig:
     transaction_timeout_ms: int = 60_000
     storage_options: dict[str, Any] = field(default_factory=dict)
     eval_data: str | None = None  # held-out conversations: the eval sub-run's prompts, never trained
+    heartbeat_interval_s: float | None = None  # publish a heartbeat this often (None: none)
 
     def urls(self) -> list[str]:
         return [self.data] if isinstance(self.data, (str, os.PathLike)) else list(self.data)
@@ -114,11 +116,21 @@ class SourceStage:
         """Publish every prompt and store the vocabulary mapping; safe to rerun after a crash.
 
         ``stop`` (SIGINT/SIGTERM) aborts the open chunk and returns (``result.stats.stopped``)."""
+        result = SourceResult(stats=SourceStats())
+        heartbeat = HeartbeatPublisher(
+            self.transport, self.config.run_id, "source", "source", self.config.heartbeat_interval_s,
+            lambda: {"prompts": result.prompts, "malformed": result.malformed, "tokens": result.tokens},
+        )  # fmt: skip
+        with heartbeat.lifetime(stop):
+            heartbeat.set_state("running")
+            return self._run(result, stop)
+
+    def _run(self, result: SourceResult, stop: threading.Event | None) -> SourceResult:
         cfg = self.config
         tokenizer = self._tokenizer if self._tokenizer is not None else load_tokenizer(cfg.tokenizer)
         target_vocab = cfg.target_vocab_size or _target_vocab_size(cfg.tokenizer, tokenizer)
         counter = TokenCounter(target_vocab)
-        result = SourceResult(stats=SourceStats(), target_vocab_size=target_vocab)
+        result.target_vocab_size = target_vocab
         publisher = PromptPublisher(
             self.transport,
             cfg.run_id,

@@ -63,6 +63,7 @@ class TrainerSettings:
     eval_run_id: str | None = None  # the held-out set's sub-run (None: no evaluation)
     eval_interval: int = 50  # rank 0 evaluates every N steps and at the end
     eval_metrics_path: str | None = None  # eval.jsonl, one row per evaluation
+    heartbeat_interval_s: float | None = None  # each rank's heartbeat (None: none; not a resume field)
 
     def __post_init__(self) -> None:
         positive = {

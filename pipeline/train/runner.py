@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from pipeline.core.errors import ConfigError, StreamError
+from pipeline.core.heartbeat import HeartbeatPublisher, State
 from pipeline.core.progress import StreamState, rank_partitions, read_source_counters
 from pipeline.core.topics import RunTopics, Transport, wait_for
 from pipeline.ledger import LedgerWriter
@@ -30,7 +31,7 @@ from pipeline.train.result import TrainResult
 from pipeline.train.rng import seed_everything
 from pipeline.train.trainer import Trainer
 
-__all__ = ("OffsetCommitter", "single_rank", "run_trainer", "load_eval_set")
+__all__ = ("OffsetCommitter", "single_rank", "final_state", "final_counters", "run_trainer", "load_eval_set")
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,21 @@ def _evaluator(
         path=settings.eval_metrics_path,
         on_eval=on_eval,
     )
+def final_state(result: TrainResult) -> tuple[State, str]:
+    """A rank's last heartbeat: finished at the end of the stream, else stopped and why."""
+    if result.reason == "end_of_stream":
+        return "finished", "end of stream"
+    return "stopped", "stop requested" if result.reason == "stopped" else result.reason
+
+
+def final_counters(result: TrainResult, rank: int) -> dict[str, int | float]:
+    """What ``status`` shows of a finished run: the step, the samples and the run's accounting."""
+    out: dict[str, int | float] = {"rank": rank, "step": result.step, "samples": result.samples_trained}
+    c = result.completeness
+    if c is not None:
+        out.update(prompts=c.prompts, trained=c.trained, missing=c.missing, duplicates=c.duplicates,
+                   tail=c.tail, dead_letters=c.dead_letters)  # fmt: skip
+    return out
 
 
 def run_trainer(
@@ -168,6 +184,11 @@ def run_trainer(
     own_dist = dist is None
     dist = dist or init_distributed(timeout_s=settings.collective_timeout_s, device=device)
     closers: list[object] = []
+    live: list[Trainer] = []  # the trainer, once built: the heartbeat's counters read it
+    heartbeat = HeartbeatPublisher(
+        transport, settings.run_id, "trainer", f"rank-{dist.rank}", settings.heartbeat_interval_s if record else None,
+        lambda: {"rank": dist.rank, "step": live[0].step, "samples": live[0].trained_local} if live else {},
+    ).start()  # fmt: skip
     try:
         seed_everything(settings.seed, deterministic=settings.deterministic)
         draft, lm_head, vocab = build_draft(model, seed=settings.seed, device=dist.device)
@@ -233,7 +254,16 @@ def run_trainer(
         )
         if observe is not None:
             observe(trainer)
-        return trainer.run(stop)
+        live.append(trainer)
+        heartbeat.set_state("running")
+        result = trainer.run(stop)
+    except BaseException as exc:
+        heartbeat.fail(exc)
+        raise
+    else:
+        heartbeat.counters = lambda: final_counters(result, dist.rank)
+        heartbeat.close(*final_state(result))
+        return result
     finally:
         for closer in reversed(closers):
             try:

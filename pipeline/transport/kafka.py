@@ -49,6 +49,7 @@ from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, StreamError
+from pipeline.core.heartbeat import HEARTBEAT_TOPIC_CONFIG
 from pipeline.core.topics import (
     MAX_RECORD_BYTES,
     Committed,
@@ -476,6 +477,7 @@ class KafkaAdmin:
                 topics.ledger: 1,
                 topics.dlq: 1,
                 topics.manifest: 1,
+                topics.heartbeats: 1,
             },
             configs={
                 topics.prompts: keep,
@@ -483,6 +485,7 @@ class KafkaAdmin:
                 topics.ledger: keep,
                 topics.dlq: keep,
                 topics.manifest: {"cleanup.policy": "compact", **keep},
+                topics.heartbeats: dict(HEARTBEAT_TOPIC_CONFIG),
             },
         )
 

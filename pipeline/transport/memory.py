@@ -146,7 +146,8 @@ class _Admin:
 
     def ensure_run_topics(self, topics: RunTopics, partitions: int) -> list[str]:
         return self.ensure_topics(
-            {topics.prompts: partitions, topics.samples: partitions, topics.ledger: 1, topics.dlq: 1, topics.manifest: 1}
+            {topics.prompts: partitions, topics.samples: partitions, topics.ledger: 1, topics.dlq: 1, topics.manifest: 1,
+             topics.heartbeats: 1}
         )
 
     def delete_topics(self, names: Iterable[str]) -> None:

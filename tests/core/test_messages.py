@@ -14,6 +14,7 @@ from pipeline.core.messages import (
     MESSAGE_TYPES,
     DeadLetter,
     EndOfStream,
+    Heartbeat,
     LedgerStep,
     PartitionClaim,
     PartitionOffset,
@@ -61,6 +62,11 @@ def examples() -> list:
         DeadLetter(
             run_id="r1", source_topic="r1.samples", partition=0, offset=7, error="IntegrityError",
             reason="checksum", payload="{}", created_at=3.0,
+        ),
+        Heartbeat(
+            run_id="r1", role="generator", id="gen-0", host="h", pid=7, state="paused",
+            reason="backpressure: backlog 256 >= cap 256", counters={"refs": 12, "paused_s": 3.5},
+            interval_s=5.0, started_at=1.0, created_at=4.0,
         ),
     ]
 
