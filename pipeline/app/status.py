@@ -2,9 +2,10 @@
 
 Produced and dropped counts come from the generators' committed offset metadata (exact, written
 in the same transactions as the refs); consumed counts and the step come from the newest ledger
-record; samples/s from the ledger's recent records; the DLQ count from the DLQ topic; the prompt
-total from the source's counts; every process's state and last-seen age from its newest heartbeat,
-and the run's state from those (:mod:`pipeline.app.run_state`). Nothing here writes anything.
+record; samples/s from the ledger's recent records; the dead letters, counted by reason, from the
+DLQ; the prompt total from the source's counts; every process's state and last-seen age from its
+newest heartbeat, and the run's state from those (:mod:`pipeline.app.run_state`). Nothing here
+writes anything.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.app.deadletters import ReasonCount, count_by_reason, read_dead_letters
 from pipeline.app.run_state import RunState, age_s, alive, decide_run_state
 from pipeline.core.errors import RunMismatchError
 from pipeline.core.heartbeat import FINAL_STATES, read_heartbeats
-from pipeline.core.messages import DeadLetter, Heartbeat, LedgerStep, decode
+from pipeline.core.messages import Heartbeat, LedgerStep, decode
 from pipeline.core.progress import PartitionCounters, read_source_counters
 from pipeline.core.topics import RunTopics, Transport, read_to_end
 
@@ -49,6 +51,7 @@ class RunStatus:
     step: int | None
     samples_per_s: float | None
     dead_letters: int
+    letters_by_reason: list[ReasonCount] = field(default_factory=list)  # largest group first
     processes: list[Heartbeat] = field(default_factory=list)
     state: RunState = field(default_factory=lambda: RunState("unknown"))
     prompts: int = 0  # the source's committed prompts
@@ -91,6 +94,10 @@ class RunStatus:
             "samples_per_s": self.samples_per_s,
             "eta_s": self.eta_s,
             "dead_letters": self.dead_letters,
+            "dead_letters_by_reason": [
+                {"stage": r.stage, "error": r.error, "reason": r.reason, "count": r.count}
+                for r in self.letters_by_reason
+            ],
             "partitions": [
                 {
                     "partition": p.partition,
@@ -170,7 +177,7 @@ def run_status(
     if len(steps) >= 2 and steps[-1].created_at > steps[0].created_at:
         samples = sum(len(r.sample_ids) for s in steps[1:] for r in s.ranks)
         rate = samples / (steps[-1].created_at - steps[0].created_at)
-    letters = sum(1 for v in _read_all(transport, topics.dlq, 0, 0, timeout_s) if _is_dead_letter(v))
+    letters = read_dead_letters(transport, run_id, timeout_s=timeout_s)
     partitions = []
     for p in range(count):
         c = PartitionCounters.from_metadata(commits[p].metadata) if p in commits else PartitionCounters()
@@ -183,18 +190,11 @@ def run_status(
     now = time.time() if now is None else now
     lag = sum(p.backlog for p in partitions)
     return RunStatus(
-        run_id, partitions, latest.step if latest else None, rate, letters,
-        processes=beats, state=decide_run_state(beats, now=now, lag=lag),
+        run_id, partitions, latest.step if latest else None, rate, len(letters),
+        letters_by_reason=count_by_reason(letters), processes=beats, state=decide_run_state(beats, now=now, lag=lag),
         prompts=sum(c.prompts for c in source.values()),
         source_ended=bool(source) and all(c.ended for c in source.values()), now=now,
     )  # fmt: skip
-
-
-def _is_dead_letter(value: bytes) -> bool:
-    try:
-        return isinstance(decode(value), DeadLetter)
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _when(epoch: float | None) -> str:
@@ -261,5 +261,7 @@ def render_status(status: RunStatus) -> str:
                 lines.append(f"{'':<28} {b.state}: {b.reason}")
     else:
         lines.append("processes: no heartbeats (not started yet, or a run from before heartbeats)")
-    lines.append(f"dead letters: {status.dead_letters}")
+    lines.append(f"dead letters: {status.dead_letters}" + (" (`specstream dlq` lists them)" if status.dead_letters else ""))
+    for r in status.letters_by_reason:
+        lines.append(f"{r.count:>9}  {r.stage}: {r.error}: {r.reason}")
     return "\n".join(lines)

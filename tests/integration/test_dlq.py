@@ -63,6 +63,13 @@ def test_dlq_lists_each_stages_letters_with_reasons_counts_and_filters(kafka: Ka
     capped = _dlq("--config", str(path), "--limit", "2")
     assert capped["count"] == 6 and len(capped["letters"]) == 2 and capped["by_reason"] == everything["by_reason"]
 
+    code, text = wait_exit(spawn(["status", "--config", str(path), "--json"]), timeout_s=60)
+    assert code == 0, text
+    status = json.loads(text[text.index("{") :])
+    assert status["dead_letters"] == 6, status
+    by_reason = {(g["stage"], g["reason"]): g["count"] for g in status["dead_letters_by_reason"]}
+    assert by_reason == {(g["stage"], g["reason"]): g["count"] for g in everything["by_reason"]}
+
     code, text = wait_exit(spawn(["dlq", "--config", str(path), "--run-id", "no-such-run"]), timeout_s=60)
     assert code != 0 and "run no-such-run has no topics on this broker" in one_error(text), text
     code, text = wait_exit(spawn(["dlq", "--config", str(path), "--stage", "nope"]), timeout_s=60)
