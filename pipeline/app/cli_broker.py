@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+from pipeline.app.phases import Phases, assemble_jars
 from pipeline.transport import background_broker as local_broker
 from pipeline.transport import kafka_jars
 
@@ -17,7 +18,7 @@ console = Console(stderr=True)
 @broker_app.command("install")
 def broker_install(version: str = kafka_jars.KAFKA_VERSION) -> None:
     """Assemble the broker's jars from Maven Central into the cache (needs mvn; once)."""
-    path = kafka_jars.install(version)
+    path = assemble_jars(Phases(), version)
     typer.echo(str(path))
 
 

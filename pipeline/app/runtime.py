@@ -22,6 +22,7 @@ each stage's settings come from ``pipeline.app.settings``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 from pipeline.app.config import RunConfig
 from pipeline.app.interleave import run_interleaved
 from pipeline.app.manifest import claim_run
+from pipeline.app.phases import Phases
 from pipeline.app.preflight import preflight
 from pipeline.app.settings import (
     generator_settings,
@@ -172,17 +174,25 @@ class OnlineRun:
             "(keep_last x save_interval x global batch kept for resume + the generators' peak backlog)"
         )
 
-    def run(self, stop: threading.Event | None = None, announce: Callable[[str], object] | None = None) -> RunResult:
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        announce: Callable[[str], object] | None = None,
+        phases: Phases | None = None,
+    ) -> RunResult:
         """Source, then generators (threads) and trainer (here) interleaved, then export.
 
-        ``announce`` receives the start-up facts a person should see (e.g. projected storage).
+        ``announce`` receives the start-up facts a person should see (the banner, projected
+        storage); ``phases`` times and announces the phases (default: silently).
         """
         # The training stack (torch, the loop, export) is imported when a run starts, not with this
         # module: the source and generator processes compose an OnlineRun without training.
+        from pipeline.app.start_banner import start_banner  # lazy: start-up, reads checkpoints (torch)
         from pipeline.train.export import export_checkpoint  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.runner import run_trainer, single_rank  # lazy: start-up, torch loads only when the trainer runs
 
         say = announce or logger.info
+        phases = phases or Phases(io.StringIO())
         started = time.perf_counter()
         c = self.config
         if c.train.world_size != 1:
@@ -193,13 +203,17 @@ class OnlineRun:
             )
         preflight(c, self.transport)
         claim_run(self.transport, c)
-        source = self.source_stage().run(stop)
+        with phases.phase("source", "publishing the prompts...") as publishing:
+            source = self.source_stage().run(stop)
+            publishing.done = f"{source.prompts} prompts published"
         if source.stats.stopped:  # a signal while publishing: the same command again continues
             say("source stopped before the end (open chunk aborted); run the same command again to continue")
             return RunResult("source stopped", 0, "source stopped", 0, None, None, None,
                              time.perf_counter() - started, source=source)  # fmt: skip
-        say(self.projected_storage(source.tokens / max(1, source.prompts)))
         settings = trainer_settings(c, schedule_steps=c.train.max_steps or max(1, source.prompts // c.global_batch))
+        say(start_banner(c, schedule_steps=settings.schedule_steps, prompts=source.prompts,
+                         conversations=source.prompts + source.malformed))  # fmt: skip
+        say(self.projected_storage(source.tokens / max(1, source.prompts)))
         workers = [
             self.generator(f"{c.run_id}-gen-{i}", list(range(i, c.data.partitions, c.generate.workers)))
             for i in range(min(c.generate.workers, c.data.partitions))
@@ -223,13 +237,15 @@ class OnlineRun:
                 storage_options=dict(c.storage.options),
             )
 
-        outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
+        with phases.phase("training", f"training: {len(workers)} generator(s) and the trainer, interleaved..."):
+            outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
         result = outcome.trainer
         if result.reason == "end_of_stream":  # every generator has ended: no attempt is in flight
             sweep_at_end(self.transport, self.store, say)
         export_dir = None
         if result.checkpoint:
-            export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))
+            with phases.phase("export", "exporting the draft for SGLang..."):
+                export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))
         summary = result.completeness.line() if result.completeness else f"{result.samples_trained} samples trained"
         plot = settings.plot_path
         return RunResult(
