@@ -261,8 +261,7 @@ def export(
 
     with phases.phase("export", "exporting the draft for SGLang..."):
         exported = export_run(load(config), checkpoint, out)
-    typer.echo(exported)
-    phases.say(phases.summary())
+    typer.echo(exported)  # the last line, for scripts: the export's directory
 
 
 def replay(

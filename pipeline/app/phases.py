@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TextIO
 from pipeline.core.feedback import LINE_INTERVAL_S, LineBar, TqdmBar, format_duration, is_terminal, open_bar
 from pipeline.transport import background_broker, kafka_jars
 
-__all__ = ("Phase", "Phases", "process_age_s", "quiet_library_bars", "assemble_jars", "local_broker_phase")
+__all__ = ("Phase", "Phases", "Watch", "process_age_s", "quiet_library_bars", "assemble_jars", "local_broker_phase")
 
 
 def process_age_s() -> float:
@@ -54,6 +55,38 @@ class Phase:
 
     name: str
     done: str | None = None
+
+
+class Watch:
+    """Feeds a bar from counters read on demand; thread-safe (a poller and the workers tick it)."""
+
+    def __init__(self, bar: TqdmBar | LineBar, read: Callable[[], dict[str, int]], finished: Callable[[], bool]) -> None:
+        self._bar, self._read, self._finished = bar, read, finished
+        self._lock = threading.Lock()
+        self._shown = 0
+        self.closed = False
+
+    def tick(self) -> None:
+        """Show the counters now; close the bar once the work is finished."""
+        with self._lock:
+            if self.closed:
+                return
+            counts = self._read()
+            now = sum(counts.values())
+            if now != self._shown:
+                self._bar.update(now - self._shown, **counts)
+                self._shown = now
+            if self._finished():
+                self._close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._bar.close()
 
 
 class Phases:
@@ -97,6 +130,37 @@ class Phases:
     def bar(self, desc: str, *, total: int | None, unit: str, initial: int = 0) -> TqdmBar | LineBar:
         """A progress bar on this stream; a lower layer takes it as :class:`~pipeline.core.feedback.Progress`."""
         return open_bar(self.stream, desc, total=total, unit=unit, initial=initial, interval_s=self.interval_s)
+
+    @contextlib.contextmanager
+    def watch(
+        self,
+        desc: str,
+        *,
+        total: int | None,
+        unit: str,
+        read: Callable[[], dict[str, int]],
+        finished: Callable[[], bool] = lambda: False,
+        every_s: float = 1.0,
+    ) -> Iterator[Watch]:
+        """A bar over counters that report no progress themselves (each generator's samples): a
+        thread reads them every ``every_s`` while the block runs (the bar shows their sum, each one
+        as a figure); it closes when ``finished()`` says so at a tick, or when the block ends."""
+        watch = Watch(self.bar(desc, total=total, unit=unit), read, finished)
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(every_s) and not watch.closed:
+                watch.tick()
+
+        thread = threading.Thread(target=poll, name=f"watch-{desc}", daemon=True)
+        thread.start()
+        try:
+            yield watch
+        finally:
+            stop.set()
+            thread.join(every_s + 5.0)
+            watch.tick()
+            watch.close()
 
     @property
     def wall_s(self) -> float:

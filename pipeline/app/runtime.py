@@ -223,6 +223,7 @@ class OnlineRun:
         def producer(worker: GeneratorWorker) -> Callable[[threading.Event], None]:
             def run(stop_event: threading.Event) -> None:
                 stats.append(worker.run(stop_event))
+                generation.tick()  # its last count shows when it ends, before the trainer's summary
 
             return run
 
@@ -237,7 +238,14 @@ class OnlineRun:
                 storage_options=dict(c.storage.options),
             )
 
-        with phases.phase("training", f"training: {len(workers)} generator(s) and the trainer, interleaved..."):
+        fresh = not Path(settings.checkpoint_dir).exists()  # a continued run generates only what is left
+        with (
+            phases.phase("training", f"training: {len(workers)} generator(s) and the trainer, interleaved..."),
+            phases.watch("generation", total=source.prompts if fresh else None, unit="sample",
+                         read=lambda: {w.config.worker_id.removeprefix(f"{c.run_id}-"): w.stats.refs + w.stats.dropped
+                                       for w in workers},
+                         finished=lambda: len(stats) == len(workers)) as generation,
+        ):  # fmt: skip
             outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
         result = outcome.trainer
         if result.reason == "end_of_stream":  # every generator has ended: no attempt is in flight

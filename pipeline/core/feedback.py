@@ -85,19 +85,20 @@ class LineBar:
     ) -> None:
         self.stream, self.desc, self.total, self.unit = stream, desc, total, unit
         self.n = initial
-        self._initial = initial
         self._interval_s = interval_s
         self._clock = clock
-        self._started = clock()
+        self._first: tuple[float, int] | None = None
         self._last_line: float | None = None
         self._written = initial  # the count the last line showed
         self._figures: dict[str, object] = {}
         self._closed = False
 
     def update(self, n: int = 1, **figures: object) -> None:
+        now = self._clock()
         self.n += n
         self._figures.update(figures)
-        now = self._clock()
+        if self._first is None:
+            self._first = (now, self.n)  # the rate's origin: when the first units were done
         if self._last_line is None or now - self._last_line >= self._interval_s:
             self._write(now)
 
@@ -109,15 +110,16 @@ class LineBar:
             self._write(self._clock())
 
     def line(self, now: float) -> str:
-        """The progress line at ``now``."""
-        elapsed = max(now - self._started, 1e-9)
-        rate = (self.n - self._initial) / elapsed
+        """The progress line at ``now``. The rate runs from the first update: the wait for the
+        first unit (a model to load, data to arrive) would make every ETA after it wrong."""
         parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        parts.append(f"{rate:.2f} {self.unit}s/s")
-        if self.total and rate > 0 and self.n < self.total:
-            parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
+        if self._first is not None and now > self._first[0] and self.n > self._first[1]:
+            rate = (self.n - self._first[1]) / (now - self._first[0])
+            parts.append(f"{rate:.2f} {self.unit}s/s")
+            if self.total and self.n < self.total:
+                parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         parts.extend(f"{k}={v}" for k, v in self._figures.items())
         return ", ".join(parts)
 

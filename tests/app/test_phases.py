@@ -4,7 +4,11 @@ the summary of the whole command's wall time."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import pytest
+
+from pipeline.app import phases as phases_module
 from pipeline.app.phases import Phases, process_age_s
 from pipeline.core.feedback import LineBar, TqdmBar, format_duration
 
@@ -86,12 +90,16 @@ def test_off_a_terminal_a_bar_is_plain_periodic_lines_without_carriage_returns()
 
 def test_a_bar_without_a_total_counts_and_rates_without_an_eta() -> None:
     stream, clock = FakeStream(tty=False), Clock()
-    bar = LineBar(stream, "training (to the end of the stream)", total=None, unit="step", clock=clock)
+    bar = LineBar(stream, "training (to the end of the stream)", total=None, unit="step", clock=clock, interval_s=1.0)
+    clock.now += 20.0  # waiting for the first data: not part of the rate
+    bar.update(1)
     clock.now += 2.0
     bar.update(4)
     bar.close()
-    (line,) = stream.getvalue().splitlines()
-    assert line == "training (to the end of the stream): 4 steps, 2.00 steps/s"
+    assert stream.getvalue().splitlines() == [
+        "training (to the end of the stream): 1 steps",
+        "training (to the end of the stream): 5 steps, 2.00 steps/s",
+    ]
 
 
 def test_close_prints_the_final_count_when_the_last_line_is_older() -> None:
@@ -119,3 +127,43 @@ def test_durations_read_as_people_say_them() -> None:
     assert [format_duration(s) for s in (0.44, 14.2, 71.4, 161.0, 3 * 3600 + 125)] == [
         "0.4 s", "14 s", "1 min 11 s", "2 min 41 s", "3 h 02 min",
     ]  # fmt: skip
+
+
+def test_a_watched_counter_feeds_a_bar_and_its_last_count_shows_when_the_block_ends() -> None:
+    stream = FakeStream(tty=False)
+    phases = Phases(stream, age_s=0.0)
+    counts = {"gen-0": 0, "gen-1": 0}
+    with phases.watch("generation", total=10, unit="sample", read=lambda: dict(counts), every_s=0.01):
+        counts.update({"gen-0": 4, "gen-1": 3})
+    lines = stream.getvalue().splitlines()
+    assert lines[-1].startswith("generation: 7/10 samples (70%)") and lines[-1].endswith("gen-0=4, gen-1=3"), lines
+
+
+def test_jar_assembly_says_when_it_starts_and_what_it_assembled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+
+    libs = tmp_path / "libs"
+
+    def install(version: str, *, force: bool = False) -> Path:
+        libs.mkdir()
+        (libs / "kafka.jar").write_bytes(b"x" * 3_000_000)
+        return libs
+
+    monkeypatch.setattr(phases_module.kafka_jars, "libs_ready", lambda _libs, _version: False)
+    monkeypatch.setattr(phases_module.kafka_jars, "install", install)
+    stream = FakeStream(tty=False)
+    assert phases_module.assemble_jars(Phases(stream, age_s=0.0), "4.3.1") == libs
+    start, done = stream.getvalue().splitlines()
+    assert start == "assembling the Kafka 4.3.1 broker jars from Maven Central (once)..."
+    assert done.startswith(f"Kafka jars in {libs} (3 MB) after ")
+
+
+def test_a_watch_closes_its_bar_when_the_work_is_finished_not_later() -> None:
+    stream = FakeStream(tty=False)
+    counts = {"gen-0": 0}
+    with Phases(stream, age_s=0.0).watch(
+        "generation", total=5, unit="sample", read=lambda: dict(counts), finished=lambda: counts["gen-0"] == 5
+    ) as watch:
+        counts["gen-0"] = 5
+        watch.tick()  # the worker's last tick: the bar's final line is out before anything after it
+        stream.write("the trainer's summary\n")
+    assert stream.getvalue().splitlines()[-2:] == ["generation: 5/5 samples (100%), gen-0=5", "the trainer's summary"]

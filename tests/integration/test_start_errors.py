@@ -259,6 +259,7 @@ def _assert_phases(out: str, arrived: dict[str, float]) -> None:
         index("done in "),
     ]
     assert order == sorted(order), out
+    assert order[5] < index("generation: ") < order[-1], out  # each generator's samples, while training
     assert re.search(r"^\d+ prompts published after ", out, re.MULTILINE), out
     assert lines[order[3]].endswith("= 2 (max_steps)"), lines[order[3]]
     done = lines[order[-1]]
