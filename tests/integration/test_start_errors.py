@@ -178,6 +178,7 @@ def test_a_quickstart_continues_its_own_run_and_refuses_another(kafka, tmp_path:
     code, out = wait_exit(spawn(args), timeout_s=300)  # the same quickstart again: its run, continued
     run_id = yaml.safe_load((workdir / "config.yaml").read_text())["run_id"]
     assert code == 0 and f"continuing run {run_id}" in out and "2 optimizer steps (max_steps)" in out, out
+    assert re.search(r"^  Resume += checkpoint step 2 \(offsets p0:\d+, p1:\d+, p2:\d+, p3:\d+\)$", out, re.MULTILINE), out
 
     other = tmp_path / "other"  # a workdir whose config.yaml is another run's
     other.mkdir()
