@@ -40,6 +40,7 @@ from pipeline.app.cli_common import (
 from pipeline.app.cli_inspect import audit, dlq, status
 from pipeline.app.cli_sweep import sweep
 from pipeline.app.failures import explain
+from pipeline.app.phases import Phases, local_broker_phase
 from pipeline.core.errors import (
     BrokerError,
     ConfigError,
@@ -96,43 +97,53 @@ def quickstart(
     completeness summary. The config it ran is saved as WORKDIR/config.yaml; the same
     quickstart again continues that run, and a WORKDIR that holds another run is refused.
     """
-    setup_logging(verbose)
+    setup_logging(verbose, operator_lines=False)
+    phases = Phases()
     from pipeline.app.quickstart import continued_run_id, quickstart_config  # lazy: start-up, torch
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
     from pipeline.app.settings import kafka_settings  # lazy: start-up, torch
 
     run_id = continued_run_id(workdir, conversations, max_steps)  # another run in the workdir stops here
-    address, origin = broker_address(bootstrap) if bootstrap else (start_local_broker(), local_broker.ORIGIN)
+    address, origin = broker_address(bootstrap) if bootstrap else (local_broker_phase(phases), local_broker.ORIGIN)
     if run_id is not None:
         console.print(f"continuing run {run_id} in {workdir}")
-    console.print("building the tiny target and synthetic data (cached after the first run)...")
-    config = quickstart_config(workdir, conversations=conversations, bootstrap=address, max_steps=max_steps, run_id=run_id)
-    _run_and_report(build_online_run(config, transport=kafka_settings(config, address, origin=origin)), metrics_port)
+    with phases.phase("target", "building the tiny target and synthetic data (cached after the first run)..."):
+        config = quickstart_config(workdir, conversations=conversations, bootstrap=address, max_steps=max_steps,
+                                   run_id=run_id, progress=phases.bar)  # fmt: skip
+    _run_and_report(
+        build_online_run(config, transport=kafka_settings(config, address, origin=origin)), phases, metrics_port
+    )
 
 
 def run(config: ConfigOption, metrics_port: MetricsPortOption = None, verbose: VerboseOption = False) -> None:
     """Run every stage in this process: source, generators and trainer, interleaved."""
-    setup_logging(verbose)
+    setup_logging(verbose, operator_lines=False)
     from pipeline.app.preflight import check_local  # lazy: start-up, fsspec
     from pipeline.app.runtime import build_online_run  # lazy: start-up, torch, transformers
 
+    phases = Phases()
     cfg = load(config)
     check_local(cfg)  # before the local broker may be started for it
-    _run_and_report(build_online_run(cfg), metrics_port)
+    if not cfg.broker.bootstrap_servers and local_broker.detached_status() is None:
+        local_broker_phase(phases)  # resolve_transport finds it running
+    _run_and_report(build_online_run(cfg), phases, metrics_port)
 
 
-def _run_and_report(online: OnlineRun, metrics_port: int | None) -> None:
+def _run_and_report(online: OnlineRun, phases: Phases, metrics_port: int | None) -> None:
+    """Run it (serving metrics when asked); the trainer prints the summary line after its bar
+    closes, then the outputs and the whole command's wall time with what each phase took."""
     from pipeline.app.metrics_server import start_metrics  # lazy: start-up, prometheus_client loads for the stages
 
     stop = stop_on_signals()
     c = online.config
     live = start_metrics(c.monitor.metrics_port, metrics_port, c.run_id, transport=online.transport, say=_say)
-    result = online.run(stop, announce=console.print, watch=live)  # the trainer prints the summary line
-    console.print(
-        f"{result.steps} optimizer steps ({result.reason}) in {result.wall_s:.1f} s"
+    result = online.run(stop, announce=phases.say, phases=phases, watch=live)
+    phases.say(
+        f"{result.steps} optimizer steps ({result.reason})"
         + (f"; curves: {result.plot_path}" if result.plot_path else "")
         + (f"; SGLang draft: {result.export_dir}" if result.export_dir else "")
     )
+    phases.say(phases.summary())
 
 
 # --- the stages as processes ----------------------------------------------------------------
@@ -272,9 +283,12 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="Output directory; default OUTPUT_DIR/export.")] = None,
 ) -> None:
     """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
+    phases = Phases()
     from pipeline.app.export_job import export_run  # lazy: start-up, torch
 
-    typer.echo(export_run(load(config), checkpoint, out))
+    with phases.phase("export", "exporting the draft for SGLang..."):
+        exported = export_run(load(config), checkpoint, out)
+    typer.echo(exported)  # the last line, for scripts: the export's directory
 
 
 def replay(
@@ -288,10 +302,13 @@ def replay(
     on CPU the losses are bit-identical to the live run's.
     """
     setup_logging(verbose)
+    phases = Phases()
     from pipeline.app.replay import replay_run  # lazy: start-up, torch
 
-    report = replay_run(load(config), str(out), stop=stop_on_signals())
+    with phases.phase("replay", f"replaying the retained samples into {out}..."):
+        report = replay_run(load(config), str(out), stop=stop_on_signals())
     typer.echo(report.line())
+    phases.say(phases.summary())
     if report.first_difference is not None:
         raise typer.Exit(1)
 

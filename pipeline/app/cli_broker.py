@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from pipeline.app.phases import Phases, assemble_jars
 from pipeline.core.errors import BrokerError
 from pipeline.transport import background_broker as local_broker
 from pipeline.transport import kafka_jars, kafka_tools
@@ -21,7 +22,7 @@ console = Console(stderr=True)
 @broker_app.command("install")
 def broker_install(version: str = kafka_jars.KAFKA_VERSION) -> None:
     """Assemble the broker's jars and Kafka's tools from Maven Central into the cache (needs mvn; once)."""
-    path = kafka_jars.install(version)
+    path = assemble_jars(Phases(), version)
     typer.echo(str(path))
 
 

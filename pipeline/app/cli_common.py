@@ -48,8 +48,15 @@ def rank() -> str:
     return os.environ.get("RANK", "") or "0"
 
 
-def setup_logging(verbose: bool) -> None:
-    """Quiet by default (one error line tells what failed); INFO with --verbose."""
+#: Loggers whose INFO lines show by default: a stage paused or waiting says so, and why.
+_OPERATOR_LOGGERS = ("pipeline.generate.liveness", "pipeline.core.heartbeat")
+
+
+def setup_logging(verbose: bool, *, operator_lines: bool = True) -> None:
+    """Quiet by default (one error line tells what failed), but for the operator lines of a stage
+    process (a generator paused or waiting says so, and why); INFO with --verbose. The
+    single-process run passes ``operator_lines=False``: its progress bars already show generation
+    keeping pace, and its normal backpressure cycles would flood the screen."""
     _state["verbose"] = verbose
     rank_tag = f" rank{rank()}" if os.environ.get("WORLD_SIZE") else ""
     logging.basicConfig(
@@ -60,6 +67,10 @@ def setup_logging(verbose: bool) -> None:
     # error line. Its records are still made (the Kafka adapter reads a failed bootstrap's causes
     # from them), only not printed without --verbose.
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # What an operator must see without --verbose: backpressure pausing and resuming a generator,
+    # and a line every heartbeat interval while a stage waits (item 1 of the operator's view).
+    for name in _OPERATOR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if operator_lines or verbose else logging.WARNING)
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(lambda record: not record.name.startswith("kafka"))

@@ -21,6 +21,7 @@ import yaml
 from pipeline.app.config import RunConfig, fingerprint_differences
 from pipeline.app.config_file import load_config, parse_config
 from pipeline.core.errors import ConfigError, OptionError
+from pipeline.core.feedback import OpenProgress
 
 __all__ = ("continued_run_id", "quickstart_config")
 
@@ -61,16 +62,18 @@ def quickstart_config(
     bootstrap: str | None = None,
     max_steps: int | None = None,
     run_id: str | None = None,
+    progress: OpenProgress | None = None,
 ) -> RunConfig:
     """Prepare the target and data under ``workdir``; return the run's config (also saved as YAML).
 
     ``run_id``: the run to continue (see :func:`continued_run_id`); default a new one.
+    ``progress``: opens the bar over the tiny target's training steps (when it is built).
     """
     from pipeline.devkit.chats import markov_conversations, write_jsonl  # lazy: start-up
     from pipeline.devkit.target import build_tiny_target  # lazy: start-up
 
     workdir = workdir.resolve()
-    target = build_tiny_target()
+    target = build_tiny_target(progress=progress)
     raw = _raw(workdir, conversations, target, run_id or f"quickstart-{uuid.uuid4().hex[:8]}", max_steps)
     raw["broker"] = {"bootstrap_servers": bootstrap}
     config = parse_config(raw, source="quickstart")

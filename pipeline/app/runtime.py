@@ -22,6 +22,7 @@ each stage's settings come from ``pipeline.app.settings``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 from pipeline.app.config import RunConfig
 from pipeline.app.interleave import run_interleaved
 from pipeline.app.manifest import claim_run
+from pipeline.app.phases import Phases
 from pipeline.app.preflight import preflight
 from pipeline.app.settings import (
     generator_settings,
@@ -180,20 +182,24 @@ class OnlineRun:
         self,
         stop: threading.Event | None = None,
         announce: Callable[[str], object] | None = None,
+        phases: Phases | None = None,
         watch: LiveProcess | None = None,
     ) -> RunResult:
         """Source, then generators (threads) and trainer (here) interleaved, then export.
 
-        ``announce`` receives the start-up facts a person should see (e.g. projected storage);
-        ``watch`` (the metrics exporter's view) is given the generators and the trainer.
+        ``announce`` receives the start-up facts a person should see (the banner, projected
+        storage); ``phases`` times and announces the phases (default: silently); ``watch`` (the
+        metrics exporter's view) is given the generators and the trainer.
         """
         # The training stack (torch, the loop, export) is imported when a run starts, not with this
         # module: the source and generator processes compose an OnlineRun without training.
+        from pipeline.app.start_banner import start_banner  # lazy: start-up, reads checkpoints (torch)
         from pipeline.train.evaluate import eval_line  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.export import export_checkpoint  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.runner import run_trainer, single_rank  # lazy: start-up, torch loads only when the trainer runs
 
         say = announce or logger.info
+        phases = phases or Phases(io.StringIO())
         started = time.perf_counter()
         c = self.config
         if c.train.world_size != 1:
@@ -204,13 +210,17 @@ class OnlineRun:
             )
         preflight(c, self.transport)
         claim_run(self.transport, c)
-        source = self.source_stage().run(stop)
+        with phases.phase("source", "publishing the prompts...") as publishing:
+            source = self.source_stage().run(stop)
+            publishing.done = f"{source.prompts} prompts published"
         if source.stats.stopped:  # a signal while publishing: the same command again continues
             say("source stopped before the end (open chunk aborted); run the same command again to continue")
             return RunResult("source stopped", 0, "source stopped", 0, None, None, None,
                              time.perf_counter() - started, source=source)  # fmt: skip
-        say(self.projected_storage(source.tokens / max(1, source.prompts)))
         settings = trainer_settings(c, schedule_steps=c.train.max_steps or max(1, source.prompts // c.global_batch))
+        say(start_banner(c, schedule_steps=settings.schedule_steps, prompts=source.prompts,
+                         conversations=source.prompts + source.malformed))  # fmt: skip
+        say(self.projected_storage(source.tokens / max(1, source.prompts)))
         workers = [
             self.generator(f"{c.run_id}-gen-{i}", list(range(i, c.data.partitions, c.generate.workers)))
             for i in range(min(c.generate.workers, c.data.partitions))
@@ -223,6 +233,7 @@ class OnlineRun:
         def producer(worker: GeneratorWorker) -> Callable[[threading.Event], None]:
             def run(stop_event: threading.Event) -> None:
                 stats.append(worker.run(stop_event))
+                generation.tick()  # its last count shows when it ends, before the trainer's summary
 
             return run
 
@@ -239,13 +250,22 @@ class OnlineRun:
                 observe=watch.watch_trainer if watch is not None else None,
             )
 
-        outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
+        fresh = not Path(settings.checkpoint_dir).exists()  # a continued run generates only what is left
+        with (
+            phases.phase("training", f"training: {len(workers)} generator(s) and the trainer, interleaved..."),
+            phases.watch("generation", total=source.prompts if fresh else None, unit="sample",
+                         read=lambda: {w.config.worker_id.removeprefix(f"{c.run_id}-"): w.stats.refs + w.stats.dropped
+                                       for w in workers},
+                         finished=lambda: len(stats) == len(workers)) as generation,
+        ):  # fmt: skip
+            outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
         result = outcome.trainer
         if result.reason == "end_of_stream":  # every generator has ended: no attempt is in flight
             sweep_at_end(self.transport, self.store, say)
         export_dir = None
         if result.checkpoint:
-            export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))
+            with phases.phase("export", "exporting the draft for SGLang..."):
+                export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))
         summary = result.completeness.line() if result.completeness else f"{result.samples_trained} samples trained"
         if result.eval is not None:
             summary += f"; {eval_line(result.eval_step or result.step, result.eval)}"

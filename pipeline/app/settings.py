@@ -7,7 +7,6 @@ config, so every default a run uses is the ``RunConfig`` default.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,7 +99,7 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
 def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSettings:
     """The training loop. ``schedule_steps``: the cosine schedule's length (None: constant rate).
 
-    The progress bar shows only when stderr is a terminal (not in logs, CI or tests).
+    Rank 0 shows a progress bar: tqdm when stderr is a terminal, a plain line per half minute in a log.
     """
     # The trainer's modules load torch and the whole training stack: imported here, so that a
     # source or generator process (which uses this module too) starts without them.
@@ -139,7 +138,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         metrics_path=str(out / "metrics.jsonl"),
         plot_path=str(out / "curves.png"),
         min_trained_fraction=t.min_trained_fraction,
-        progress=sys.stderr.isatty(),
+        progress=True,
         dead_letters=cfg.dead_letters.limits(),
         eval_run_id=_eval_run_id(cfg),
         eval_interval=t.eval_interval,

@@ -11,6 +11,7 @@ rank and attempt, and reports.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pipeline.app.manifest import await_run
 from pipeline.app.preflight import check_broker, check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
+from pipeline.app.start_banner import trainer_banner
 from pipeline.app.sweep import sweep_at_end
 from pipeline.core.errors import ConfigError
 from pipeline.core.progress import read_source_counters
@@ -117,6 +119,9 @@ def train_rank(
     try:
         # One schedule for every rank and every attempt: rank 0 decides, the others follow.
         steps = dist.broadcast_object(schedule_steps(online.transport, cfg, warn) if dist.is_main else None)
+        if dist.is_main:  # what is about to happen, before the first step
+            print(trainer_banner(cfg, online.transport, schedule_steps=steps, projected_storage=online.projected_storage),
+                  file=sys.stderr, flush=True)  # fmt: skip
         result = run_trainer(
             trainer_settings(cfg, schedule_steps=steps),
             transport=online.transport,

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from pipeline.core.feedback import NullBar, OpenProgress, Progress
 from pipeline.devkit.chats import CHAIN_SEED, WORDS, markov_conversations
 
 __all__ = (
@@ -188,13 +189,14 @@ def tiny_target_dir(directory: Path | None = None, *, seed: int = 0) -> Path:
     return root / f"tiny-llama-{_build_key(seed)}"
 
 
-def build_tiny_target(directory: Path | None = None, *, seed: int = 0) -> Path:
+def build_tiny_target(directory: Path | None = None, *, seed: int = 0, progress: OpenProgress | None = None) -> Path:
     """Build (or reuse) the tiny trained target; returns its model directory.
 
     ``directory`` is the cache root (default :func:`default_cache_root`); the model lands in
     ``<root>/tiny-llama-<key>`` with ``config.json``, ``model.safetensors`` and the tokenizer
     files, and a ``specstream-tiny.json`` marker (build parameters and training metrics)
-    written last. Safe against concurrent builders (temp dir + atomic rename).
+    written last. Safe against concurrent builders (temp dir + atomic rename). ``progress``
+    opens a bar over the training steps when it builds (nothing when the cache has it).
     """
     final = tiny_target_dir(directory, seed=seed)
     root, key = final.parent, final.name.removeprefix("tiny-llama-")
@@ -204,7 +206,7 @@ def build_tiny_target(directory: Path | None = None, *, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".tiny-llama-{key}-", dir=root))
     try:
         started = time.perf_counter()
-        metrics = _train_and_save(staging, seed=seed)
+        metrics = _train_and_save(staging, seed=seed, progress=progress)
         metrics["build_seconds"] = round(time.perf_counter() - started, 2)
         marker = {"key": key, "seed": seed, "chain_seed": CHAIN_SEED, **metrics}
         (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -224,7 +226,7 @@ def build_tiny_target(directory: Path | None = None, *, seed: int = 0) -> Path:
     return final
 
 
-def _train_and_save(out_dir: Path, *, seed: int) -> dict[str, Any]:
+def _train_and_save(out_dir: Path, *, seed: int, progress: OpenProgress | None = None) -> dict[str, Any]:
     from transformers import LlamaConfig  # lazy: transformers is optional
 
     tokenizer = build_tiny_tokenizer("llama3")
@@ -244,12 +246,16 @@ def _train_and_save(out_dir: Path, *, seed: int) -> dict[str, Any]:
     # a machine shared with other jobs make a 2-thread build 5-10x slower, not faster.
     torch.set_num_threads(1)
     try:
-        return _train(model_config=config, tokenizer=tokenizer, rows=rows, seed=seed, out_dir=out_dir)
+        bar = progress("tiny target", total=TRAIN_RECIPE["steps"], unit="step") if progress else NullBar()
+        try:
+            return _train(model_config=config, tokenizer=tokenizer, rows=rows, seed=seed, out_dir=out_dir, bar=bar)
+        finally:
+            bar.close()
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(*, model_config: Any, tokenizer: Any, rows: Any, seed: int, out_dir: Path) -> dict[str, Any]:
+def _train(*, model_config: Any, tokenizer: Any, rows: Any, seed: int, out_dir: Path, bar: Progress) -> dict[str, Any]:
     from transformers import LlamaForCausalLM  # lazy: transformers is optional
 
     recipe = TRAIN_RECIPE
@@ -290,6 +296,7 @@ def _train(*, model_config: Any, tokenizer: Any, rows: Any, seed: int, out_dir: 
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+            bar.update(1, loss=f"{losses[-1]:.3f}")
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

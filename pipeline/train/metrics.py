@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from pipeline.core.feedback import NullBar, Progress, open_bar
 
 __all__ = ("StepRecord", "RankTiming", "MetricsLog", "ProgressBar", "read_metrics", "ThroughputTotals")
 
@@ -158,34 +158,29 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class ProgressBar:
-    """tqdm on rank 0 when stderr is a terminal; silent otherwise (logs and JSONL carry the numbers)."""
+    """Rank 0's training bar on stderr: tqdm on a terminal, a plain line per half minute in a log.
+
+    ``total`` is the schedule's length when it is known (``max_steps``, or the cosine schedule's
+    steps); None trains "to the end of the stream" (count and rate, no ETA).
+    """
 
     def __init__(self, *, enabled: bool, total: int | None, initial: int = 0) -> None:
-        self._bar: tqdm[Any] | None = None
+        self._bar: Progress = NullBar()
         if enabled:
-            self._bar = tqdm(
-                total=total,
-                initial=initial,
-                unit="step",
-                dynamic_ncols=True,
-                disable=None,
-                file=sys.stderr,
-            )
+            desc = "training" if total else "training (to the end of the stream)"
+            self._bar = open_bar(sys.stderr, desc, total=total, unit="step", initial=initial)
 
     def update(self, record: StepRecord) -> None:
-        if self._bar is None:
-            return
-        self._bar.set_postfix(
+        self._bar.update(
+            1,
             loss=f"{record.loss:.3f}",
             acc0=f"{record.acc[0]:.3f}" if record.acc else "-",
             tau=f"{record.acceptance_length:.2f}",
             sps=f"{record.samples_per_s:.1f}",
             wait=f"{100 * record.data_wait_frac_total:.1f}%",
-            refresh=False,
         )
-        self._bar.update(1)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """Idempotent: the trainer closes it before its summary line, the reporter again at exit."""
+        self._bar.close()
+        self._bar = NullBar()

@@ -50,7 +50,8 @@ class StepReporter:
         self.records: list[StepRecord] = []
         self.metrics = MetricsLog(config.metrics_path if is_main else None)
         self.progress = ProgressBar(
-            enabled=config.progress and is_main, total=config.max_steps, initial=initial_step
+            enabled=config.progress and is_main, total=config.max_steps or config.total_schedule_steps,
+            initial=initial_step,
         )
 
     def report(

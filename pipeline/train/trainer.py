@@ -167,6 +167,7 @@ class Trainer:
         self.records = reporter.records
         try:
             reason = self._loop(feeder, stop, reporter)
+            reporter.progress.close()  # the bar ends before the summary line, never inside it
             result = self._finish(reason, feeder)
         finally:
             reporter.close()

@@ -137,7 +137,7 @@ def test_trainer_settings_are_the_config_defaults_and_carry_none_of_their_own(mi
     check(settings, TRAINER)
     assert not set(TRAINER) & set(dataclass_defaults(TrainerSettings)), "defaults live in RunConfig only"
     assert settings.checkpoint_dir.endswith("out/checkpoints") and settings.schedule_steps == 100
-    assert settings.progress is False  # stderr is not a terminal under pytest
+    assert settings.progress is True  # rank 0 reports progress: a bar on a terminal, plain lines in a log
 
 
 def test_a_cosine_schedule_without_a_length_is_constant(minimal: RunConfig) -> None:

@@ -40,7 +40,7 @@ def test_tokenizer_has_512_ids_and_a_llama3_chat_template() -> None:
 
 
 def _fake_build(calls: list[int], barrier: threading.Barrier | None = None):
-    def fake(out_dir: Path, *, seed: int) -> dict:
+    def fake(out_dir: Path, *, seed: int, progress: object = None) -> dict:
         calls.append(seed)
         (out_dir / "config.json").write_text("{}")
         if barrier is not None:

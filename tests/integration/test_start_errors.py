@@ -9,7 +9,11 @@ user): the password is really checked by Kafka, not simulated.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,9 @@ from pipeline.transport import kafka_jars
 from pipeline.transport.broker import LocalKafka
 from pipeline.transport.kafka import KafkaSettings
 from tests.integration.test_generate_failover import TXN_MS, _first, _SourceCut, read_all
-from tests.support import make_prompts, one_error, read_messages, spawn, tree_state, wait_exit, wait_for_output
+from tests.support import (
+    make_prompts, one_error, read_messages, spawn, specstream_command, tree_state, wait_exit, wait_for_output,
+)  # fmt: skip
 
 pytestmark = pytest.mark.integration
 
@@ -166,11 +172,13 @@ def test_a_quickstart_continues_its_own_run_and_refuses_another(kafka, tmp_path:
     workdir = tmp_path / "quickstart"
     args = ["quickstart", "--workdir", str(workdir), "--bootstrap", kafka.bootstrap_servers,
             "--conversations", "48", "--max-steps", "2"]  # fmt: skip
-    code, out = wait_exit(spawn(args), timeout_s=300)
+    code, out, arrived = _timed_run(args, timeout_s=300)
     assert code == 0 and "2 optimizer steps (max_steps)" in out, out
+    _assert_phases(out, arrived)
     code, out = wait_exit(spawn(args), timeout_s=300)  # the same quickstart again: its run, continued
     run_id = yaml.safe_load((workdir / "config.yaml").read_text())["run_id"]
     assert code == 0 and f"continuing run {run_id}" in out and "2 optimizer steps (max_steps)" in out, out
+    assert re.search(r"^  Resume += checkpoint step 2 \(offsets p0:\d+, p1:\d+, p2:\d+, p3:\d+\)$", out, re.MULTILINE), out
 
     other = tmp_path / "other"  # a workdir whose config.yaml is another run's
     other.mkdir()
@@ -193,3 +201,71 @@ def test_a_quickstart_continues_its_own_run_and_refuses_another(kafka, tmp_path:
         assert {w: tree_state(w) for w in states} == states, "a refused quickstart wrote into a workdir"
         with kafka.admin() as admin:
             assert admin.topics() == topics, "a refused quickstart created topics"
+
+
+def _seconds(duration: str) -> float:
+    """``8.0 s``, ``14 s``, ``2 min 41 s``, ``1 h 02 min`` -> seconds."""
+    units = {"h": 3600.0, "min": 60.0, "s": 1.0}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+) (h|min|s)\b", duration))
+
+
+def _timed_run(args: list[str], *, timeout_s: float) -> tuple[int, str, dict[str, float]]:
+    """``specstream ARGS`` off a terminal: exit code, output, and when each line arrived (seconds
+    after the spawn). Bytes, not text: universal newlines would turn a '\\r' into '\\n'."""
+    started = time.monotonic()
+    proc = subprocess.Popen([specstream_command(), *args], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    chunks: list[bytes] = []
+    arrived: dict[str, float] = {}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):
+            chunks.append(line)
+            arrived.setdefault(line.decode(errors="replace").rstrip("\n"), time.monotonic() - started)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"specstream {' '.join(args)} did not exit within {timeout_s} s") from None
+    reader.join(10)
+    return proc.returncode, b"".join(chunks).decode(errors="replace"), arrived
+
+
+def _assert_phases(out: str, arrived: dict[str, float]) -> None:
+    """Issue 10 items 1-2, off a terminal: the phase lines in order, the banner before the first
+    step, the summary after the bar, no carriage returns, and the whole command's wall time."""
+    assert "\r" not in out, "a bar wrote carriage returns into a log"
+    lines = out.splitlines()
+
+    def index(prefix: str | tuple[str, ...]) -> int:
+        found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+        assert found, f"no line starts with {prefix!r}:\n{out}"
+        return found[0]
+
+    order = [
+        index("building the tiny target"),
+        index("publishing the prompts..."),
+        index("***** Running training *****"),
+        index("  Total optimizer steps"),
+        index(("projected peak feature storage", "feature storage grows with the run")),
+        index("training: 1 generator(s) and the trainer"),
+        index("training: 1/2 steps (50%)"),
+        index("training: 2/2 steps (100%)"),
+        index("exporting the draft for SGLang..."),
+        index("2 optimizer steps (max_steps)"),
+        index("done in "),
+    ]
+    assert order == sorted(order), out
+    assert order[5] < index("generation: ") < order[-1], out  # each generator's samples, while training
+    assert re.search(r"^\d+ prompts published after ", out, re.MULTILINE), out
+    assert lines[order[3]].endswith("= 2 (max_steps)"), lines[order[3]]
+    done = lines[order[-1]]
+    assert all(f"{phase} " in done for phase in ("target", "source", "training", "export")), done
+    wall = _seconds(done.split(":", 1)[0])
+    # The whole command up to that line, process start-up included (the interpreter's teardown after
+    # it is not counted); the margin is the line's rounding to whole seconds and the spawn.
+    assert wall >= arrived[done] - 1.5, f"{done!r}, but the line came {arrived[done]:.1f} s after the spawn"
