@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, now
@@ -21,6 +22,9 @@ from pipeline.train.resume import LedgerSink
 from pipeline.train.trackers import Trackers
 
 __all__ = ("rank_progress", "StepReporter")
+
+#: An evaluator's callback, ``(step, figures)`` (``pipeline.train.evaluate.OnEval``).
+OnEval = Callable[[int, dict[str, float]], None]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,8 @@ def rank_progress(rank: int, samples: list[SampleInfo], state: StreamState) -> d
 class StepReporter:
     """Rank 0's record of every step: metrics JSONL, progress bar, trackers and ledger (silent on others).
 
-    ``trackers.log_scalars(prefix, values, step)`` takes other scalars (evaluation) too.
+    ``trackers.log_scalars(prefix, values, step)`` takes other scalars too; evaluations arrive
+    through :meth:`eval_callback`.
     """
 
     def __init__(
@@ -96,6 +101,16 @@ class StepReporter:
                 )
             )
         logger.debug("step %d loss %.4f acc0 %.3f", step, record.loss, record.acc[0] if record.acc else 0)
+
+    def eval_callback(self, then: OnEval | None = None) -> OnEval:
+        """An evaluator's ``on_eval`` that logs its figures as ``eval/...`` scalars, then calls ``then``."""
+
+        def on_eval(step: int, figures: dict[str, float]) -> None:
+            self.trackers.log_scalars("eval", figures, step)
+            if then is not None:
+                then(step, figures)
+
+        return on_eval
 
     def close(self) -> None:
         """Close the bar, then the metrics file and the trackers."""

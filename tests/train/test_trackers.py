@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
 import logging
 import sys
 import types
@@ -18,13 +19,14 @@ import torch
 
 from pipeline.core.errors import ConfigError
 from pipeline.train.distributed import DistContext
+from pipeline.train.evaluate import Evaluator
 from pipeline.train.metrics import read_metrics
 from pipeline.train.model import ModelSpec, build_draft
 from pipeline.train.plot import curves_figure, plot_curves
 from pipeline.train.rng import seed_everything
 from pipeline.train.trackers import TENSORBOARD_DIR
 from pipeline.train.trainer import Trainer
-from tests.train_support import MemorySource, loop_settings, write_tiny_target, write_vocab
+from tests.train_support import MemorySource, loop_settings, sample_tensors, write_tiny_target, write_vocab
 
 LENGTHS = [10 + (i * 7) % 9 for i in range(15)]  # 7 steps of 2 samples, 1 tail sample
 #: SpecForge's names for what every step logs (TTT depth 2).
@@ -46,8 +48,9 @@ def event_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def metric_value(row: dict[str, Any], tag: str) -> float:
-    """A metrics.jsonl row's value for a ``train/...`` tag, as TensorBoard stores it (float32)."""
-    name = tag.removeprefix("train/")
+    """A metrics (or eval) JSONL row's value for a ``train/...`` (``eval/...``) tag, as TensorBoard
+    stores it (float32)."""
+    name = tag.partition("/")[2]
     base, _, index = name.rpartition("_")
     value = row[base][int(index)] if index.isdigit() and base in ("ploss", "acc", "acceptance_rate") else row[name]
     return float(np.float32(value))
@@ -59,7 +62,9 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
     return ModelSpec(str(write_tiny_target(d / "target")), str(write_vocab(d / "vocab.safetensors")), (0, 1, 2))
 
 
-def trainer(spec: ModelSpec, out: Path, *, fail_at: int | None = None, **overrides: object) -> Trainer:
+def trainer(
+    spec: ModelSpec, out: Path, *, fail_at: int | None = None, evaluator: Evaluator | None = None, **overrides: object
+) -> Trainer:
     values: dict[str, object] = dict(
         checkpoint_dir=str(out / "checkpoints"), metrics_path=str(out / "metrics.jsonl"), report_to=("tensorboard",)
     )
@@ -68,7 +73,7 @@ def trainer(spec: ModelSpec, out: Path, *, fail_at: int | None = None, **overrid
     draft, lm_head, _ = build_draft(spec, seed=config.seed, device=torch.device("cpu"))
     return Trainer(
         config, draft=draft, lm_head=lm_head, dist=DistContext(), partitions=[0], num_partitions=1,
-        open_source=lambda state: MemorySource("run", LENGTHS, state=state, fail_at=fail_at),
+        open_source=lambda state: MemorySource("run", LENGTHS, state=state, fail_at=fail_at), evaluator=evaluator,
     )  # fmt: skip
 
 
@@ -99,6 +104,22 @@ def test_a_resumed_run_continues_its_curves_without_the_crashed_attempts_points(
     assert result.step == 7
     assert len(list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
     assert_events_match_metrics(tmp_path, list(range(1, 8)))
+
+
+def test_evaluations_are_logged_as_eval_scalars_at_their_step(model_files: ModelSpec, tmp_path: Path) -> None:
+    held_out = [sample_tensors(100 + i, 12) for i in range(3)]
+    evaluator = Evaluator(
+        lambda: held_out, interval=3, batch_size=2, ttt_steps=2, decay=0.8, max_length=32,
+        path=str(tmp_path / "eval.jsonl"),
+    )  # fmt: skip
+    assert trainer(model_files, tmp_path, evaluator=evaluator).run().step == 7
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 7]  # every 3 steps and at the end
+    scalars = event_scalars(tmp_path / TENSORBOARD_DIR)
+    assert {"eval/loss", "eval/ploss_1", "eval/acc_0", "eval/acceptance_length"} <= set(scalars)
+    for tag in ("eval/loss", "eval/ploss_1", "eval/acc_0", "eval/acceptance_length"):
+        assert [s for s, _ in scalars[tag]] == [3, 6, 7], tag
+        assert [v for _, v in scalars[tag]] == [metric_value(r, tag) for r in rows], tag
 
 
 def test_report_to_nothing_writes_no_event_files(model_files: ModelSpec, tmp_path: Path) -> None:
