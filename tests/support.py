@@ -178,3 +178,13 @@ def tmpfs(path: Path, size: str) -> Iterator[Callable[..., None]]:
         yield remount
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+
+
+def event_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a TensorBoard log directory as (step, value) points, read the way
+    TensorBoard reads them (orphaned points of a crashed attempt purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

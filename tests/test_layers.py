@@ -42,7 +42,7 @@ LEVELS = {
     "app": 5,
 }
 #: Optional dependencies: the only third-party modules a function may import lazily.
-OPTIONAL = {"transformers", "accelerate", "sglang", "s3fs", "gcsfs", "matplotlib", "tensorboard"}
+OPTIONAL = {"transformers", "accelerate", "sglang", "s3fs", "gcsfs", "matplotlib", "tensorboard", "wandb"}
 KAFKA_IMPORTER = "pipeline/transport/kafka.py"
 #: The train modules that wire the loop to the live run (stream, ledger, storage, transport).
 TRAIN_WIRING = {"pipeline.train.runner", "pipeline.train.__main__"}

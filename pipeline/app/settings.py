@@ -144,6 +144,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         eval_interval=t.eval_interval,
         eval_metrics_path=str(out / "eval.jsonl"),
         heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
+        report_to=tuple(t.report_to),  # written beside metrics_path: <output_dir>/tensorboard
     )
 
 

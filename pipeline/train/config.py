@@ -11,17 +11,21 @@ timeouts) may change between attempts.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
 from pipeline.train.retention import RetentionPolicy
 
-__all__ = ("TrainerSettings", "LRSchedule", "Resume")
+__all__ = ("TrainerSettings", "LRSchedule", "Resume", "TRACKERS")
 
 Resume = Literal["auto", "never", "required"]
+#: The scalar trackers ``report_to`` may name (rank 0 writes them beside the metrics file).
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +68,13 @@ class TrainerSettings:
     eval_interval: int = 50  # rank 0 evaluates every N steps and at the end
     eval_metrics_path: str | None = None  # eval.jsonl, one row per evaluation
     heartbeat_interval_s: float | None = None  # each rank's heartbeat (None: none; not a resume field)
+    report_to: tuple[str, ...] = ()  # scalar trackers on rank 0 (TRACKERS), under tracker_root
+
+    @property
+    def tracker_root(self) -> str | None:
+        """Where trackers write: beside the metrics file, so that whoever moves the metrics
+        (replay writes into a directory of its own) moves the event files with them."""
+        return str(Path(self.metrics_path).parent) if self.metrics_path else None
 
     def __post_init__(self) -> None:
         positive = {
@@ -88,11 +99,24 @@ class TrainerSettings:
             raise ConfigError("retention", f"{self.retention!r}", "use 'delete' or 'retain'")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError("schedule", f"{self.schedule!r}", "use 'cosine' or 'constant'")
+        self._check_report_to()
         if self.schedule == "cosine" and self.total_schedule_steps is None:
             raise ConfigError(
                 "schedule_steps",
                 "a cosine schedule needs its length before data arrives",
                 "set schedule_steps (or max_steps), or use schedule: constant",
+            )
+
+    def _check_report_to(self) -> None:
+        """Refuse at start what rank 0 could not log to (a missing optional tracker)."""
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError("train.report_to", f"unknown tracker {name!r}", f"use {' or '.join(TRACKERS)}")
+        if "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "train.report_to",
+                "names wandb, which is not installed",
+                "pip install wandb (WANDB_MODE=offline works without an account), or remove wandb from it",
             )
 
     @property

@@ -1,14 +1,16 @@
 """What each optimizer step reports: every rank's progress, and rank 0's metrics, bar and ledger.
 
 Every rank describes its step (the samples it folded in, its next offsets); rank 0 gathers
-those with the ranks' timings and turns them into one metrics row, one progress-bar tick and one
-ledger record, the step's audit trail and the generators' measure of trainer progress.
+those with the ranks' timings and turns them into one metrics row, one progress-bar tick, the
+trackers' scalars (TensorBoard, wandb) and one ledger record, the step's audit trail and the
+generators' measure of trainer progress.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.core.messages import LedgerStep, PartitionOffset, RankProgress, StepMetrics, now
@@ -17,8 +19,12 @@ from pipeline.train.config import TrainerSettings
 from pipeline.train.dataset import SampleInfo
 from pipeline.train.metrics import MetricsLog, ProgressBar, RankTiming, StepRecord, ThroughputTotals
 from pipeline.train.resume import LedgerSink
+from pipeline.train.trackers import Trackers
 
 __all__ = ("rank_progress", "StepReporter")
+
+#: An evaluator's callback, ``(step, figures)`` (``pipeline.train.evaluate.OnEval``).
+OnEval = Callable[[int, dict[str, float]], None]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,11 @@ def rank_progress(rank: int, samples: list[SampleInfo], state: StreamState) -> d
 
 
 class StepReporter:
-    """Rank 0's record of every step: metrics JSONL, progress bar and ledger (silent on others)."""
+    """Rank 0's record of every step: metrics JSONL, progress bar, trackers and ledger (silent on others).
+
+    ``trackers.log_scalars(prefix, values, step)`` takes other scalars too; evaluations arrive
+    through :meth:`eval_callback`.
+    """
 
     def __init__(
         self, config: TrainerSettings, *, is_main: bool, ledger: LedgerSink | None, initial_step: int
@@ -53,6 +63,7 @@ class StepReporter:
             enabled=config.progress and is_main, total=config.max_steps or config.total_schedule_steps,
             initial=initial_step,
         )
+        self.trackers = Trackers.open(config, initial_step=initial_step) if is_main else Trackers()
 
     def report(
         self,
@@ -76,6 +87,7 @@ class StepReporter:
         )
         self.records.append(record)
         self.metrics.write(record)
+        self.trackers.log_step(record)
         self.progress.update(record)
         if self.ledger is not None:
             self.ledger.write(
@@ -91,7 +103,18 @@ class StepReporter:
             )
         logger.debug("step %d loss %.4f acc0 %.3f", step, record.loss, record.acc[0] if record.acc else 0)
 
+    def eval_callback(self, then: OnEval | None = None) -> OnEval:
+        """An evaluator's ``on_eval`` that logs its figures as ``eval/...`` scalars, then calls ``then``."""
+
+        def on_eval(step: int, figures: dict[str, float]) -> None:
+            self.trackers.log_scalars("eval", figures, step)
+            if then is not None:
+                then(step, figures)
+
+        return on_eval
+
     def close(self) -> None:
-        """Close the bar, then the metrics file."""
+        """Close the bar, then the metrics file and the trackers."""
         self.progress.close()
         self.metrics.close()
+        self.trackers.close()

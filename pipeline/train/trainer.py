@@ -164,6 +164,8 @@ class Trainer:
         ).start()
         feeder = LockstepFeeder(prefetcher, cfg.grad_accum)
         reporter = StepReporter(cfg, is_main=self.dist.is_main, ledger=self.ledger, initial_step=self.step)
+        if self.evaluator is not None:  # its figures go to rank 0's trackers as eval/... scalars
+            self.evaluator.on_eval = reporter.eval_callback(self.evaluator.on_eval)
         self.records = reporter.records
         try:
             reason = self._loop(feeder, stop, reporter)

@@ -23,7 +23,7 @@ from pipeline.app.config_file import load_config
 from pipeline.app.runtime import build_online_run
 from pipeline.core.topics import RunTopics
 from pipeline.transport.kafka import KafkaSettings
-from tests.support import one_error, spawn, specstream_command, tree_state, wait_exit
+from tests.support import event_scalars, one_error, spawn, specstream_command, tree_state, wait_exit
 
 pytestmark = pytest.mark.integration
 
@@ -241,8 +241,14 @@ def test_replay_reproduces_the_ledger_bit_for_bit(kafka, run_id, tmp_path, tiny_
     config = load_config(path)
     live = build_online_run(config).run()
     assert live.reason == "end_of_stream" and live.steps == 20
+    live_events = sorted((Path(config.train.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(live_events) == 1
     report = replay_run(config, str(tmp_path / "replay"))
     assert report.line() == "20 of 20 replayed steps bit-identical to the ledger"
+    assert sorted((Path(config.train.output_dir) / "tensorboard").glob("*")) == live_events, (
+        "the replay must not write into the live run's event files"
+    )
+    assert [s for s, _ in event_scalars(tmp_path / "replay" / "tensorboard")["train/loss"]] == list(range(1, 21))
     from pipeline.ledger import read_ledger
 
     assert len(read_ledger(kafka, run_id)) == 20, "the replay must not write to the run's ledger"

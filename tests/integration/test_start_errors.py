@@ -29,7 +29,8 @@ from pipeline.transport.broker import LocalKafka
 from pipeline.transport.kafka import KafkaSettings
 from tests.integration.test_generate_failover import TXN_MS, _first, _SourceCut, read_all
 from tests.support import (
-    make_prompts, one_error, read_messages, spawn, specstream_command, tree_state, wait_exit, wait_for_output,
+    event_scalars, make_prompts, one_error, read_messages, spawn, specstream_command, tree_state, wait_exit,
+    wait_for_output,
 )  # fmt: skip
 
 pytestmark = pytest.mark.integration
@@ -175,6 +176,8 @@ def test_a_quickstart_continues_its_own_run_and_refuses_another(kafka, tmp_path:
     code, out, arrived = _timed_run(args, timeout_s=300)
     assert code == 0 and "2 optimizer steps (max_steps)" in out, out
     _assert_phases(out, arrived)
+    scalars = event_scalars(workdir / "out" / "tensorboard")  # report_to's default: TensorBoard
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2] and "train/acc_0" in scalars, sorted(scalars)
     code, out = wait_exit(spawn(args), timeout_s=300)  # the same quickstart again: its run, continued
     run_id = yaml.safe_load((workdir / "config.yaml").read_text())["run_id"]
     assert code == 0 and f"continuing run {run_id}" in out and "2 optimizer steps (max_steps)" in out, out
