@@ -76,7 +76,8 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         schedule=schedule.get("kind", "constant"),  # exactly the live run's schedule
         schedule_steps=schedule.get("total_steps"),
         checkpoint_dir=str(Path(output_dir) / "checkpoints"),
-        metrics_path=str(Path(output_dir) / "metrics.jsonl"),
+        metrics_path=str(Path(output_dir) / "metrics.jsonl"),  # trackers write beside it
+        eval_metrics_path=str(Path(output_dir) / "eval.jsonl"),  # never into the live run's
         plot_path=str(Path(output_dir) / "curves.png"),
         max_steps=history[-1].step,
         resume="never",
