@@ -184,7 +184,7 @@ class RunCollector(Collector):
                       "started, slowest rank (rank 0)")  # fmt: skip
         rate = _gauge("trainer_samples_per_second", "Samples per second of the last step, all ranks (rank 0)")
         for trainer in list(self.live.trainers):
-            labels = [run, "trainer", str(trainer.dist.rank)]
+            labels = [run, "trainer", f"rank-{trainer.dist.rank}"]  # the heartbeat's id
             trained.add_metric(labels, trainer.trained_local)
             step.add_metric(labels, trainer.step)
             state = trainer.state  # the stream state after the last stepped sample

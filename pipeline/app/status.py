@@ -250,15 +250,16 @@ def render_status(status: RunStatus) -> str:
             f"{'generators done' if p.generator_ended else 'open'}"
         )
     if status.processes:
-        lines.append(f"{'process':<28} {'host':<16} {'pid':>7} {'state':<9} {'seen':>8}  counters")
+        w = max(len(f"{b.role}/{b.id}") for b in status.processes)
+        lines.append(f"{'process':<{w}} {'host':<16} {'pid':>7} {'state':<9} {'seen':>8}  counters")
         for b in status.processes:
             silent = not alive(b, status.now) and b.state not in FINAL_STATES
             seen = f"{age_s(b, status.now):.0f} s" + (" silent" if silent else "")
             lines.append(
-                f"{b.role + '/' + b.id:<28} {b.host[:16]:<16} {b.pid:>7} {b.state:<9} {seen:>8}  {_counters(b.counters)}"
+                f"{b.role + '/' + b.id:<{w}} {b.host[:16]:<16} {b.pid:>7} {b.state:<9} {seen:>8}  {_counters(b.counters)}"
             )
             if b.reason and b.state != "finished":
-                lines.append(f"{'':<28} {b.state}: {b.reason}")
+                lines.append(f"{'':<{w}} {b.state}: {b.reason}")
     else:
         lines.append("processes: no heartbeats (not started yet, or a run from before heartbeats)")
     lines.append(f"dead letters: {status.dead_letters}" + (" (`specstream dlq` lists them)" if status.dead_letters else ""))

@@ -60,7 +60,7 @@ def test_collector_reads_the_stages_own_counters_at_scrape_time() -> None:
 
     got = _samples(collector)
     gen = (("id", "g0"), ("role", "generator"), ("run", "r1"))
-    rank0 = (("id", "0"), ("role", "trainer"), ("run", "r1"))
+    rank0 = (("id", "rank-0"), ("role", "trainer"), ("run", "r1"))
     assert got[("specstream_samples_produced_total", gen)] == 24
     assert got[("specstream_samples_dead_lettered_total", gen)] == 2
     assert got[("specstream_samples_dead_lettered_total", rank0)] == 1
@@ -163,7 +163,7 @@ def test_single_process_run_serves_its_generators_and_trainer(tmp_path, tiny_tar
     assert result.reason == "end_of_stream"
     got = _samples(RunCollector(live))  # the live objects stay readable after the run
     gen = (("id", "metrics-run-gen-0"), ("role", "generator"), ("run", "metrics-run"))
-    rank0 = (("id", "0"), ("role", "trainer"), ("run", "metrics-run"))
+    rank0 = (("id", "rank-0"), ("role", "trainer"), ("run", "metrics-run"))
     assert got[("specstream_samples_produced_total", gen)] == 16
     assert got[("specstream_feature_bytes_written_total", gen)] > 0
     assert got[("specstream_samples_trained_total", rank0)] == 16
