@@ -16,10 +16,11 @@ class MonitorSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    heartbeat_interval_s: float = Field(
+    heartbeat_interval_s: float | None = Field(
         default=5.0, gt=0, le=300,
         description="every process (source, generators, trainer ranks) publishes its state this often; "
-        "`status` calls a process silent for 3 intervals stalled, and a waiting stage logs a line this often",
+        "`status` calls a process silent for 3 intervals stalled, and a waiting stage logs a line this often; "
+        "null: no heartbeats (`status` then cannot tell a stalled run from a finished one)",
     )  # fmt: skip
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535,

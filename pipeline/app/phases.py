@@ -173,12 +173,18 @@ class Phases:
         return f"{head} in {format_duration(self.wall_s)}" + (f": {parts}" if parts else "")
 
 
-def assemble_jars(phases: Phases, version: str = kafka_jars.KAFKA_VERSION, *, force: bool = False) -> Path:
-    """The broker's jars, assembled from Maven Central with a start and a done line when missing."""
+def assemble_jars(
+    phases: Phases, version: str = kafka_jars.KAFKA_VERSION, *, force: bool = False, tools: bool = True
+) -> Path:
+    """The broker's jars (and Kafka's command-line tools), assembled from Maven Central with a start
+    and a done line when missing. ``tools=False``: an install that can start the broker will do (a
+    broker start never needs Maven for the tools)."""
     libs = kafka_jars.libs_dir(version)
-    if kafka_jars.libs_ready(libs, version) and not force:
+    ready = kafka_jars.tools_ready if tools else kafka_jars.libs_ready
+    if ready(libs, version) and not force:
         return libs
-    with phases.phase("jars", f"assembling the Kafka {version} broker jars from Maven Central (once)...") as step:
+    start = f"assembling the Kafka {version} broker jars and tools from Maven Central (once)..."
+    with phases.phase("jars", start) as step:
         libs = kafka_jars.install(version, force=force)
         size = sum(f.stat().st_size for f in libs.iterdir() if f.is_file())
         step.done = f"Kafka jars in {libs} ({size / 1e6:.0f} MB)"
@@ -192,7 +198,7 @@ def local_broker_phase(phases: Phases) -> str:
     if running is not None:
         phases.say(f"local Kafka broker at {running.bootstrap} (stop it with `specstream broker stop`)")
         return running.bootstrap
-    assemble_jars(phases)
+    assemble_jars(phases, tools=False)
     start = "starting the local Kafka broker (it keeps running: `specstream broker stop` stops it)..."
     with phases.phase("broker", start) as step:
         state = background_broker.start_detached()

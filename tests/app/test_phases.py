@@ -148,12 +148,15 @@ def test_jar_assembly_says_when_it_starts_and_what_it_assembled(monkeypatch: pyt
         (libs / "kafka.jar").write_bytes(b"x" * 3_000_000)
         return libs
 
-    monkeypatch.setattr(phases_module.kafka_jars, "libs_ready", lambda _libs, _version: False)
+    monkeypatch.setattr(phases_module.kafka_jars, "libs_ready", lambda _libs, _version: True)  # an older install:
+    monkeypatch.setattr(phases_module.kafka_jars, "tools_ready", lambda _libs, _version: False)  # no tools yet
     monkeypatch.setattr(phases_module.kafka_jars, "install", install)
     stream = FakeStream(tty=False)
-    assert phases_module.assemble_jars(Phases(stream, age_s=0.0), "4.3.1") == libs
+    assert phases_module.assemble_jars(Phases(stream, age_s=0.0), "4.3.1", tools=False) != libs  # a broker starts as is
+    assert not libs.exists() and stream.getvalue() == ""
+    assert phases_module.assemble_jars(Phases(stream, age_s=0.0), "4.3.1") == libs  # `broker install` completes it
     start, done = stream.getvalue().splitlines()
-    assert start == "assembling the Kafka 4.3.1 broker jars from Maven Central (once)..."
+    assert start == "assembling the Kafka 4.3.1 broker jars and tools from Maven Central (once)..."
     assert done.startswith(f"Kafka jars in {libs} (3 MB) after ")
 
 
