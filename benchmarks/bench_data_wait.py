@@ -21,12 +21,15 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from pipeline.app.metrics import LiveProcess
+from pipeline.app.metrics_server import serve_metrics
 from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
@@ -102,6 +105,13 @@ def fill(
     return time.perf_counter() - started
 
 
+def scrape(url: str, every_s: float, stop: threading.Event) -> None:
+    """Scrape the exporter as Prometheus would, until ``stop``."""
+    while not stop.wait(every_s):
+        with urllib.request.urlopen(url, timeout=5) as response:
+            response.read()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,6 +132,11 @@ def main() -> None:
     parser.add_argument(
         "--report-to", nargs="*", default=[], choices=["tensorboard", "wandb"],
         help="trackers on rank 0 (default none): compare the wall time per step with and without",
+    )  # fmt: skip
+    parser.add_argument(
+        "--monitoring", action="store_true",
+        help="the trainer's heartbeat every 5 s and a Prometheus exporter scraped every 5 s (with --report-to "
+        "tensorboard: everything an operator switches on)",
     )  # fmt: skip
     args = parser.parse_args()
 
@@ -175,8 +190,14 @@ def main() -> None:
             plot_path=None,
             min_trained_fraction=1.0,
             report_to=tuple(args.report_to),
+            heartbeat_interval_s=5.0 if args.monitoring else None,
         )
         device = torch.device(args.device)
+        live = LiveProcess(run_id, settings)
+        exporter = serve_metrics(live, 0, say=lambda _line: None) if args.monitoring else None
+        scraping = threading.Event()
+        if exporter is not None:
+            threading.Thread(target=scrape, args=(exporter.url, 5.0, scraping), daemon=True).start()
         result = run_trainer(
             config,
             transport=settings,
@@ -184,7 +205,11 @@ def main() -> None:
             model=ModelSpec(str(work / "target"), str(work / "vocab.safetensors"), (0, 1, 2)),
             dist=DistContext(device=device),
             device=args.device,
+            observe=live.watch_trainer,
         )
+        scraping.set()
+        if exporter is not None:
+            exporter.close()
         with KafkaAdmin(settings) as admin:
             t = RunTopics(run_id)
             admin.delete_topics([t.prompts, t.samples, t.ledger, t.dlq, t.manifest])
@@ -218,7 +243,10 @@ def main() -> None:
     print(f"data wait incl. the first {args.warmup} steps: {100 * all_wait_s / all_step_s:.2f} %")
     if len(steady) > 1:  # step_s stops before the step is reported; record times include it
         wall = (steady[-1].time - steady[0].time) / (len(steady) - 1)
-        print(f"wall time per step (steady, reporting included, report_to={args.report_to}): {1000 * wall:.1f} ms")
+        print(
+            f"wall time per step (steady, reporting included, report_to={args.report_to}, "
+            f"monitoring={args.monitoring}): {1000 * wall:.1f} ms"
+        )
     if prep_steady > 0:
         print(f"ratio hidden by prefetch: {prep_steady / max(wait_s, 1e-9):.0f}x")
     shutil.rmtree(work, ignore_errors=True)

@@ -6,8 +6,14 @@ target and conversations (a fresh run id each time, so each trains from scratch)
 
 - ``on``: heartbeats every ``--heartbeat-s`` (default 5 s, the config's default), TensorBoard,
   the Prometheus exporter scraped every ``--scrape-s`` (default 5 s) by a client thread, and a
-  held-out eval set of ``--eval-conversations`` evaluated every ``--eval-interval`` steps;
+  held-out eval set of ``--eval-conversations`` (default 1 % of the training conversations)
+  evaluated every ``--eval-interval`` steps (default 50): evaluation is work, its cost grows with
+  the set and the frequency;
 - ``off``: ``monitor.heartbeat_interval_s: null``, ``train.report_to: []``, no exporter, no eval set.
+
+``--parts`` switches only some of them (e.g. ``--parts eval`` measures evaluation alone). One
+discarded run of each variant first pays the process's warm-up (imports, first model loads), which
+would otherwise be charged to whichever variant runs first.
 
 The figure is the wall time of ``OnlineRun.run`` (source, generation and training interleaved,
 export), reported as the ratio on/off, min/median/max over the repeats: the goal is <= 1.02.
@@ -37,17 +43,19 @@ from pipeline.app.settings import kafka_settings
 from pipeline.devkit.chats import markov_conversations, write_jsonl
 from pipeline.transport.broker import env_or_local_broker as broker
 
+PARTS = ("heartbeats", "trackers", "metrics", "eval")
+
 
 def variant(base: RunConfig, work: Path, *, on: bool, args: argparse.Namespace) -> RunConfig:
-    """The quickstart's config with monitoring on or off, under a fresh run id and output dir."""
+    """The quickstart's config with the chosen parts on or off, under a fresh run id and output dir."""
     raw: dict[str, Any] = base.model_dump(mode="json")
     name = f"bench-mon-{'on' if on else 'off'}-{uuid.uuid4().hex[:6]}"
     raw["run_id"] = name
     raw["storage"]["root"] = str(work / name / "features")
     raw["train"]["output_dir"] = str(work / name / "out")
-    raw["monitor"] = {"heartbeat_interval_s": args.heartbeat_s if on else None, "metrics_port": None}
-    raw["train"]["report_to"] = ["tensorboard"] if on else []
-    raw["data"]["eval_path"] = str(work / "eval.jsonl") if on else None
+    raw["monitor"] = {"heartbeat_interval_s": args.heartbeat_s if on and "heartbeats" in args.parts else None}
+    raw["train"]["report_to"] = ["tensorboard"] if on and "trackers" in args.parts else []
+    raw["data"]["eval_path"] = str(work / "eval.jsonl") if on and "eval" in args.parts else None
     raw["train"]["eval_interval"] = args.eval_interval
     return RunConfig.model_validate(raw)
 
@@ -93,25 +101,30 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=768)
     parser.add_argument("--heartbeat-s", type=float, default=5.0)
     parser.add_argument("--scrape-s", type=float, default=5.0)
-    parser.add_argument("--eval-conversations", type=int, default=32)
+    parser.add_argument("--eval-conversations", type=int, default=None, help="default: 1%% of --conversations")
     parser.add_argument("--eval-interval", type=int, default=50)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what 'on' switches on")
     args = parser.parse_args()
+    args.eval_conversations = args.eval_conversations or max(1, args.conversations // 100)
 
     work = Path(tempfile.mkdtemp(prefix="bench-monitoring-"))
     write_jsonl(markov_conversations(args.eval_conversations, seed=1), str(work / "eval.jsonl"))
     with broker() as bootstrap:
         base = quickstart_config(work / "quickstart", conversations=args.conversations, bootstrap=bootstrap)
+        for on in (True, False):  # warm-up, discarded
+            run_once(variant(base, work, on=on, args=args), bootstrap, on=on and "metrics" in args.parts,
+                     scrape_s=args.scrape_s)  # fmt: skip
         ratios = []
         for repeat in range(args.repeats):
             walls: dict[bool, float] = {}
             for on in ((True, False) if repeat % 2 == 0 else (False, True)):
-                walls[on], scrapes = run_once(variant(base, work, on=on, args=args), bootstrap, on=on,
-                                              scrape_s=args.scrape_s)  # fmt: skip
+                walls[on], scrapes = run_once(variant(base, work, on=on, args=args), bootstrap,
+                                              on=on and "metrics" in args.parts, scrape_s=args.scrape_s)  # fmt: skip
                 print(f"repeat {repeat + 1}: monitoring {'on ' if on else 'off'} {walls[on]:.1f} s"
                       + (f" ({scrapes} scrapes)" if on else ""), flush=True)  # fmt: skip
             ratios.append(walls[True] / walls[False])
     print(
-        f"wall time, monitoring on / off, {args.conversations} conversations, {args.repeats} repeats: "
+        f"wall time, {'+'.join(args.parts)} on / off, {args.conversations} conversations, {args.repeats} repeats: "
         f"min {min(ratios):.3f}, median {statistics.median(ratios):.3f}, max {max(ratios):.3f} (goal <= 1.02)"
     )
     print(f"work directory (features, event files): {work}")
