@@ -133,6 +133,9 @@ class HeartbeatPublisher:
                 logger.warning(
                     "%s: final heartbeat not delivered in %.0f s; exiting without it", self.name, timeout_s
                 )
+                producer = self._producer
+                if producer is not None:  # the thread is stuck on the broker: stop its producer here
+                    producer.close(timeout_s=0)
 
     def fail(self, exc: BaseException) -> None:
         """The stage raised: the final heartbeat says failed, with the error's one line."""
@@ -183,7 +186,7 @@ class HeartbeatPublisher:
                 self._producer = self.transport.plain_producer()
             value = encode(self.message())
             self._producer.send(self.topics.heartbeats, value, partition=0, key=self.name.encode())
-            self._producer.flush(timeout_s=max(2.0, 2 * (self.interval_s or 0)))
+            self._producer.flush(timeout_s=min(2.0, self.interval_s or 2.0), ride_out=False)
             self.published += 1
         except Exception as exc:  # noqa: BLE001 - a heartbeat must never fail the stage
             kind = type(exc).__name__

@@ -695,11 +695,20 @@ class TransactionalProducer:
 
 
 def _close_quietly(producer: KafkaProducer, timeout_s: float) -> None:
-    """Close a producer; with the broker gone its final flush times out, which changes nothing."""
+    """Close a producer; with the broker gone its final flush times out, which changes nothing.
+
+    kafka-python's ``close`` flushes first and raises before it stops its sender; its exit hook
+    and ``__del__`` would then flush again at interpreter exit and print a traceback. So a close
+    whose flush failed stops the sender itself, and marks the producer closed.
+    """
     try:
         producer.close(timeout=timeout_s)
     except KafkaError as exc:
         logger.info("producer closed with records undelivered: %s", exc)
+        sender = getattr(producer, "_sender", None)
+        if sender is not None and sender.is_alive():
+            sender.force_close()
+        producer._closed = True  # kafka-python's own flag: no second close at exit
         with contextlib.suppress(Exception):
             producer.close(timeout=0, null_logger=True)
 
@@ -751,14 +760,19 @@ class PlainProducer:
         self._pending.append(future)
         return future
 
-    def flush(self, timeout_s: float = 30.0) -> None:
+    def flush(self, timeout_s: float = 30.0, *, ride_out: bool = True) -> None:
         """Block until every record sent so far is on the broker; raise if any was not.
 
         kafka-python's own ``flush`` returns even when a record failed (its error sits in the
         record's future): the ledger, dead letters and the manifest must not be taken as
-        written when they were not.
+        written when they were not. ``ride_out=False`` fails after ``timeout_s`` whatever the
+        broker does (best-effort records never wait out an outage, nor report one).
         """
-        self.settings.ride_out(lambda: self._producer.flush(timeout=timeout_s), "delivering records")
+        if ride_out:
+            self.settings.ride_out(lambda: self._producer.flush(timeout=timeout_s), "delivering records")
+        else:
+            with _translated():
+                self._producer.flush(timeout=timeout_s)
         pending, self._pending = self._pending, []
         failed = [f for f in pending if not f.is_done or f.failed()]
         if failed:

@@ -236,7 +236,7 @@ class _PlainProducer:
         with self._b._lock:
             self._b._append([(topic, partition or 0, key, value)])
 
-    def flush(self, timeout_s: float = 30.0) -> None:
+    def flush(self, timeout_s: float = 30.0, *, ride_out: bool = True) -> None:
         pass
 
     def close(self, timeout_s: float = 10.0) -> None:
