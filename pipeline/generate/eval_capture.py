@@ -44,7 +44,9 @@ def capture_eval_set(worker: GeneratorWorker, stop: threading.Event) -> Generato
         return None
     store, backend = eval_store(worker.store, config), BorrowedBackend(worker.backend)
     stats = type(worker)(worker.transport, store, backend, config).run(stop)
-    logger.info("%s: eval set captured (%d refs by this worker)", worker.config.worker_id, stats.refs)
+    logger.info(
+        "%s: eval set captured (%d refs by this worker) in %.1f s", worker.config.worker_id, stats.refs, stats.wall_s
+    )
     return stats
 
 
