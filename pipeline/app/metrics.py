@@ -4,8 +4,9 @@ Nothing here counts: :class:`RunCollector` reads, at scrape time, the live objec
 process (each generator worker's :class:`~pipeline.generate.stats.GeneratorStats`, each trainer
 rank's step, samples and newest step record) and the run's per-partition produced and trained
 counts from :func:`pipeline.app.status.run_status`. That read goes to Kafka, so it is cached
-(:class:`StatusCache`: at most one read every few seconds, on its own thread, a scrape waits for
-it at most about a second), and an idle exporter does no work at all.
+(:class:`StatusCache`: at most one read every 15 s, Prometheus' default scrape interval, on its own
+thread; a scrape waits for it at most about a second), and an idle exporter does no work at all.
+The read is the light one (``full=False``): the partitions' counts, not the DLQ or heartbeats.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class StatusCache:
         self,
         read: Callable[[], RunStatus],
         *,
-        every_s: float = 5.0,
+        every_s: float = 15.0,
         wait_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -110,8 +111,9 @@ class StatusCache:
 
 
 def status_reader(transport: Transport, run_id: str, timeout_s: float = 10.0) -> Callable[[], RunStatus]:
-    """What ``specstream status`` reads, as the cache's read (one counting path for both)."""
-    return lambda: run_status(transport, run_id, timeout_s=timeout_s)
+    """The per-partition counts ``specstream status`` reads, as the cache's read (one counting path
+    for both; only the partitions: the DLQ and heartbeats are ``status``'s, not a scrape's)."""
+    return lambda: run_status(transport, run_id, timeout_s=timeout_s, full=False)
 
 
 class RunCollector(Collector):
@@ -121,7 +123,7 @@ class RunCollector(Collector):
         self,
         live: LiveProcess,
         *,
-        status_every_s: float = 5.0,
+        status_every_s: float = 15.0,
         status_wait_s: float = 1.0,
         status: StatusCache | None = None,
     ) -> None:
@@ -212,11 +214,9 @@ class RunCollector(Collector):
             lag.add_metric(labels, p.backlog)
             produced.add_metric(labels, p.produced)
             trained.add_metric(labels, p.consumed)
-        letters = _gauge("run_dead_letters", "Dead letters on the run's DLQ topic", ("run",))
-        letters.add_metric(run, status.dead_letters)
         age = _gauge("run_status_age_seconds", "Age of the per-partition figures (read every few seconds)", ("run",))
         age.add_metric(run, cache.age())
-        yield from (lag, produced, trained, letters, age)
+        yield from (lag, produced, trained, age)
 
 
 def _counter(name: str, doc: str, labels: tuple[str, ...] = PROC) -> CounterMetricFamily:

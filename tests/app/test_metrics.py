@@ -75,7 +75,6 @@ def test_collector_reads_the_stages_own_counters_at_scrape_time() -> None:
     assert got[("specstream_trainer_data_wait_ratio", rank0)] == 0.125
     for p in ("0", "1"):
         assert got[("specstream_consumer_lag", (("partition", p), ("run", "r1")))] == 6
-    assert got[("specstream_run_dead_letters", (("run", "r1"),))] == 4
 
     # Live: the next scrape sees what the stages counted since, and an open pause counts as it goes.
     stats.refs, stats.batches, stats.paused_since = 32, 4, time.monotonic() - 5.0
