@@ -3,10 +3,12 @@
 The rules, in order (``specstream status`` shows the first that holds):
 
 1. no heartbeat at all: ``unknown`` (not started yet, or a run from before heartbeats);
-2. a process whose newest heartbeat says ``failed``: ``failed``, with its reason;
-3. every trainer rank finished (the end of the stream): ``finished at T``, with the trainer's
+2. every trainer rank finished (the end of the stream): ``finished at T``, with the trainer's
    accounting (prompts, trained, missing, duplicates, ...);
-4. every trainer rank stopped (``max_steps``, a signal): ``stopped at T``, with why;
+3. every trainer rank stopped (``max_steps``, a signal): ``stopped at T``, with why;
+4. a process whose newest heartbeat says ``failed``, and that no process of its role has taken
+   over from since (a generator replaced under another worker id is a run going on): ``failed``,
+   with its reason;
 5. no process alive (alive: not ended, and heard from within :data:`SILENT_INTERVALS` of its own
    interval): ``stalled since T``, T its newest heartbeat;
 6. a trainer rank silent while samples wait to be trained (lag > 0): ``stalled since T``;
@@ -54,18 +56,17 @@ def _name(beat: Heartbeat) -> str:
     return process_key(beat.role, beat.id)
 
 
+def _taken_over(failed: Heartbeat, beats: list[Heartbeat], now: float) -> bool:
+    """Whether another process of the failed one's role was heard from since, alive or done."""
+    later = [b for b in beats if b is not failed and b.role == failed.role and b.created_at > failed.created_at]
+    return any(alive(b, now) or b.state in ("finished", "stopped") for b in later)
+
+
 def decide_run_state(beats: Iterable[Heartbeat], *, now: float, lag: int) -> RunState:
     """The run's state from every process's newest heartbeat (see the module docstring)."""
     beats = sorted(beats, key=lambda b: (b.role, b.id))
     if not beats:
         return RunState("unknown", reason="no heartbeats: the run has not started, or it predates heartbeats")
-    failed = [b for b in beats if b.state == "failed"]
-    if failed:
-        return RunState(
-            "failed",
-            max(b.created_at for b in failed),
-            "; ".join(f"{_name(b)}: {b.reason or 'failed'}" for b in failed),
-        )
     trainers = [b for b in beats if b.role == "trainer"]
     if trainers and all(b.state == "finished" for b in trainers):
         summary = next(
@@ -75,6 +76,13 @@ def decide_run_state(beats: Iterable[Heartbeat], *, now: float, lag: int) -> Run
     if trainers and all(b.state in FINAL_STATES for b in trainers):
         why = sorted({b.reason or b.state for b in trainers})
         return RunState("stopped", max(b.created_at for b in trainers), f"trainer stopped: {', '.join(why)}")
+    failed = [b for b in beats if b.state == "failed" and not _taken_over(b, beats, now)]
+    if failed:
+        return RunState(
+            "failed",
+            max(b.created_at for b in failed),
+            "; ".join(f"{_name(b)}: {b.reason or 'failed'}" for b in failed),
+        )
     if not any(alive(b, now) for b in beats):
         last = max(beats, key=lambda b: b.created_at)
         return RunState(

@@ -96,6 +96,20 @@ def test_a_failed_process_fails_the_run_with_its_reason() -> None:
     assert state.state == "failed" and state.reason == "generator/g0: StreamError: boom"
 
 
+def test_a_failed_generator_replaced_by_another_is_a_run_going_on() -> None:
+    crashed = beat("generator", "host-1", "failed", NOW - 60, reason="OSError: disk")
+    replacement = beat("generator", "host-2", "running", NOW)
+    state = decide_run_state([crashed, replacement, beat("trainer", "rank-0", "running", NOW)], now=NOW, lag=1)
+    assert state.state == "running"
+    done = decide_run_state(
+        [crashed, beat("generator", "host-2", "finished", NOW - 2), beat("trainer", "rank-0", "finished", NOW)],
+        now=NOW, lag=0,
+    )  # fmt: skip
+    assert done.state == "finished"
+    silent = beat("generator", "host-2", "running", NOW - 50)  # heard after the failure, but dead since
+    assert decide_run_state([crashed, silent, beat("trainer", "rank-0", "running", NOW)], now=NOW, lag=1).state == "failed"
+
+
 def test_heartbeats_through_the_in_process_broker() -> None:
     broker = MemoryBroker()
     broker.admin().ensure_run_topics(RunTopics("r"), 2)
