@@ -4,9 +4,9 @@ Nothing here counts: :class:`RunCollector` reads, at scrape time, the live objec
 process (each generator worker's :class:`~pipeline.generate.stats.GeneratorStats`, each trainer
 rank's step, samples and newest step record) and the run's per-partition produced and trained
 counts from :func:`pipeline.app.status.run_status`. That read goes to Kafka, so it is cached
-(:class:`StatusCache`: at most one read every 15 s, Prometheus' default scrape interval, on its own
-thread; a scrape waits for it at most about a second), and an idle exporter does no work at all.
-The read is the light one (``full=False``): the partitions' counts, not the DLQ or heartbeats.
+(:class:`StatusCache`: at most one read every 5 s, on its own thread; a scrape waits for it at most
+about a second), and an idle exporter does no work at all. The read is the light one
+(``full=False``: the partitions' counts, not the DLQ or heartbeats), about 0.06 s of CPU.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class StatusCache:
         self,
         read: Callable[[], RunStatus],
         *,
-        every_s: float = 15.0,
+        every_s: float = 5.0,
         wait_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -123,7 +123,7 @@ class RunCollector(Collector):
         self,
         live: LiveProcess,
         *,
-        status_every_s: float = 15.0,
+        status_every_s: float = 5.0,
         status_wait_s: float = 1.0,
         status: StatusCache | None = None,
     ) -> None:
