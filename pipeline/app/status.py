@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.app.deadletters import ReasonCount, count_by_reason, read_dead_letters
 from pipeline.app.run_state import RunState, age_s, alive, decide_run_state
 from pipeline.core.errors import RunMismatchError
+from pipeline.core.feedback import format_duration
 from pipeline.core.heartbeat import FINAL_STATES, read_heartbeats
 from pipeline.core.messages import Heartbeat, LedgerStep, decode
 from pipeline.core.progress import PartitionCounters, read_source_counters
@@ -205,15 +206,6 @@ def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch is not None else "-"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def _state_line(status: RunStatus) -> str:
     st = status.state
     if st.state == "finished":
@@ -238,7 +230,7 @@ def render_status(status: RunStatus) -> str:
     """A plain-text view: the run's state, its totals, each partition and each process."""
     total = f"{status.prompts}" + ("" if status.source_ended else " so far")
     rate = f", {status.samples_per_s:.1f} samples/s" if status.samples_per_s else ""
-    eta = f", ETA {_duration(status.eta_s)}" if status.eta_s is not None else ""
+    eta = f", ETA {format_duration(status.eta_s)}" if status.eta_s is not None else ""
     lines = [
         (
             f"run {status.run_id}: step {status.step if status.step is not None else '-'}, "
