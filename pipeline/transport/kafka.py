@@ -631,7 +631,7 @@ class TransactionalProducer:
             with _translated():
                 result = start()
                 self._producer._sender.wakeup()
-                done = result.wait(timeout_ms=int(self.settings.outage_budget_s * 1000))
+                done = self._wait_for(result)
         except FencedError as exc:
             if not (exc.same_id and self._timed_out()):
                 if exc.same_id:
@@ -648,9 +648,35 @@ class TransactionalProducer:
             raise
         if not done:
             self._broken = True
-            raise TransportError(
-                f"{what}: no answer from the broker in {self.settings.outage_budget_s:.0f} s", retriable=True
-            )
+            raise TransportError(f"{what}: no answer from the broker", retriable=True)
+
+    def _wait_for(self, result: Any) -> bool:
+        """Wait for a step's answer: through an outage up to the budget, but once the broker
+        accepts connections again for longer than a request timeout, stop waiting. A request in
+        flight when the broker went away can be lost across kafka-python's reconnect, and its
+        result then never completes: waiting out the whole budget for it stalled a resumed run
+        for minutes. Re-initialising (the caller's abort) settles the transaction instead."""
+        deadline = time.monotonic() + self.settings.outage_budget_s
+        patience_s = self.settings.request_timeout_ms / 1000
+        answering_since: float | None = None
+        while True:
+            slice_s = min(1.0, max(0.0, deadline - time.monotonic()))
+            if result.wait(timeout_ms=int(slice_s * 1000)):
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if not _answers(self.settings.bootstrap_servers, timeout_s=1.0):
+                answering_since = None
+            elif answering_since is None:
+                answering_since = now
+            elif now - answering_since > patience_s:
+                logger.info(
+                    "%s: the broker answers again but this transaction step has had no reply for "
+                    "%.0f s (its request was lost in the outage); re-initialising",
+                    self.transactional_id, now - answering_since,
+                )  # fmt: skip
+                return False
 
     def _timed_out(self) -> bool:
         """Whether an epoch error means "the broker aborted our transaction on its timeout"
