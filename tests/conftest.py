@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 _MODES = ("auto", "local", "testcontainers")
 # Tests that start a native LocalKafka of their own (restarts, outages, SASL): the native pass runs them.
 _OWN_BROKER_FIXTURES = frozenset({"own_home", "own_broker", "sasl_broker"})
+_OWN_BROKER_SKIP = "starts its own native LocalKafka: runs in the native pass, not on the container broker"
 
 
 def _broker_mode() -> str:
@@ -48,6 +49,10 @@ def _no_broker(message: str) -> None:
     pytest.skip(message)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    _broker_mode()  # a misspelt mode stops the session at once
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """The session's broker mode; in container mode the engine version and the image id and size."""
     mode = _broker_mode()
@@ -64,7 +69,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _broker_mode() != "testcontainers":
         return
-    skip = pytest.mark.skip(reason="starts its own native LocalKafka: runs in the native pass, not on the container broker")
+    skip = pytest.mark.skip(reason=_OWN_BROKER_SKIP)
     for item in items:
         if _OWN_BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
@@ -84,7 +89,8 @@ def _container_broker() -> Iterator[str]:
         logger.info("removed %d leftover testcontainers container(s)", removed)
     try:
         with containers.kafka_container() as container:
-            logger.info("container Kafka %s at %s", container.get_wrapped_container().short_id, container.bootstrap)
+            short_id = container.get_wrapped_container().short_id
+            logger.info("container Kafka %s at %s", short_id, container.bootstrap)
             yield container.bootstrap
     finally:
         containers.remove_leftovers(client)

@@ -44,7 +44,7 @@ def configure_environment() -> None:
 def engine_client() -> Any:
     """A docker-py client of the engine, or EngineUnavailable."""
     configure_environment()
-    import docker  # noqa: PLC0415 - lazy: start-up (only the container mode needs docker-py)
+    import docker  # lazy: start-up (only the container mode needs docker-py)
 
     try:
         client = docker.from_env(timeout=10)
@@ -57,7 +57,7 @@ def engine_client() -> Any:
 
 def describe(client: Any, image: str = IMAGE) -> str:
     """One line: the engine's version and the image's id and size (EngineUnavailable if not built)."""
-    import docker  # noqa: PLC0415 - lazy: start-up (only the container mode needs docker-py)
+    import docker  # lazy: start-up (only the container mode needs docker-py)
 
     version = client.version()
     try:
@@ -89,8 +89,9 @@ def _free_port() -> int:
 def kafka_container(image: str = IMAGE, *, heap_mb: int = 384, startup_timeout_s: float = 180) -> Any:
     """The broker container, not yet started (a context manager); ``.bootstrap`` is its address."""
     configure_environment()
-    from testcontainers.core.container import DockerContainer  # noqa: PLC0415 - lazy: start-up
-    from testcontainers.core.wait_strategies import LogMessageWaitStrategy  # noqa: PLC0415 - lazy: start-up
+    # lazy: start-up (testcontainers is imported only in container mode, after the environment is set)
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
     class SpecstreamKafkaContainer(DockerContainer):
         """One KRaft node on host networking, listening on free 127.0.0.1 ports only."""
