@@ -1,9 +1,12 @@
 """Shared fixtures: one real Kafka broker per test session, unique names per test.
 
-The broker comes from, in order: ``KAFKA_BOOTSTRAP_SERVERS`` (any running broker); the project's
-local KRaft broker assembled from Maven Central jars (java + the jars or mvn); a testcontainers
-Kafka container where a Docker engine answers. In CI (``CI`` or ``KAFKA_TEST_REQUIRED`` set) a
-missing broker fails the session instead of skipping the integration tests.
+``SPECSTREAM_TEST_BROKER`` chooses the broker: ``auto`` (the default) takes, in order,
+``KAFKA_BOOTSTRAP_SERVERS`` (any running broker), the project's local KRaft broker assembled from
+Maven Central jars (java + the jars or mvn), then the container broker where an engine answers and
+its image is built; ``local`` only the local broker; ``testcontainers`` only the container broker
+(tests/containers.py: infra/kafka-image's image on infra/engine.sh's engine). In CI (``CI`` or
+``KAFKA_TEST_REQUIRED`` set) a missing broker fails the session instead of skipping the
+integration tests.
 """
 
 from __future__ import annotations
@@ -23,26 +26,87 @@ from pipeline.transport.kafka import KafkaAdmin, KafkaSettings
 logger = logging.getLogger(__name__)
 
 
-def _docker_answers() -> bool:
-    try:
-        import docker  # noqa: PLC0415
+_MODES = ("auto", "local", "testcontainers")
+# Tests that start a native LocalKafka of their own (restarts, outages, SASL): the native pass runs them.
+_OWN_BROKER_FIXTURES = frozenset({"own_home", "own_broker", "sasl_broker"})
+_OWN_BROKER_SKIP = "starts its own native LocalKafka: runs in the native pass, not on the container broker"
 
-        docker.from_env(timeout=3).ping()
-        return True
-    except Exception:
-        return False
+
+def _broker_mode() -> str:
+    mode = os.environ.get("SPECSTREAM_TEST_BROKER", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise pytest.UsageError(f"SPECSTREAM_TEST_BROKER={mode!r}: use one of {', '.join(_MODES)}")
+    return mode
 
 
 def _broker_required() -> bool:
     return bool(os.environ.get("CI") or os.environ.get("KAFKA_TEST_REQUIRED"))
 
 
+def _no_broker(message: str) -> None:
+    if _broker_required():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _broker_mode()  # a misspelt mode stops the session at once
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The session's broker mode; in container mode the engine version and the image id and size."""
+    mode = _broker_mode()
+    if mode != "testcontainers":
+        return [f"broker: {mode} (SPECSTREAM_TEST_BROKER)"]
+    from tests import containers  # lazy: start-up (only the container mode)
+
+    try:
+        return [f"broker: {containers.describe(containers.engine_client())}"]
+    except containers.EngineUnavailable as exc:
+        return [f"broker: testcontainers unavailable: {exc}"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _broker_mode() != "testcontainers":
+        return
+    skip = pytest.mark.skip(reason=_OWN_BROKER_SKIP)
+    for item in items:
+        if _OWN_BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
+
+
+def _container_broker() -> Iterator[str]:
+    """The session broker in a container; leftover testcontainers containers are removed first and last."""
+    from tests import containers  # lazy: start-up (only the container mode)
+
+    try:
+        client = containers.engine_client()
+        logger.info("%s", containers.describe(client))
+    except containers.EngineUnavailable as exc:
+        _no_broker(str(exc))
+        return
+    if removed := containers.remove_leftovers(client):
+        logger.info("removed %d leftover testcontainers container(s)", removed)
+    try:
+        with containers.kafka_container() as container:
+            short_id = container.get_wrapped_container().short_id
+            logger.info("container Kafka %s at %s", short_id, container.bootstrap)
+            yield container.bootstrap
+    finally:
+        containers.remove_leftovers(client)
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of a real broker, started once for the whole session."""
+    mode = _broker_mode()
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
+    if external and mode == "auto":
         yield external
+        return
+    if mode == "testcontainers":
+        yield from _container_broker()
         return
     from pipeline.transport import broker, kafka_jars  # lazy: start-up (only when no broker is given)
 
@@ -51,24 +115,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             logger.info("local Kafka %s at %s (%.1f s)", local.version, local.bootstrap, local.startup_seconds)
             yield local.bootstrap
         return
-    if _docker_answers():
+    if mode == "auto":
+        from tests import containers  # lazy: start-up (only when no local broker can start)
+
         try:
-            from testcontainers.community.kafka import KafkaContainer  # noqa: PLC0415
-        except ImportError:
-            from testcontainers.kafka import KafkaContainer  # type: ignore[no-redef]  # noqa: PLC0415
-        container = (
-            KafkaContainer("confluentinc/cp-kafka:7.6.1")
-            .with_kraft()
-            .with_env("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
-            .with_env("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
-        )
-        with container:
-            yield container.get_bootstrap_server()
-        return
-    message = "no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS, install java+maven, or run Docker"
-    if _broker_required():
-        pytest.fail(message)
-    pytest.skip(message)
+            containers.describe(containers.engine_client())
+        except containers.EngineUnavailable:
+            pass
+        else:
+            yield from _container_broker()
+            return
+    _no_broker(
+        "no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS, install java+maven, or build and run the "
+        "container broker (infra/engine.sh, infra/kafka-image/build.sh, SPECSTREAM_TEST_BROKER=testcontainers)"
+    )
 
 
 @pytest.fixture
