@@ -39,6 +39,7 @@ from pipeline.app.cli_common import (
 )
 from pipeline.app.cli_inspect import audit, dlq, status
 from pipeline.app.cli_sweep import sweep
+from pipeline.app.cli_topics import topics_app
 from pipeline.app.failures import explain
 from pipeline.app.phases import Phases, local_broker_phase
 from pipeline.core.errors import (
@@ -66,6 +67,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="The run config: its reference, and a check of a file.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
+app.add_typer(topics_app, name="topics")
 logger = logging.getLogger(__name__)
 MetricsPortOption = Annotated[
     Optional[int],
