@@ -2,9 +2,10 @@
 
 Idempotent: it creates the topics that are missing (as ``claim_run`` would), sets the configs of
 existing ones that differ (incrementally: other configs stay), and reports each change in one
-line. What Kafka cannot change in place is refused or reported, never half done: a different
-partition count (a run's partitioning is fixed; Kafka cannot decrease partitions) is one error
-line, and a different replication factor is reported with the tool that changes it.
+line; the eval sub-run's topics too, when the config has an eval set. What Kafka cannot change in
+place is refused or reported, never half done: a different partition count (a run's partitioning
+is fixed; Kafka cannot decrease partitions) is one error line, and a different replication factor
+is reported with the tool that changes it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ __all__ = ("apply_run_topics",)
 
 def apply_run_topics(admin: KafkaAdmin, config: RunConfig) -> list[str]:
     """Create or alter the run's topics; one line per change (empty: nothing to change)."""
-    topics = RunTopics(config.run_id)
-    plan = run_topic_plan(topics, config.data.partitions, config.topics.policy())
+    topics, policy = RunTopics(config.run_id), config.topics.policy()
+    plan = run_topic_plan(topics, config.data.partitions, policy)
+    if config.data.eval_path:  # the held-out set's sub-run: one partition of each
+        plan.update(run_topic_plan(topics.eval, 1, policy))
     created = set(admin.ensure_topics(plan))  # refuses another partition count, creates the rest
     lines = []
     for name, spec in plan.items():

@@ -68,7 +68,9 @@ def run_topic_plan(topics: RunTopics, partitions: int, policy: TopicPolicy | Non
     }
 
 
-def config_changes(wanted: Mapping[str, str], current: Mapping[str, str]) -> dict[str, tuple[str | None, str]]:
+def config_changes(
+    wanted: Mapping[str, str], current: Mapping[str, str | None]
+) -> dict[str, tuple[str | None, str]]:
     """The configs whose current value differs from the wanted one: ``key -> (now, wanted)``.
 
     ``current`` holds the topic's effective values (a key missing there is unknown: it changes).

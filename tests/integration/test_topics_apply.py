@@ -20,13 +20,16 @@ from tests.support import one_error, spawn, wait_exit
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _config(tmp_path: Path, run_id: str, bootstrap: str, topics: dict[str, object], partitions: int = 2) -> Path:
+def _config(
+    tmp_path: Path, run_id: str, bootstrap: str, topics: dict[str, object], partitions: int = 2, eval_set: bool = False
+) -> Path:
     path = tmp_path / f"{run_id}-{len(list(tmp_path.glob('*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump({
         "run_id": run_id,
         "broker": {"bootstrap_servers": bootstrap},
         "storage": {"root": str(tmp_path / "features")},
-        "data": {"path": str(tmp_path / "chats.jsonl"), "partitions": partitions},
+        "data": {"path": str(tmp_path / "chats.jsonl"), "partitions": partitions,
+                 "eval_path": str(tmp_path / "eval.jsonl") if eval_set else None},
         "target": {"backend": "synthetic"},
         "topics": topics,
     }))  # fmt: skip
@@ -93,10 +96,12 @@ def test_apply_refuses_what_kafka_cannot_do_in_one_line(
         with KafkaAdmin(kafka) as admin:
             assert not set(topics.all()) & admin.topics()  # nothing half created
 
-        assert _apply(_config(tmp_path, run_id, kafka_bootstrap, {}, partitions=4))[0] == 0
+        code, out = _apply(_config(tmp_path, run_id, kafka_bootstrap, {}, partitions=4, eval_set=True))
+        assert code == 0 and f"created {topics.eval.prompts}: 1 partitions" in out, out
+        assert sum(line.startswith("created ") for line in out.splitlines()) == 12, out  # the eval sub-run's too
         code, out = _apply(_config(tmp_path, run_id, kafka_bootstrap, {}, partitions=2))
         assert code == 2, out
         assert "Kafka cannot decrease a topic's partitions" in one_error(out), out
     finally:
         with KafkaAdmin(kafka) as admin:
-            admin.delete_topics(topics.all())
+            admin.delete_topics([*topics.all(), *topics.eval.all()])
