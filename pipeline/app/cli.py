@@ -36,9 +36,11 @@ from pipeline.app.cli_common import (
     start_local_broker,
     stop_on_signals,
     verbose_on,
+    with_device,
 )
 from pipeline.app.cli_inspect import audit, dlq, status
 from pipeline.app.cli_sweep import sweep
+from pipeline.app.cli_topics import topics_app
 from pipeline.app.failures import explain
 from pipeline.app.phases import Phases, local_broker_phase
 from pipeline.core.errors import (
@@ -66,6 +68,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="The run config: its reference, and a check of a file.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
+app.add_typer(topics_app, name="topics")
 logger = logging.getLogger(__name__)
 MetricsPortOption = Annotated[
     Optional[int],
@@ -192,6 +195,9 @@ def generate(
     partitions: Annotated[
         Optional[str], typer.Option(help="Comma-separated prompt partitions to own; default: join the group.")
     ] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="Overrides target.device (cuda:N): one generator process per GPU.")
+    ] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Without --config: the run whose prompts to consume.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Without --config: feature storage root.")] = None,
     bootstrap: BootstrapOption = None,
@@ -224,7 +230,7 @@ def generate(
     owned = [int(p) for p in partitions.split(",")] if partitions else None
     stop = stop_on_signals()  # a worker started before the source waits for it, and a signal ends that wait
     worker_id = worker_id or default_worker_id(owned)
-    cfg = load(config) if config is not None else None
+    cfg = with_device(load(config), device) if config is not None else None
     live = start_metrics(cfg.monitor.metrics_port if cfg else None, metrics_port, cfg.run_id if cfg else run_id or "",
                          say=_say)  # fmt: skip
     if cfg is not None:
@@ -235,7 +241,7 @@ def generate(
         if backend is None:  # a real run must never fall back to random synthetic features
             raise OptionError("--backend", "is missing", "pass --config for a run, or --backend synthetic|hf")
         overrides: dict[str, dict[str, Any]] = {
-            "target": {"backend": backend, "model": str(model) if model else None, "dtype": dtype,
+            "target": {"backend": backend, "model": str(model) if model else None, "dtype": dtype, "device": device,
                        "batch_size": batch_size,
                        "aux_layer_ids": [int(i) for i in aux_layer_ids.split(",")] if aux_layer_ids else None},
             "broker": {"transaction_timeout_ms": transaction_timeout_ms, "session_timeout_ms": session_timeout_ms},

@@ -127,6 +127,18 @@ def load(path: Path) -> RunConfig:
     return load_config(path)
 
 
+def with_device(cfg: RunConfig, device: str | None) -> RunConfig:
+    """``cfg`` with ``target.device`` set for this process only (``--device``: one generator process
+    per GPU, each with its own); the result is validated like the file (a bad device names the key)."""
+    if device is None:
+        return cfg
+    from pipeline.app.config_file import parse_config  # lazy: start-up, pydantic + kafka-python
+
+    data = cfg.model_dump(mode="json")
+    data["target"]["device"] = device
+    return parse_config(data, source="--device")
+
+
 def start_local_broker() -> str:
     """Start (or find) the user's local broker and say where it is."""
     state = local_broker.start_detached()

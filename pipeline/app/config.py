@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.app.config_monitor import MonitorSection
+from pipeline.app.config_topics import TopicsSection
 
 from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
@@ -329,6 +330,7 @@ class RunConfig(_Section):
         default_factory=DeadLetterSection, description="when bad input stops a stage instead of being dead-lettered"
     )
     monitor: MonitorSection = Field(default_factory=MonitorSection, description="heartbeats and Prometheus metrics")
+    topics: TopicsSection = Field(default_factory=TopicsSection, description="replicas and retention of the run's topics")
 
     @model_validator(mode="after")
     def _window_fits(self) -> RunConfig:

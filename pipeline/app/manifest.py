@@ -30,7 +30,7 @@ def claim_run(transport: Transport, config: RunConfig) -> RunManifest:
     if existing is not None:
         _refuse_mismatch(existing, config, fix="use a new run_id, or restore the original config to resume")
     with transport.admin() as admin:
-        admin.ensure_run_topics(topics, config.data.partitions)
+        admin.ensure_run_topics(topics, config.data.partitions, config.topics.policy())
     if existing is not None:
         return existing
     return write_manifest(transport, config)

@@ -61,6 +61,7 @@ def source_settings(cfg: RunConfig) -> SourceConfig:
         dead_letters=cfg.dead_letters.limits(),
         eval_data=cfg.data.eval_path,
         heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
+        topic_policy=cfg.topics.policy(),
     )
 
 

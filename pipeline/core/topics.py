@@ -15,9 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, TypeVar, Unpack
 
 from pipeline.core.errors import ConfigError, SpecstreamError, StreamError
+
+if TYPE_CHECKING:
+    from pipeline.core.topic_plan import TopicPolicy, TopicSpec
 
 __all__ = (
     "MAX_RECORD_BYTES",
@@ -167,10 +170,10 @@ class Admin(Protocol):
     def topic_id(self, topic: str) -> str | None: ...
 
     def ensure_topics(
-        self, specs: Mapping[str, int], *, configs: Mapping[str, Mapping[str, str]] | None = None
+        self, specs: Mapping[str, int | TopicSpec], *, configs: Mapping[str, Mapping[str, str]] | None = None
     ) -> list[str]: ...
 
-    def ensure_run_topics(self, topics: RunTopics, partitions: int) -> list[str]: ...
+    def ensure_run_topics(self, topics: RunTopics, partitions: int, policy: TopicPolicy | None = None) -> list[str]: ...
 
     def delete_topics(self, names: Iterable[str]) -> None: ...
 

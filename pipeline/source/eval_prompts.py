@@ -46,7 +46,7 @@ def publish_eval_prompts(
     assert config.eval_data is not None
     topics = RunTopics(config.run_id).eval
     with transport.admin() as admin:
-        admin.ensure_run_topics(topics, 1)
+        admin.ensure_run_topics(topics, 1, config.topic_policy)
     publisher = PromptPublisher(
         transport, topics.run_id, 1,
         chunk_size=config.chunk_size, transaction_timeout_ms=config.transaction_timeout_ms,

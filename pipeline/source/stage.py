@@ -32,6 +32,7 @@ from pipeline.core.errors import ConfigError, RunMismatchError
 from pipeline.core.heartbeat import HeartbeatPublisher
 from pipeline.core.messages import DeadLetter, Prompt, now
 from pipeline.core.model_dir import read_text_config
+from pipeline.core.topic_plan import TopicPolicy
 from pipeline.core.topics import Transport
 from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES, MalformedLine, read_conversations
 from pipeline.source.eval_prompts import publish_eval_prompts
@@ -76,6 +77,7 @@ class SourceConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     eval_data: str | None = None  # held-out conversations: the eval sub-run's prompts, never trained
     heartbeat_interval_s: float | None = None  # publish a heartbeat this often (None: none)
+    topic_policy: TopicPolicy | None = None  # replicas and retention of the eval sub-run's topics
 
     def urls(self) -> list[str]:
         return [self.data] if isinstance(self.data, (str, os.PathLike)) else list(self.data)

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, Unpack
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import OffsetSpec
+from kafka.admin import AlterConfigOp, ConfigResource, ConfigResourceType, OffsetSpec
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
     IllegalSaslStateError,
+    InvalidReplicationFactorError,
     InvalidProducerEpochError,
     KafkaError,
     KafkaTimeoutError,
@@ -49,7 +50,7 @@ from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, StreamError
-from pipeline.core.heartbeat import HEARTBEAT_TOPIC_CONFIG
+from pipeline.core.topic_plan import TopicPolicy, TopicSpec, run_topic_plan
 from pipeline.core.topics import (
     MAX_RECORD_BYTES,
     Committed,
@@ -430,64 +431,84 @@ class KafkaAdmin:
 
     def ensure_topics(
         self,
-        specs: Mapping[str, int],
+        specs: Mapping[str, int | TopicSpec],
         *,
         configs: Mapping[str, Mapping[str, str]] | None = None,
     ) -> list[str]:
         """Create missing topics; refuse existing ones whose partition count differs.
 
+        A ``TopicSpec`` also gives the replicas and configs (``configs`` then adds to them).
         Returns the topics that were created (an empty list means they all existed).
         """
+        wanted = {name: s if isinstance(s, TopicSpec) else TopicSpec(s) for name, s in specs.items()}
         configs = configs or {}
         existing = self.topics()
-        missing = {name: n for name, n in specs.items() if name not in existing}
-        for name, n in specs.items():
+        missing = {name: s for name, s in wanted.items() if name not in existing}
+        for name, spec in wanted.items():
             if name in existing:
                 have = self.partition_count(name)
-                if have != n:
+                if have != spec.partitions:
                     raise RunMismatchError(
-                        f"topic {name} exists with {have} partitions, this run needs {n}: "
-                        "use another run id, or delete the old run's topics"
+                        f"topic {name} exists with {have} partitions, this run needs {spec.partitions}"
+                        + (" (Kafka cannot decrease a topic's partitions)" if (have or 0) > spec.partitions else "")
+                        + ": use another run id, or delete the old run's topics"
                     )
         if missing:
             request = {
                 name: {
-                    "num_partitions": n,
-                    "replication_factor": -1,  # the broker's default.replication.factor
-                    "configs": dict(configs.get(name, {})),
+                    "num_partitions": spec.partitions,
+                    # None: the broker's default.replication.factor
+                    "replication_factor": spec.replication_factor or -1,
+                    "configs": {**spec.configs, **configs.get(name, {})},
                 }
-                for name, n in missing.items()
+                for name, spec in missing.items()
             }
             try:
                 with _translated():
                     self._admin.create_topics(request, wait_for_metadata=True)
             except TransportError as exc:
+                if isinstance(exc.__cause__, InvalidReplicationFactorError):
+                    raise self._replication_error(max(s.replication_factor or 0 for s in missing.values())) from None
                 if not isinstance(exc.__cause__, TopicAlreadyExistsError):
                     raise
                 return self.ensure_topics(specs, configs=configs)  # a concurrent creator won the race
         return sorted(missing)
 
-    def ensure_run_topics(self, topics: RunTopics, partitions: int) -> list[str]:
-        """The run's data topics keep everything (replay); the manifest topic is compacted."""
-        keep = {"retention.ms": "-1", "max.message.bytes": str(MAX_RECORD_BYTES)}
-        return self.ensure_topics(
-            {
-                topics.prompts: partitions,
-                topics.samples: partitions,
-                topics.ledger: 1,
-                topics.dlq: 1,
-                topics.manifest: 1,
-                topics.heartbeats: 1,
-            },
-            configs={
-                topics.prompts: keep,
-                topics.samples: keep,
-                topics.ledger: keep,
-                topics.dlq: keep,
-                topics.manifest: {"cleanup.policy": "compact", **keep},
-                topics.heartbeats: dict(HEARTBEAT_TOPIC_CONFIG),
-            },
+    def _replication_error(self, asked: int) -> ConfigError:
+        brokers = len(self.settings.ride_out(self._admin.describe_cluster, "describing the cluster").get("brokers", []))
+        return ConfigError(
+            "topics.replication_factor",
+            f"{asked} replicas asked, but the cluster has {brokers} broker(s)",
+            f"set it to at most {brokers} (null: the broker's default), or add brokers",
         )
+
+    def ensure_run_topics(self, topics: RunTopics, partitions: int, policy: TopicPolicy | None = None) -> list[str]:
+        """The run's topics as :func:`run_topic_plan` says (default: keep everything, the
+        manifest and heartbeats compacted)."""
+        return self.ensure_topics(run_topic_plan(topics, partitions, policy))
+
+    def replication_factor(self, topic: str) -> int | None:
+        """Replicas of the topic's first partition (None: no such topic)."""
+        entry = self._described(topic)
+        parts = (entry or {}).get("partitions") or []
+        return len(parts[0].get("replica_nodes") or []) if parts else None
+
+    def topic_configs(self, topic: str, keys: Iterable[str]) -> dict[str, str | None]:
+        """The topic's effective values of ``keys`` (defaults included)."""
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+        found = self.settings.ride_out(
+            lambda: self._admin.describe_configs([resource], config_filter="all"), f"configs of {topic}"
+        )
+        entries = found.get("topic", {}).get(topic, {}) if isinstance(found, dict) else {}
+        return {k: (entries.get(k) or {}).get("value") for k in keys}
+
+    def alter_topic_configs(self, topic: str, values: Mapping[str, str]) -> None:
+        """Set these configs on the topic (incremental: the topic's other configs stay)."""
+        resource = ConfigResource(
+            ConfigResourceType.TOPIC, topic, configs={k: (AlterConfigOp.SET, v) for k, v in values.items()}
+        )
+        with _translated():
+            self._admin.alter_configs([resource], incremental=True)
 
     def delete_topics(self, names: Iterable[str]) -> None:
         names = [n for n in names if n in self.topics()]

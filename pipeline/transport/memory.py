@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Unpack
 
 from pipeline.core.errors import BrokerError, RunMismatchError
+from pipeline.core.topic_plan import TopicPolicy, TopicSpec, run_topic_plan
 from pipeline.core.topics import Committed, FencedError, ReaderOptions, Record, RunTopics, Start
 
 __all__ = ("MemoryBroker", "StaleGeneration")
@@ -128,10 +129,13 @@ class _Admin:
         t = self._b._topics.get(topic)
         return None if t is None else t.topic_id
 
-    def ensure_topics(self, specs: Mapping[str, int], *, configs: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
+    def ensure_topics(
+        self, specs: Mapping[str, int | TopicSpec], *, configs: Mapping[str, Mapping[str, str]] | None = None
+    ) -> list[str]:
         created = []
         with self._b._lock:
-            for name, n in specs.items():
+            for name, spec in specs.items():
+                n = spec.partitions if isinstance(spec, TopicSpec) else spec
                 existing = self._b._topics.get(name)
                 if existing is not None:
                     if len(existing.partitions) != n:
@@ -144,11 +148,9 @@ class _Admin:
                 created.append(name)
         return sorted(created)
 
-    def ensure_run_topics(self, topics: RunTopics, partitions: int) -> list[str]:
-        return self.ensure_topics(
-            {topics.prompts: partitions, topics.samples: partitions, topics.ledger: 1, topics.dlq: 1, topics.manifest: 1,
-             topics.heartbeats: 1}
-        )
+    def ensure_run_topics(self, topics: RunTopics, partitions: int, policy: TopicPolicy | None = None) -> list[str]:
+        """One process, nothing replicated or expired: only the partition counts of the plan matter."""
+        return self.ensure_topics(run_topic_plan(topics, partitions, policy))
 
     def delete_topics(self, names: Iterable[str]) -> None:
         with self._b._lock:
