@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
+from pipeline.app.outputs import checkpoints, output_options, output_path
 from pipeline.app.preflight import check_local
 from pipeline.app.settings import model_spec
 from pipeline.core.errors import ConfigError, OptionError
 from pipeline.storage import FeatureStore
-from pipeline.train.checkpoint import META_FILE, MODEL_FILE, CheckpointManager
+from pipeline.train.checkpoint import META_FILE, MODEL_FILE
 from pipeline.train.export import export_checkpoint
 
 __all__ = ("checkpoint_to_export", "export_run")
@@ -30,12 +31,13 @@ def export_run(cfg: RunConfig, checkpoint: Path | None, out: Path | None) -> str
     check_local(cfg, ("export",))
     chosen = checkpoint_to_export(cfg, checkpoint)
     store = FeatureStore(cfg.storage.root, cfg.run_id, storage_options=dict(cfg.storage.options))
-    return export_checkpoint(chosen, model_spec(cfg, store.root_url), str(out or Path(cfg.train.output_dir) / "export"))
+    target = str(out) if out else output_path(cfg, "export")
+    return export_checkpoint(chosen, model_spec(cfg, store.root_url), target, storage_options=output_options(cfg))
 
 
 def checkpoint_to_export(cfg: RunConfig, checkpoint: Path | None) -> Path:
-    """The named checkpoint directory, checked, or the run's newest one."""
-    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints")
+    """The named checkpoint directory, checked, or the run's newest one (a URL on an object store)."""
+    manager = checkpoints(cfg)
     found = manager.list()
     if checkpoint is None:
         if not found:
