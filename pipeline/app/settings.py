@@ -169,5 +169,6 @@ def model_spec(cfg: RunConfig, storage_root_url: str) -> ModelSpec:
         target_model_path=str(cfg.target.model),
         vocab_mapping=vocab_mapping_url(cfg, storage_root_url),
         aux_layer_ids=(ids[0], ids[1], ids[2]) if ids else None,
+        vocab_options=dict(cfg.storage.options),
     )
 
