@@ -22,11 +22,12 @@ __all__ = ("checkpoint_to_export", "export_run")
 
 _LOOKS_LIKE = (
     f"a checkpoint is a directory `step-NNNNNNNNN` (`-end` for the last one) holding {META_FILE} and "
-    f"{MODEL_FILE}, under train.output_dir/checkpoints"
+    f"{MODEL_FILE}, under train.output_dir/checkpoints (on an object store: a prefix `step-NNNNNNNNN` "
+    "published by its MANIFEST.json)"
 )
 
 
-def export_run(cfg: RunConfig, checkpoint: Path | None, out: Path | None) -> str:
+def export_run(cfg: RunConfig, checkpoint: str | Path | None, out: str | Path | None) -> str:
     """Export ``checkpoint`` (default: the newest) to ``out`` (default: OUTPUT_DIR/export); returns it."""
     check_local(cfg, ("export",))
     chosen = checkpoint_to_export(cfg, checkpoint)
@@ -35,7 +36,7 @@ def export_run(cfg: RunConfig, checkpoint: Path | None, out: Path | None) -> str
     return export_checkpoint(chosen, model_spec(cfg, store.root_url), target, storage_options=output_options(cfg))
 
 
-def checkpoint_to_export(cfg: RunConfig, checkpoint: Path | None) -> Path:
+def checkpoint_to_export(cfg: RunConfig, checkpoint: str | Path | None) -> Path:
     """The named checkpoint directory, checked, or the run's newest one (a URL on an object store)."""
     manager = checkpoints(cfg)
     found = manager.list()
@@ -48,6 +49,12 @@ def checkpoint_to_export(cfg: RunConfig, checkpoint: Path | None) -> Path:
         fix = f"pass one of this run's ({names} under {manager.directory}), or leave --checkpoint out for the newest"
     else:
         fix = f"this run has none yet under {manager.directory}: train first"
+    if "://" in str(checkpoint):  # a checkpoint on an object store: one whose manifest matches its files
+        published = manager.find(str(checkpoint))
+        if published is None:
+            raise OptionError("--checkpoint", f"{checkpoint} is not a complete checkpoint of this run; {_LOOKS_LIKE}", fix)
+        return published.path
+    checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         problem = f"{checkpoint} does not exist" if not checkpoint.exists() else f"{checkpoint} is not a directory"
     elif not ((checkpoint / META_FILE).is_file() and (checkpoint / MODEL_FILE).is_file()):

@@ -50,6 +50,11 @@ def test_a_whole_run_on_s3_then_a_resume_from_its_checkpoint(
     fs.get(f"{out_url}/export/", str(export), recursive=True)
     assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
     assert load_exported(export, tiny_target_dir) is not None
+    # `specstream export` of a named S3 checkpoint, to a local directory.
+    step3 = f"{out_url}/checkpoints/step-000000003"
+    code, out = wait_exit(spawn(["export", "--config", str(path), "--checkpoint", step3, "--out", str(tmp_path / "e2")]))
+    assert code == 0, out
+    assert load_exported(tmp_path / "e2", tiny_target_dir) is not None
     store = FeatureStore(f"{s3_root.url}/features", run_id, storage_options=s3_root.options)
     assert store.list()  # the generators' features are in the bucket
 
