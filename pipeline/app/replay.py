@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
+from pipeline.app.outputs import checkpoints
 from pipeline.app.preflight import check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
 from pipeline.core.errors import ConfigError, OptionError, RunMismatchError
 from pipeline.ledger import effective_history, read_ledger
-from pipeline.app.outputs import checkpoints
 from pipeline.train.runner import run_trainer, single_rank
 
 __all__ = ("ReplayReport", "check_output_dir", "replay_run")

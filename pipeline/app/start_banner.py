@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.app.config import RunConfig
+from pipeline.app.outputs import checkpoints
 from pipeline.core.progress import read_source_counters
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.train.banner import BannerFacts, banner_text
-from pipeline.app.outputs import checkpoints
 
 __all__ = ("start_banner", "source_prompts", "resume_point", "trainer_banner")
 

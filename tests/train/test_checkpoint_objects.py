@@ -13,7 +13,12 @@ import torch
 
 from pipeline.core.errors import StreamError
 from pipeline.train.checkpoint import INTERVAL_FILE, MODEL_FILE, config_hash
-from pipeline.train.ckpt_objects import MANIFEST_FILE, ObjectCheckpoints, open_checkpoints, read_checkpoint_file
+from pipeline.train.ckpt_objects import (
+    MANIFEST_FILE,
+    ObjectCheckpoints,
+    open_checkpoints,
+    read_checkpoint_file,
+)
 from pipeline.train.retention import apply_retention
 from tests.train.test_trainer_checkpoint import CONFIG, save
 

@@ -22,7 +22,7 @@ def test_resuming_from_an_s3_checkpoint_is_bit_identical(model_files: ModelSpec,
     straight = straight_trainer.run()
 
     out = f"{s3_root.url}/out"
-    remote = dict(checkpoint_dir=f"{out}/checkpoints", output_options=s3_root.options, publish_url=out)
+    remote = {"checkpoint_dir": f"{out}/checkpoints", "output_options": s3_root.options, "publish_url": out}
     ledger, deleted = Ledger(), []
     first = make_trainer(model_files, tmp_path / "b", ledger=ledger, deleted=deleted, max_steps=4, **remote).run()
     assert (first.reason, first.step) == ("max_steps", 4)
