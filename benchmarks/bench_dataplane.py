@@ -10,13 +10,25 @@ Ratios, not absolute timings, are the result: both sides run in the same process
 and broker. Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts the local broker.
 
     python benchmarks/bench_dataplane.py --samples 16 --refs 20000
+
+3. Object storage (``--storage s3://bucket/prefix``, no broker): the feature store's put + get +
+   verify on that URL against the same on local disk, alternating, min/median/max MB/s. Against a
+   local emulator (moto's server mode, ``--endpoint-url http://127.0.0.1:PORT``) the absolute
+   figure is the emulator's (one Python process, in memory), not S3's: it shows the path works and
+   what it costs on top of the transfer, not what a real bucket sustains.
+
+    python -m moto.server -H 127.0.0.1 -p 5555 &
+    AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x python benchmarks/bench_dataplane.py \
+        --storage s3://bench/features --endpoint-url http://127.0.0.1:5555 --samples 8 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
@@ -27,7 +39,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # the raw baseli
 
 from pipeline.core.messages import EndOfStream, SampleRef, TargetInfo, decode, encode, now
 from pipeline.core.topics import RunTopics
-from pipeline.storage import FeatureStore
+from pipeline.storage import FeatureStore, SafetensorsLayout
 from pipeline.stream import SampleStream
 from pipeline.transport.broker import env_or_local_broker as broker
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PartitionReader, TransactionalProducer
@@ -106,6 +118,52 @@ def bench_bytes(bootstrap: str, samples: int, tokens: int, hidden: int, root: Pa
     }  # fmt: skip
 
 
+def bench_store(root_url: str, options: dict, tensors: list[dict[str, torch.Tensor]]) -> float:
+    """Seconds for put + get (which verifies size, checksum and header) of every sample, then cleanup."""
+    store = FeatureStore(root_url, f"bench-{uuid.uuid4().hex[:8]}", storage_options=options)
+    started = time.perf_counter()
+    for i, t in enumerate(tensors):
+        stored = store.put(0, f"s{i}", t)
+        ref = SampleRef(
+            run_id=store.run_id, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="bench", uri=stored.uri,
+            nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=t["input_ids"].numel(),
+            tensors=stored.tensors, target=TARGET, created_at=now(),
+        )  # fmt: skip
+        store.get(ref)
+    elapsed = time.perf_counter() - started
+    for uri in store.list():
+        store.delete(uri)
+    return elapsed
+
+
+def storage_main(args: argparse.Namespace) -> None:
+    """``--storage``: put+get+verify MB/s on the URL next to local disk, alternating, min/median/max."""
+    options = json.loads(args.storage_options)
+    if args.endpoint_url:
+        options.setdefault("client_kwargs", {})["endpoint_url"] = args.endpoint_url
+    if args.storage.startswith("s3://") and args.endpoint_url:
+        import s3fs  # lazy: the s3 extra, only for an s3:// URL
+
+        s3fs.S3FileSystem(**options).makedirs(args.storage.split("://", 1)[1].split("/", 1)[0], exist_ok=True)
+    tensors = [make_sample(args.tokens, args.hidden, i) for i in range(args.samples)]
+    mb = sum(SafetensorsLayout.of(t).nbytes for t in tensors) / 1e6
+    local, remote = [], []
+    for i in range(args.repeats):  # alternate so drift in machine load hits both
+        root = tempfile.mkdtemp(prefix="bench-store-")
+        try:
+            local.append(mb / bench_store(root, {}, tensors))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        remote.append(mb / bench_store(args.storage, options, tensors))
+        print(f"repeat {i}: local {local[-1]:.1f} MB/s, {args.storage} {remote[-1]:.1f} MB/s", flush=True)
+    print(f"put + get + verify, {args.samples} samples x {mb / args.samples:.1f} MB, {args.repeats} repeats "
+          "(MB/s min / median / max)")
+    for name, runs in (("local disk", local), (args.storage, remote)):
+        print(f"  {name:<28}: {min(runs):8.1f} / {statistics.median(runs):8.1f} / {max(runs):8.1f}")
+    if args.endpoint_url:
+        print(f"  ({args.endpoint_url} is a local emulator: its absolute figure is the emulator's, not S3's)")
+
+
 def bench_refs(bootstrap: str, refs: int, per_txn: int) -> dict[str, float]:
     settings = KafkaSettings(bootstrap)
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -168,7 +226,13 @@ def main() -> None:
     parser.add_argument("--refs", type=int, default=20000)
     parser.add_argument("--refs-per-transaction", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="pairs run; the median ratio is reported")
+    parser.add_argument("--storage", help="an fsspec URL (s3://bucket/prefix): benchmark the feature store there")
+    parser.add_argument("--endpoint-url", help="the S3 endpoint (a local emulator such as moto's server)")
+    parser.add_argument("--storage-options", default="{}", help="fsspec storage options as JSON")
     args = parser.parse_args()
+    if args.storage:
+        storage_main(args)
+        return
     bytes_runs, ref_runs = [], []
     with broker() as bootstrap:
         for i in range(args.repeats):  # alternate both sides so drift in machine load hits both

@@ -277,6 +277,7 @@ class FeatureStore:
         """Every stored feature's uri with its size and modification time (None: not reported)."""
         which = "*" if partition is None else str(partition)
         pattern = posixpath.join(self.run_root, "features", which, "*.safetensors")
+        self.fs.invalidate_cache()  # s3fs caches listings (per directory): see other writers' objects
         out = {}
         for path, info in self.fs.glob(pattern, detail=True).items():
             rel = posixpath.relpath(_strip_protocol(path), self.run_root)

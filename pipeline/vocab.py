@@ -187,8 +187,9 @@ class VocabMapping:
                     self.draft_vocab_size, url)
 
     @classmethod
-    def load(cls, url: str) -> VocabMapping:
-        with fsspec.open(str(url), "rb") as handle:
+    def load(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> VocabMapping:
+        """Read from a local path or any fsspec URL (``storage_options``: the storage root's)."""
+        with fsspec.open(str(url), "rb", **dict(storage_options or {})) as handle:
             return cls.from_bytes(handle.read())
 
 

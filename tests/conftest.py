@@ -177,3 +177,22 @@ def own_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}").mkdir()
     (tmp_path / f"kafka-{kafka_jars.KAFKA_VERSION}" / "libs").symlink_to(jars)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[object]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 for the whole session."""
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed: pip install -e .[s3,test]")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e .[test]")
+    from tests.s3_server import start_s3_server  # lazy: start-up (only the S3 tests)
+
+    with start_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_root(s3_server: object) -> object:
+    """A fresh bucket per test: its ``s3://bucket/root`` URL and the storage options to reach it."""
+    from tests.s3_server import S3Root  # lazy: start-up (only the S3 tests)
+
+    return S3Root(f"s3://{s3_server.new_bucket()}/root", s3_server.options)  # type: ignore[attr-defined]

@@ -285,8 +285,8 @@ def train(config: ConfigOption, metrics_port: MetricsPortOption = None, verbose:
 
 def export(
     config: ConfigOption,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory; default the newest.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory; default OUTPUT_DIR/export.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint directory or URL; default the newest.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output directory or URL; default OUTPUT_DIR/export.")] = None,
 ) -> None:
     """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
     phases = Phases()

@@ -284,7 +284,9 @@ class TrainSection(_Section):
     )
     output_dir: str = Field(
         default="./runs/out",
-        description="checkpoints, metrics.jsonl, curves.png, export/: a filesystem path every rank shares",
+        description="checkpoints, metrics.jsonl, curves.png, export/: a path every rank shares, or an fsspec URL "
+        "(`s3://`...; reached with `storage.options` when it has storage.root's protocol): checkpoints are then "
+        "published by a manifest written last, and rank 0 copies its metrics there at each checkpoint",
     )
     seed: int = Field(default=0, description="seeds the draft's initialisation and every RNG")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
@@ -370,12 +372,6 @@ class RunConfig(_Section):
             key = {"partitions": "data.partitions"}.get(exc.key, exc.key.replace("backpressure.", "generate."))
             fix = exc.fix.replace("backpressure.", "generate.") or "see examples/tiny-cpu.yaml"
             raise ConfigError(key, exc.problem.replace("backpressure.", "generate."), fix) from None
-        if "://" in t.output_dir:
-            raise ConfigError(
-                "train.output_dir",
-                f"{t.output_dir} is a URL, but checkpoints are written with POSIX renames and fsyncs",
-                "use a local or shared filesystem path (NFS, Lustre, a mounted bucket)",
-            )
         return self
 
     @property

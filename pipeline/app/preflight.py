@@ -56,6 +56,10 @@ def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
         _check_client_files(config)
     if "train" in stages:
         _check_device("train.device", config.train.device)
+    out = config.train.output_dir
+    if {"train", "export"} & set(stages) and "://" in out:  # its fsspec package installed (s3fs, gcsfs)
+        same = out.split("://", 1)[0] == config.storage.root.split("://", 1)[0]
+        _filesystem("train.output_dir", out, config.storage.options if same else {})
     if "generate" in stages and target.backend == "hf":  # the synthetic backend ignores it; sglang picks its GPUs
         _check_device("target.device", target.device)
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
+from pipeline.app.outputs import checkpoints
 from pipeline.app.preflight import check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
 from pipeline.core.errors import ConfigError, OptionError, RunMismatchError
 from pipeline.ledger import effective_history, read_ledger
-from pipeline.train.checkpoint import CheckpointManager
 from pipeline.train.runner import run_trainer, single_rank
 
 __all__ = ("ReplayReport", "check_output_dir", "replay_run")
@@ -56,14 +56,15 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         )
     if config.train.world_size != 1:
         raise ConfigError("train.world_size", "replay runs on one rank", "replay runs trained with world_size: 1")
-    live = CheckpointManager(Path(config.train.output_dir) / "checkpoints").latest()
+    manager = checkpoints(config)
+    live = manager.latest()
     if live is None:
         raise ConfigError(
             "train.output_dir",
             f"holds no checkpoint of the live run under {config.train.output_dir}/checkpoints",
             "replay a run that has trained, with the config it trained with",
         )
-    schedule = CheckpointManager(live.path.parent).read_meta(live).get("config", {}).get("lr_schedule", {})
+    schedule = manager.read_meta(live).get("config", {}).get("lr_schedule", {})
     online = build_online_run(config)
     history = effective_history(read_ledger(online.transport, config.run_id))
     if not history:
@@ -79,6 +80,7 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         metrics_path=str(Path(output_dir) / "metrics.jsonl"),  # trackers write beside it
         eval_metrics_path=str(Path(output_dir) / "eval.jsonl"),  # never into the live run's
         plot_path=str(Path(output_dir) / "curves.png"),
+        publish_url=None,  # a replay publishes nothing into the live run's output_dir
         max_steps=history[-1].step,
         resume="never",
         retention="retain",

@@ -193,6 +193,7 @@ class OnlineRun:
         """
         # The training stack (torch, the loop, export) is imported when a run starts, not with this
         # module: the source and generator processes compose an OnlineRun without training.
+        from pipeline.app.outputs import checkpoints, output_options, output_path  # lazy: start-up, reads checkpoints (torch)
         from pipeline.app.start_banner import start_banner  # lazy: start-up, reads checkpoints (torch)
         from pipeline.train.evaluate import eval_line  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.export import export_checkpoint  # lazy: start-up, torch loads only when the trainer runs
@@ -250,7 +251,7 @@ class OnlineRun:
                 observe=watch.watch_trainer if watch is not None else None,
             )
 
-        fresh = not Path(settings.checkpoint_dir).exists()  # a continued run generates only what is left
+        fresh = not checkpoints(c).list()  # a continued run generates only what is left
         with (
             phases.phase("training", f"training: {len(workers)} generator(s) and the trainer, interleaved..."),
             phases.watch("generation", total=source.prompts if fresh else None, unit="sample",
@@ -265,7 +266,8 @@ class OnlineRun:
         export_dir = None
         if result.checkpoint:
             with phases.phase("export", "exporting the draft for SGLang..."):
-                export_dir = export_checkpoint(result.checkpoint, self.model_spec(), str(Path(c.train.output_dir) / "export"))
+                export_dir = export_checkpoint(result.checkpoint, self.model_spec(), output_path(c, "export"),
+                                               storage_options=output_options(c))
         summary = result.completeness.line() if result.completeness else f"{result.samples_trained} samples trained"
         if result.eval is not None:
             summary += f"; {eval_line(result.eval_step or result.step, result.eval)}"

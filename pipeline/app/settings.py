@@ -7,7 +7,6 @@ config, so every default a run uses is the ``RunConfig`` default.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
@@ -105,13 +104,14 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
     # The trainer's modules load torch and the whole training stack: imported here, so that a
     # source or generator process (which uses this module too) starts without them.
     from pipeline.train.config import TrainerSettings  # lazy: start-up, torch loads only when the trainer runs
+    from pipeline.app.outputs import is_url, local_outputs, output_options, output_path  # lazy: start-up, as above
 
     t = cfg.train
-    out = Path(t.output_dir)
+    out = local_outputs(cfg)  # output_dir itself, or the local mirror of an output_dir URL
     cosine = t.lr_schedule == "cosine" and bool(schedule_steps or t.max_steps)
     return TrainerSettings(
         run_id=cfg.run_id,
-        checkpoint_dir=str(out / "checkpoints"),
+        checkpoint_dir=output_path(cfg, "checkpoints"),
         batch_size=t.batch_size,
         grad_accum=t.grad_accum,
         lr=t.lr,
@@ -146,6 +146,8 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         eval_metrics_path=str(out / "eval.jsonl"),
         heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
         report_to=tuple(t.report_to),  # written beside metrics_path: <output_dir>/tensorboard
+        output_options=output_options(cfg),
+        publish_url=t.output_dir if is_url(t.output_dir) else None,
     )
 
 
@@ -168,5 +170,6 @@ def model_spec(cfg: RunConfig, storage_root_url: str) -> ModelSpec:
         target_model_path=str(cfg.target.model),
         vocab_mapping=vocab_mapping_url(cfg, storage_root_url),
         aux_layer_ids=(ids[0], ids[1], ids[2]) if ids else None,
+        vocab_options=dict(cfg.storage.options),
     )
 

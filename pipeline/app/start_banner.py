@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.app.config import RunConfig
+from pipeline.app.outputs import checkpoints
 from pipeline.core.progress import read_source_counters
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.train.banner import BannerFacts, banner_text
-from pipeline.train.checkpoint import CheckpointManager
 
 __all__ = ("start_banner", "source_prompts", "resume_point", "trainer_banner")
 
@@ -35,12 +35,11 @@ def resume_point(cfg: RunConfig) -> str | None:
     """"checkpoint step N (offsets p0:12, p1:9)" of the checkpoint a resume would take; None: a fresh start."""
     if cfg.train.resume == "never":
         return None
-    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints")
+    manager = checkpoints(cfg)
     if cfg.train.resume in ("auto", "required"):
         info = manager.latest()
-    else:  # the path of one checkpoint
-        wanted = Path(cfg.train.resume).resolve()
-        info = next((i for i in manager.list() if i.path.resolve() == wanted), None)
+    else:  # the path (or URL) of one checkpoint
+        info = manager.find(cfg.train.resume)
     if info is None:
         return None
     positions: dict[str, int] = {}

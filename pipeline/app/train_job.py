@@ -15,7 +15,6 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
@@ -28,7 +27,7 @@ from pipeline.app.sweep import sweep_at_end
 from pipeline.core.errors import ConfigError
 from pipeline.core.progress import read_source_counters
 from pipeline.core.topics import RunTopics, Transport
-from pipeline.train.checkpoint import CheckpointManager
+from pipeline.app.outputs import checkpoints
 from pipeline.train.distributed import init_distributed
 from pipeline.train.runner import run_trainer
 from pipeline.train.result import TrainResult
@@ -86,7 +85,7 @@ def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], o
         return None
     if cfg.train.max_steps:
         return int(cfg.train.max_steps)
-    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints")
+    manager = checkpoints(cfg)
     latest = manager.latest()
     if latest is not None:
         total = manager.read_meta(latest).get("config", {}).get("lr_schedule", {}).get("total_steps")

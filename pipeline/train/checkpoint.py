@@ -14,8 +14,9 @@ the stream) under the checkpoint root, holding:
 Writes are atomic: everything goes into a hidden temp directory, each file and the directory are
 fsynced, then one ``rename`` publishes it. A crash at any instant leaves either the old set of
 checkpoints or the new one, never a half-written checkpoint that :meth:`CheckpointManager.latest`
-would pick. The checkpoint root must be a local or shared POSIX filesystem (NFS, Lustre, a
-mounted bucket with rename): every rank reads the same directory on resume.
+would pick. This class serves local and shared POSIX filesystems (NFS, Lustre); on an object
+store (``train.output_dir: s3://...``) :class:`pipeline.train.ckpt_objects.ObjectCheckpoints`
+publishes each checkpoint by a manifest written last instead of a rename.
 """
 
 from __future__ import annotations
@@ -81,11 +82,11 @@ class CheckpointInfo:
 
     step: int
     end: bool
-    path: Path
+    path: Path  # a URL string for checkpoints on an object store (pipeline.train.ckpt_objects)
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return str(self.path).rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -176,20 +177,31 @@ class CheckpointManager:
         state: Mapping[str, Any],
         meta: Mapping[str, Any],
         interval: list[str],
-        before_publish: Callable[[Path], None] | None = None,
+        before_publish: Callable[[Any], None] | None = None,
     ) -> CheckpointInfo:
-        """Write one checkpoint atomically and return it; ``before_publish`` is a test hook."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write one checkpoint atomically and return it; ``before_publish`` is a test hook, called
+        with the unpublished copy (a temp directory here, a prefix on an object store)."""
+        body = {"format": FORMAT, "step": step, "end": end, "created_at": time.time(), **dict(meta)}
         name = f"step-{step:09d}" + ("-end" if end else "")
-        final = self.directory / name
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.items()}
+        return self._write(CheckpointInfo(step, end, self.location(name)), weights, state, body, interval, before_publish)
+
+    def location(self, name: str) -> Path:
+        """Where the checkpoint called ``name`` lives (its directory here)."""
+        return self.directory / name
+
+    def _write(self, info: CheckpointInfo, model: Mapping[str, torch.Tensor], state: Mapping[str, Any],
+               body: dict[str, Any], interval: list[str], before_publish: Callable[[Any], None] | None) -> CheckpointInfo:
+        """temp directory, fsync every file and the directory, one rename publishes it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final, name = info.path, info.name
         tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE))
+            save_file(dict(model), str(tmp / MODEL_FILE))
             with open(tmp / STATE_FILE, "wb") as handle:  # a Python file: a full disk's OSError stays in the chain
                 torch.save(dict(state), handle)
             (tmp / INTERVAL_FILE).write_text(json.dumps(sorted(set(interval))))
-            body = {"format": FORMAT, "step": step, "end": end, "created_at": time.time(), **dict(meta)}
             (tmp / META_FILE).write_text(json.dumps(body, indent=1, sort_keys=True))
             for file in (MODEL_FILE, STATE_FILE, INTERVAL_FILE, META_FILE):
                 _fsync_file(tmp / file)
@@ -209,12 +221,15 @@ class CheckpointManager:
             exc.add_note(f"writing checkpoint {final}")  # torch's and safetensors' errors may not say where
             raise
         logger.info("checkpoint %s written", final)
-        return CheckpointInfo(step, end, final)
+        return info
 
     # --- load ----------------------------------------------------------------------------
 
     def read_meta(self, info: CheckpointInfo) -> dict[str, Any]:
-        meta = json.loads((info.path / META_FILE).read_text())
+        return self._check_format(info, json.loads((info.path / META_FILE).read_text()))
+
+    @staticmethod
+    def _check_format(info: CheckpointInfo, meta: dict[str, Any]) -> dict[str, Any]:
         if meta.get("format") != FORMAT:
             raise RunMismatchError(
                 f"{info.path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})"
@@ -244,9 +259,21 @@ class CheckpointManager:
                 f"{describe_mismatch(meta.get('config', {}), config)}; resume with the original "
                 "settings or start a new run (another run id or checkpoint directory)"
             )
+        model, state = self._files(info, device)
+        return LoadedCheckpoint(info, meta, model, state)
+
+    def _files(self, info: CheckpointInfo, device: torch.device | str) -> tuple[dict[str, torch.Tensor], Any]:
+        """The weights and the optimizer/scheduler/RNG state (``weights_only``: nothing arbitrary unpickled)."""
         model = load_file(str(info.path / MODEL_FILE), device=str(device))
         state = torch.load(info.path / STATE_FILE, map_location=device, weights_only=True)
-        return LoadedCheckpoint(info, meta, model, state)
+        return model, state
+
+    def find(self, location: str) -> CheckpointInfo | None:
+        """The complete checkpoint at ``location`` (a path, or the URL ``str(info.path)`` gives)."""
+        if "://" in location:
+            return next((i for i in self.list() if str(i.path) == location.rstrip("/")), None)
+        wanted = Path(location).resolve()
+        return next((i for i in self.list() if Path(i.path).resolve() == wanted), None)
 
     def interval(self, info: CheckpointInfo) -> list[str]:
         path = info.path / INTERVAL_FILE

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +70,8 @@ class TrainerSettings:
     eval_metrics_path: str | None = None  # eval.jsonl, one row per evaluation
     heartbeat_interval_s: float | None = None  # each rank's heartbeat (None: none; not a resume field)
     report_to: tuple[str, ...] = ()  # scalar trackers on rank 0 (TRACKERS), under tracker_root
+    output_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options of an output_dir URL
+    publish_url: str | None = None  # output_dir on an object store: rank 0 copies its metrics there
 
     @property
     def tracker_root(self) -> str | None:

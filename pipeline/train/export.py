@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from pipeline.core.errors import ConfigError, PayloadError, RunMismatchError
 from pipeline.core.features import default_aux_layer_ids
 from pipeline.train.checkpoint import MODEL_FILE
+from pipeline.train.ckpt_objects import read_checkpoint_file
 from pipeline.train.draft import DraftConfig, Eagle3Draft
 from pipeline.train.model import ModelSpec, build_draft
 from pipeline.train.target_head import TargetHead, load_target_head, read_target_config, rope_fields
@@ -94,8 +95,8 @@ def export_config(config: DraftConfig, dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
-def export_draft(draft: Eagle3Draft, directory: str | Path, *,
-                 dtype: torch.dtype | None = None) -> str:
+def export_draft(draft: Eagle3Draft, directory: str | Path, *, dtype: torch.dtype | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> str:
     """Write ``model.safetensors`` then ``config.json`` under ``directory`` (path or fsspec URL).
 
     ``dtype`` converts the floating-point weights (default: the draft's own); ``d2t`` stays
@@ -112,13 +113,11 @@ def export_draft(draft: Eagle3Draft, directory: str | Path, *,
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[name] = tensor.contiguous()
-    fs, root = fsspec.core.url_to_fs(str(directory))
+    fs, root = fsspec.core.url_to_fs(str(directory), **dict(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
-    with fsspec.open(_join(directory, WEIGHTS_FILE), "wb") as handle:
-        handle.write(st_save(tensors, metadata={"format": "pt"}))
+    fs.pipe_file(_join(root, WEIGHTS_FILE), st_save(tensors, metadata={"format": "pt"}))
     config = export_config(draft.config, dtype)
-    with fsspec.open(_join(directory, CONFIG_FILE), "w") as handle:
-        handle.write(json.dumps(config, indent=2) + "\n")
+    fs.pipe_file(_join(root, CONFIG_FILE), (json.dumps(config, indent=2) + "\n").encode())
     logger.info("exported EAGLE3 draft (%d tensors, %s) to %s", len(tensors), config["torch_dtype"],
                 directory)
     return str(directory)
@@ -193,10 +192,13 @@ def load_exported(directory: str | Path, target: str | Path | TargetHead | None 
     return draft
 
 
-def draft_from_checkpoint(checkpoint: str | Path, spec: ModelSpec) -> Eagle3Draft:
-    """The trained draft: rebuilt from the target and vocab map, with the checkpoint's weights."""
+def draft_from_checkpoint(
+    checkpoint: str | Path, spec: ModelSpec, storage_options: Mapping[str, Any] | None = None
+) -> Eagle3Draft:
+    """The trained draft: rebuilt from the target and vocab map, with the checkpoint's weights
+    (a checkpoint directory, or a checkpoint's URL on an object store)."""
     draft, _, _ = build_draft(spec, seed=0, device=torch.device("cpu"))
-    weights = load_file(str(Path(checkpoint) / MODEL_FILE))
+    weights = st_load(read_checkpoint_file(checkpoint, MODEL_FILE, storage_options))
     trainable = {name for name, p in draft.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
         missing, extra = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
@@ -208,6 +210,12 @@ def draft_from_checkpoint(checkpoint: str | Path, spec: ModelSpec) -> Eagle3Draf
     return draft
 
 
-def export_checkpoint(checkpoint: str | Path, spec: ModelSpec, out: str, *, dtype: torch.dtype | None = None) -> str:
-    """Write ``config.json`` + ``model.safetensors`` for SGLang; returns the directory."""
-    return export_draft(draft_from_checkpoint(checkpoint, spec), out, dtype=dtype)
+def export_checkpoint(
+    checkpoint: str | Path, spec: ModelSpec, out: str, *, dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write ``config.json`` + ``model.safetensors`` for SGLang; returns the directory.
+
+    ``storage_options``: fsspec options of the checkpoint's and ``out``'s URLs (train.output_dir's)."""
+    draft = draft_from_checkpoint(checkpoint, spec, storage_options)
+    return export_draft(draft, out, dtype=dtype, storage_options=storage_options)

@@ -7,7 +7,9 @@ draft and then loads the checkpoint's trainable weights into it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,6 +28,7 @@ class ModelSpec:
     vocab_mapping: str
     aux_layer_ids: tuple[int, int, int] | None = None
     head_dtype: str | None = None  # e.g. "bfloat16" to keep the target lm_head small on GPU
+    vocab_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (storage.options) of the mapping's URL
 
 
 def build_draft(
@@ -34,7 +37,7 @@ def build_draft(
     """Seeded draft with the target's frozen embedding; returns (draft, target lm_head, vocab map)."""
     dtype = getattr(torch, spec.head_dtype) if spec.head_dtype else None
     head = load_target_head(spec.target_model_path, dtype=dtype)
-    vocab = VocabMapping.load(spec.vocab_mapping)
+    vocab = VocabMapping.load(spec.vocab_mapping, spec.vocab_options)
     torch.manual_seed(seed)
     draft = Eagle3Draft.from_target(head, vocab, aux_layer_ids=spec.aux_layer_ids)
     return draft.to(device), head.lm_head, vocab

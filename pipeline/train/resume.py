@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +19,8 @@ import torch
 from pipeline.core.errors import BrokerError, RunMismatchError, StreamError
 from pipeline.core.messages import LedgerStep
 from pipeline.core.progress import StreamState
-from pipeline.train.checkpoint import CheckpointInfo, CheckpointManager, LoadedCheckpoint, config_hash
+from pipeline.train.checkpoint import CheckpointInfo, LoadedCheckpoint, config_hash
+from pipeline.train.ckpt_objects import open_checkpoints
 from pipeline.train.config import TrainerSettings
 from pipeline.train.distributed import DistContext
 from pipeline.train.draft import Eagle3Draft
@@ -93,7 +93,9 @@ class CheckpointCoordinator:
         self.ledger = ledger
         self.commit_offsets = commit_offsets
         self.delete_feature = delete_feature
-        self.manager = CheckpointManager(config.checkpoint_dir, keep_last=config.keep_last)
+        self.manager = open_checkpoints(
+            config.checkpoint_dir, keep_last=config.keep_last, storage_options=config.output_options
+        )
 
     def choose(self) -> CheckpointInfo | None:
         """Rank 0 picks (so every rank resumes the same one) and broadcasts."""
@@ -120,10 +122,9 @@ class CheckpointCoordinator:
             raise RunMismatchError(error)
         if choice is None:
             return None
-        wanted = Path(choice).resolve()
-        for info in self.manager.list():
-            if info.path.resolve() == wanted:
-                return info
+        found = self.manager.find(choice)
+        if found is not None:
+            return found
         raise RunMismatchError(
             f"no complete checkpoint at {choice} (checkpoints must live in {self.config.checkpoint_dir})"
         )

@@ -37,6 +37,7 @@ from pipeline.train.distributed import DistContext, Vote
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.evaluate import Evaluator, eval_line
 from pipeline.train.metrics import RankTiming, StepRecord
+from pipeline.train.publish import OutputMirror
 from pipeline.train.report import StepReporter, rank_progress
 from pipeline.train.result import RunCompleteness, TrainResult
 from pipeline.train.resume import CheckpointCoordinator, CommitOffsets, LedgerSink
@@ -84,6 +85,8 @@ class Trainer:
     ) -> None:
         self.config = config
         self.evaluator = evaluator if dist.is_main else None  # rank 0 evaluates, between steps
+        publish = config.publish_url and config.tracker_root and dist.is_main
+        self.outputs = OutputMirror(config.tracker_root, config.publish_url, config.output_options) if publish else None
         self.source_letters = source_letters
         self.draft = draft
         self.dist = dist
@@ -148,6 +151,8 @@ class Trainer:
             self._saved, self._resumed_end = info, info.end
         else:
             self._sync_initial_weights()
+        if self.outputs is not None:
+            self.outputs.pull()  # a resumed run's metrics continue the published ones
         try:
             source = self.open_source(self.state)
         except BaseException:
@@ -181,6 +186,8 @@ class Trainer:
                 plot_metrics_file(cfg.metrics_path, cfg.plot_path, title=f"{cfg.run_id}: draft training")
             except Exception:  # a plot must never fail a finished run
                 logger.warning("could not plot the training curves", exc_info=True)
+        if self.outputs is not None:
+            self.outputs.push()
         return result
 
     def _loop(self, feeder: LockstepFeeder, stop: threading.Event, reporter: StepReporter) -> str:
@@ -303,6 +310,8 @@ class Trainer:
         )
         self._interval = []
         self._saved = info
+        if self.outputs is not None:
+            self.outputs.push()  # the metrics so far, beside the checkpoint that covers them
         return info
 
     # --- the end -------------------------------------------------------------------------

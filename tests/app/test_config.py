@@ -66,7 +66,6 @@ def test_production_example_trains_in_bf16_with_the_password_from_the_environmen
         (with_(data={"partitions": 5}, train={"world_size": 2}), "data.partitions", "multiple of 2"),
         (with_(data={"partitions": 3}, train={"batch_size": 4}, generate={"high_watermark": 20, "low_watermark": 10}),
          "generate.high_watermark", ">= 21"),
-        (with_(train={"output_dir": "s3://bucket/out"}), "train.output_dir", "filesystem path"),
         (with_(train={"device": "gpu"}), "train.device", "use cpu, cuda"),
         (with_(target={"device": "cdua"}), "target.device", "use cpu, cuda"),
         (with_(train={"lr_schedule": "linear"}), "train.lr_schedule", ""),

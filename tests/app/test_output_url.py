@@ -1,0 +1,48 @@
+"""train.output_dir as an fsspec URL: which options reach it, where rank 0's files go, the start check."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from pipeline.app.config_file import parse_config
+from pipeline.app.outputs import checkpoints, local_outputs, output_options, output_path
+from pipeline.app.preflight import check_local
+from pipeline.app.settings import trainer_settings
+from pipeline.core.errors import ConfigError
+from pipeline.train.ckpt_objects import ObjectCheckpoints
+from tests.app.test_config import with_
+
+OPTIONS = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+
+
+def test_a_url_output_dir_reuses_the_storage_options_of_its_protocol(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
+    cfg = parse_config(with_(storage={"root": "s3://b/features", "options": OPTIONS}, train={"output_dir": "s3://b/out/"}))
+    assert output_options(cfg) == OPTIONS and output_path(cfg, "checkpoints") == "s3://b/out/checkpoints"
+    assert local_outputs(cfg) == tmp_path / "outputs" / "r1"
+    settings = trainer_settings(cfg, schedule_steps=None)
+    assert settings.checkpoint_dir == "s3://b/out/checkpoints" and settings.publish_url == "s3://b/out/"
+    assert settings.metrics_path == str(tmp_path / "outputs" / "r1" / "metrics.jsonl")
+    assert dict(settings.output_options) == OPTIONS
+    other = parse_config(with_(storage={"root": "/data/f", "options": {"auto_mkdir": True}}, train={"output_dir": "memory://o"}))
+    assert output_options(other) == {}  # another protocol: the environment's credentials, not storage's
+    assert isinstance(checkpoints(other), ObjectCheckpoints)
+
+
+def test_a_local_output_dir_is_unchanged(tmp_path: Path) -> None:
+    cfg = parse_config(with_(train={"output_dir": str(tmp_path / "out")}))
+    settings = trainer_settings(cfg, schedule_steps=None)
+    assert settings.checkpoint_dir == str(tmp_path / "out" / "checkpoints") and settings.publish_url is None
+    assert settings.metrics_path == str(tmp_path / "out" / "metrics.jsonl") and output_options(cfg) == {}
+    assert type(checkpoints(cfg)).__name__ == "CheckpointManager"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed here")
+def test_an_output_url_without_its_package_names_the_key_and_the_extra(tmp_path: Path) -> None:
+    cfg = parse_config(with_(storage={"root": str(tmp_path / "f")}, train={"output_dir": "gs://b/out"}))
+    with pytest.raises(ConfigError) as caught:
+        check_local(cfg, ("train",))
+    assert caught.value.key == "train.output_dir" and "specstream[gcs]" in str(caught.value)
