@@ -38,6 +38,7 @@ from pipeline.app.cli_common import (
     verbose_on,
     with_device,
 )
+from pipeline.app.cli_acls import acls
 from pipeline.app.cli_inspect import audit, dlq, status
 from pipeline.app.cli_sweep import sweep
 from pipeline.app.cli_topics import topics_app
@@ -358,7 +359,7 @@ def config_check(config: ConfigOption) -> None:
 
 
 # Commands in the order --help shows them: the main job first, then the stages, then tools.
-for command in (quickstart, run, source, generate, train, status, audit, dlq, sweep, export, replay, demo):
+for command in (quickstart, run, source, generate, train, status, audit, dlq, sweep, export, replay, demo, acls):
     app.command()(command)
 
 

@@ -12,7 +12,9 @@ directory serves the same topics at the same address.
 
 ``sasl_users`` adds a ``SASL_PLAINTEXT`` listener (mechanism ``PLAIN``, those users and passwords)
 beside the plain one, at ``sasl_bootstrap``: for testing what a client with wrong credentials is
-told. Its port is chosen afresh on every start (only the plain listener's address is durable).
+told. ``scram_users`` adds it with SCRAM-SHA-512 instead, plus the standard authorizer (ACLs,
+deny by default; ``super_users`` may do anything): see ``pipeline.transport.broker_security``.
+The SASL port is chosen afresh on every start (only the plain listener's address is durable).
 
 Used by the test fixture (one broker per pytest session) and by the background broker of
 ``specstream broker start|stop`` (``pipeline.transport.background_broker``). Anyone with a broker already can skip all of this by setting
@@ -39,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline.core.errors import BrokerError
+from pipeline.transport.broker_security import plain_properties, scram_format_args, scram_properties
 from pipeline.transport.kafka_jars import KAFKA_VERSION, install, libs_dir, libs_ready
 
 __all__ = ("DEFAULT_PORTS", "STOP_TIMEOUT_S", "LocalKafka", "env_or_local_broker")
@@ -126,20 +129,6 @@ transaction.abort.timed.out.transaction.cleanup.interval.ms=5000
 """
 
 
-def _sasl_properties(bport: int, cport: int, sport: int, users: Mapping[str, str]) -> str:
-    """A third listener, SASL_PLAINTEXT with PLAIN, for ``users``; brokers still talk PLAINTEXT."""
-    accounts = " ".join(f'user_{name}="{password}"' for name, password in users.items())
-    listeners = f"PLAINTEXT://127.0.0.1:{bport},CONTROLLER://127.0.0.1:{cport},SASL_PLAINTEXT://127.0.0.1:{sport}"
-    return (
-        f"listeners={listeners}\n"
-        f"advertised.listeners={listeners}\n"
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT\n"
-        "sasl.enabled.mechanisms=PLAIN\n"
-        "listener.name.sasl_plaintext.plain.sasl.jaas.config="
-        f"org.apache.kafka.common.security.plain.PlainLoginModule required {accounts};\n"
-    )
-
-
 _LOG4J2 = """\
 appender.out.type = Console
 appender.out.name = OUT
@@ -172,9 +161,15 @@ class LocalKafka:
         attached: bool = True,
         preferred_ports: tuple[int, int] | None = None,
         sasl_users: Mapping[str, str] | None = None,
+        scram_users: Mapping[str, str] | None = None,
+        super_users: tuple[str, ...] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.sasl_users = dict(sasl_users or {})
+        self.scram_users = dict(scram_users or {})  # stored when the storage is formatted
+        self.super_users = super_users
+        if self.sasl_users and self.scram_users:
+            raise BrokerError("LocalKafka: give sasl_users (PLAIN) or scram_users (SCRAM + ACLs), not both")
         self.sasl_bootstrap = ""  # set on start when ``sasl_users`` asks for the SASL listener
         self.preferred_ports = preferred_ports
         self.version = version
@@ -254,9 +249,11 @@ class LocalKafka:
         bport, cport = self._ports()
         props = self.workdir / "server.properties"
         text = _SERVER_PROPERTIES.format(bport=bport, cport=cport, data_dir=data_dir)
-        sport = _free_port() if self.sasl_users else 0
+        sport = _free_port() if self.sasl_users or self.scram_users else 0
         if self.sasl_users:  # later keys win in a Java properties file
-            text += _sasl_properties(bport, cport, sport, self.sasl_users)
+            text += plain_properties(bport, cport, sport, self.sasl_users)
+        if self.scram_users:
+            text += scram_properties(bport, cport, sport, self.super_users)
         props.write_text(text)
         log4j = self.workdir / "log4j2.properties"
         log4j.write_text(_LOG4J2)
@@ -268,7 +265,7 @@ class LocalKafka:
             fmt = subprocess.run(
                 [java, "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", classpath,
                  "kafka.tools.StorageTool", "format", "--standalone",
-                 "-t", _cluster_id(), "-c", str(props)],
+                 "-t", _cluster_id(), "-c", str(props), *scram_format_args(self.scram_users)],
                 capture_output=True, text=True, timeout=180,
             )  # fmt: skip
             if fmt.returncode != 0:

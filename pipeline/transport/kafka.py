@@ -28,10 +28,26 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, Unpack
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import AlterConfigOp, ConfigResource, ConfigResourceType, OffsetSpec
+from kafka.admin import (
+    ACL,
+    ACLOperation,
+    ACLPermissionType,
+    ACLResourcePatternType,
+    AlterConfigOp,
+    ConfigResource,
+    ConfigResourceType,
+    OffsetSpec,
+    ResourcePattern,
+    ResourceType,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
+    AuthorizationError,
+    ClusterAuthorizationFailedError,
     CommitFailedError,
+    GroupAuthorizationFailedError,
     IllegalGenerationError,
     IllegalSaslStateError,
     InvalidReplicationFactorError,
@@ -42,6 +58,8 @@ from kafka.errors import (
     ProducerFencedError,
     SaslAuthenticationFailedError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
     UnknownMemberIdError,
     UnsupportedSaslMechanismError,
 )
@@ -61,6 +79,7 @@ from pipeline.core.topics import (
     Start,
     TransportError,
 )
+from pipeline.transport.acls import Binding
 from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S, OUTAGE, ride_out
 
 __all__ = (
@@ -76,15 +95,56 @@ _FENCED = (ProducerFencedError, InvalidProducerEpochError, CommitFailedError, Il
            UnknownMemberIdError)  # fmt: skip
 
 
+_DENIED_KINDS = (
+    (TopicAuthorizationFailedError, "topic", "READ or WRITE"),
+    (GroupAuthorizationFailedError, "consumer group", "READ"),
+    (TransactionalIdAuthorizationFailedError, "transactional id", "WRITE"),
+    (ClusterAuthorizationFailedError, "cluster", "the cluster operation"),
+)
+
+
+def denied(exc: BaseException, user: str | None, operation: str = "", names: Iterable[str] = ()) -> BrokerError:
+    """An ACL refusal as one line: whom the broker refused, which permission on which resource, the fix.
+
+    kafka-python names the resource (a topic set or a name) but not the operation: the caller
+    that knows it (a producer: WRITE) says it, else the usual one for that kind of resource. A
+    refusal kafka-python wrapped in a plain ``KafkaError`` (a transaction's offset commit) is
+    known by the error's name in its text, without the resource's name."""
+    text = str(exc)
+    found = next(((t, k, op) for t, k, op in _DENIED_KINDS if isinstance(exc, t) or t.__name__ in text), None)
+    kind, usual = (found[1], found[2]) if found else ("resource", "access")
+    raw = exc.args[0] if exc.args and found and isinstance(exc, found[0]) else ""
+    if isinstance(raw, (set, frozenset, list, tuple)):
+        names = names or raw
+    elif raw and not names and " " not in str(raw).strip():  # a name, not a request's text
+        names = (str(raw).strip("{}' "),)
+    name = ", ".join(sorted(names))
+    short = " ".join(text.split()) if len(text) < 200 else type(exc).__name__
+    what = f"{kind} {name}" if name else f"a {kind} (the broker said: {short})"
+    who = f"principal User:{user}" if user else "this client (no SASL user)"
+    return BrokerError(
+        f"not authorized: the Kafka broker refused {who} {operation or usual} on {what}: "
+        "no ACL grants it; run this stage with its own role's credentials, or grant the role that permission "
+        "(`specstream acls`, infra/acls.sh)"
+    )
+
+
+def _user_of(settings: KafkaSettings | None) -> str | None:
+    return None if settings is None else settings.client_options.get("sasl_plain_username")
+
+
 @contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """kafka-python's exceptions as the contract's: ``FencedError`` or ``TransportError``."""
+def _translated(settings: KafkaSettings | None = None, operation: str = "", names: Iterable[str] = ()) -> Iterator[None]:
+    """kafka-python's exceptions as the contract's: ``FencedError`` or ``TransportError``; an ACL
+    refusal is a ``BrokerError`` (a setting is wrong: retrying cannot help)."""
     try:
         yield
     except _FENCED as exc:
         same_id = isinstance(exc, (ProducerFencedError, InvalidProducerEpochError))
         raise FencedError(f"{type(exc).__name__}: {exc}", same_id=same_id) from exc
     except KafkaError as exc:
+        if isinstance(exc, AuthorizationError) or "AuthorizationFailedError" in str(exc):
+            raise denied(exc, _user_of(settings), operation, names) from exc
         raise TransportError(f"{type(exc).__name__}: {exc}", retriable=bool(exc.retriable)) from exc
 
 
@@ -258,7 +318,7 @@ class KafkaSettings:
         """``call()`` in the contract's errors, retried through a broker outage up to the budget."""
 
         def translated() -> _R:
-            with _translated():
+            with _translated(self):
                 return call()
 
         return ride_out(translated, what=what, where=self.bootstrap_servers, budget_s=self.outage_budget_s,
@@ -288,15 +348,30 @@ def _connect(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client
     mid-run, while the broker restarts); at start, no broker is an error at once.
     """
     if _reached.is_set():
-        return settings.ride_out(
-            lambda: _connect_once(factory, settings), "connecting", also_retry=(BrokerError,)
-        )
+        refused: list[BrokerError] = []
+
+        def attempt() -> _Client | None:
+            try:
+                return _connect_once(factory, settings)
+            except _Refused as exc:  # wrong credentials: waiting cannot help
+                refused.append(exc)
+                return None
+
+        client = settings.ride_out(attempt, "connecting", also_retry=(BrokerError,))
+        if refused:
+            raise refused[-1]
+        assert client is not None
+        return client
     client = _connect_once(factory, settings)
     _reached.set()
     return client
 
 
 _reached = threading.Event()  # set once any client of this process has reached the broker
+
+
+class _Refused(BrokerError):
+    """The broker answered and refused the credentials (or the SASL mechanism): not an outage."""
 
 
 def _connect_once(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client:
@@ -308,7 +383,8 @@ def _connect_once(factory: Callable[[], _Client], settings: KafkaSettings) -> _C
     except KafkaTimeoutError as exc:
         if "bootstrap" not in str(exc):
             raise
-        raise BrokerError(_bootstrap_failure(settings, seen.errors)) from None
+        why = _bootstrap_failure(settings, seen.errors)
+        raise (_Refused if " answered, but " in why else BrokerError)(why) from None
     finally:
         network.removeHandler(seen)
 
@@ -464,7 +540,7 @@ class KafkaAdmin:
                 for name, spec in missing.items()
             }
             try:
-                with _translated():
+                with _translated(self.settings, "CREATE", missing):
                     self._admin.create_topics(request, wait_for_metadata=True)
             except TransportError as exc:
                 if isinstance(exc.__cause__, InvalidReplicationFactorError):
@@ -507,13 +583,40 @@ class KafkaAdmin:
         resource = ConfigResource(
             ConfigResourceType.TOPIC, topic, configs={k: (AlterConfigOp.SET, v) for k, v in values.items()}
         )
-        with _translated():
+        with _translated(self.settings, "ALTER_CONFIGS"):
             self._admin.alter_configs([resource], incremental=True)
+
+    def create_acls(self, bindings: Iterable[Binding]) -> int:
+        """Add ALLOW bindings (an existing one is kept); the count added. Needs an admin principal
+        (a super user, or ALTER on the cluster)."""
+        acls = [
+            ACL(b.principal, "*", ACLOperation[b.operation], ACLPermissionType.ALLOW,
+                ResourcePattern(ResourceType[b.resource.upper().replace("-", "_")], b.name,
+                                ACLResourcePatternType.PREFIXED if b.prefixed else ACLResourcePatternType.LITERAL))
+            for b in bindings
+        ]  # fmt: skip
+        with _translated(self.settings, "ALTER"):
+            result = self._admin.create_acls(acls)
+        failed = result.get("failed", [])
+        if failed:
+            acl, error = failed[0][:2]
+            raise denied(error, _user_of(self.settings), "ALTER") if isinstance(error, AuthorizationError) else \
+                BrokerError(f"creating {len(failed)} ACLs failed, the first ({acl}): {error}")
+        return len(acls)
+
+    def upsert_scram_users(self, users: Mapping[str, str]) -> None:
+        """Create or change SCRAM-SHA-512 credentials (a password is sent, never logged)."""
+        changes = [UserScramCredentialUpsertion(u, ScramMechanism.SCRAM_SHA_512, p) for u, p in users.items()]
+        with _translated(self.settings, "ALTER"):
+            errors = self._admin.alter_user_scram_credentials(changes)
+        bad = {user: error for user, error in errors.items() if error}
+        if bad:
+            raise BrokerError(f"storing SCRAM credentials failed: {bad}")
 
     def delete_topics(self, names: Iterable[str]) -> None:
         names = [n for n in names if n in self.topics()]
         if names:
-            with _translated():
+            with _translated(self.settings, "DELETE"):
                 self._admin.delete_topics(names)
 
     def end_offsets(
@@ -605,7 +708,7 @@ class TransactionalProducer:
 
         def open_and_init() -> None:
             self._producer = _connect(lambda: KafkaProducer(**self._options), self.settings)
-            with _translated():
+            with _translated(self.settings):
                 self._producer.init_transactions()
 
         self.settings.ride_out(
@@ -618,13 +721,13 @@ class TransactionalProducer:
         )
 
     def begin(self) -> None:
-        with _translated():
+        with _translated(self.settings):
             self._producer.begin_transaction()
         self.in_transaction = True
         self._begun_at = time.monotonic()
 
     def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> Any:
-        with _translated():
+        with _translated(self.settings, "WRITE"):
             return self._producer.send(topic, value=value, key=key, partition=partition)
 
     def commit(
@@ -649,7 +752,7 @@ class TransactionalProducer:
         """One transaction step, bounded by the outage budget; a step that may have half-happened
         marks the producer for re-initialisation."""
         try:
-            with _translated():
+            with _translated(self.settings):
                 result = start()
                 self._producer._sender.wakeup()
                 done = self._wait_for(result)
@@ -728,7 +831,7 @@ class TransactionalProducer:
 
     def flush(self, timeout: float | None = 10.0) -> None:
         """Push sent records to the broker now (they stay invisible until commit)."""
-        with _translated():
+        with _translated(self.settings, "WRITE"):
             self._producer.flush(timeout=timeout)
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -802,7 +905,7 @@ class PlainProducer:
     def send(
         self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None
     ) -> Any:
-        with _translated():
+        with _translated(self.settings, "WRITE"):
             future = self._producer.send(topic, value=value, key=key, partition=partition)
         self._pending.append(future)
         return future
@@ -818,12 +921,14 @@ class PlainProducer:
         if ride_out:
             self.settings.ride_out(lambda: self._producer.flush(timeout=timeout_s), "delivering records")
         else:
-            with _translated():
+            with _translated(self.settings, "WRITE"):
                 self._producer.flush(timeout=timeout_s)
         pending, self._pending = self._pending, []
         failed = [f for f in pending if not f.is_done or f.failed()]
         if failed:
             first = failed[0].exception if failed[0].is_done else "not delivered before the flush timeout"
+            if isinstance(first, AuthorizationError):
+                raise denied(first, _user_of(self.settings), "WRITE")
             raise TransportError(
                 f"{len(failed)} of {len(pending)} records were not delivered: {first}", retriable=True
             )
@@ -956,7 +1061,7 @@ class PartitionReader:
         """Records in offset order per partition, partitions interleaved as fetched."""
         _release_parked_fetches(self._consumer)
         try:
-            with _translated():
+            with _translated(self.settings, "READ"):
                 batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except TransportError as exc:
             if isinstance(exc.__cause__, OffsetOutOfRangeError):

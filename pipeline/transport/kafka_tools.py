@@ -24,6 +24,7 @@ TOOLS: dict[str, str] = {
     "kafka-get-offsets": "org.apache.kafka.tools.GetOffsetShell",
     "kafka-transactions": "org.apache.kafka.tools.TransactionsCommand",
     "kafka-dump-log": "org.apache.kafka.tools.DumpLogSegments",
+    "kafka-acls": "org.apache.kafka.tools.AclCommand",
 }
 #: The tools that talk to a broker (``--bootstrap-server``); kafka-dump-log reads files.
 _BROKER_TOOLS = frozenset(TOOLS) - {"kafka-dump-log"}
