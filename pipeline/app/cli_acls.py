@@ -29,7 +29,10 @@ def acls(
     train: Annotated[Optional[str], _user("train")] = None,
     read_only: Annotated[Optional[str], _user("read-only")] = None,
     apply: Annotated[
-        bool, typer.Option("--apply", help="Create the ACLs through the admin API (the config's user must be an admin).")
+        bool,
+        typer.Option(
+            "--apply", help="Create the ACLs through the admin API (the config's user must be an admin)."
+        ),
     ] = False,
 ) -> None:
     """Each role's least privilege on one run: print `kafka-acls` arguments, one call a line
@@ -37,7 +40,9 @@ def acls(
     users = {role: user for role, user in
              (("source", source), ("generate", generate), ("train", train), ("read-only", read_only)) if user}  # fmt: skip
     if not users:
-        raise OptionError("--source", "no role is given", "name at least one of --source, --generate, --train, --read-only")
+        raise OptionError(
+            "--source", "no role is given", "name at least one of --source, --generate, --train, --read-only"
+        )
     if not apply:
         if run_id is None and config is None:
             raise OptionError("--run-id", "is missing", "pass --run-id or --config")
@@ -48,4 +53,6 @@ def acls(
     bindings = run_bindings(name, users)
     with transport.admin() as admin:
         admin.create_acls(bindings)  # type: ignore[attr-defined]
-    console.print(f"run {name}: {len(bindings)} ACL bindings for {', '.join(f'{r} {u}' for r, u in users.items())}")
+    console.print(
+        f"run {name}: {len(bindings)} ACL bindings for {', '.join(f'{r} {u}' for r, u in users.items())}"
+    )

@@ -9,7 +9,8 @@ A broker with ``allow.everyone.if.no.acl.found=false`` then lets each principal 
   that hold its counts, committed on prompts: so READ on prompts too, which Kafka asks of any
   offset commit).
 - generate: READ prompts in group ``<run>.generators``, WRITE samples, DLQ and manifest
-  (partition claims), transactional ids ``<run>.generate.*`` (prefixed: one per worker id).
+  (partition claims), transactional ids ``<run>.generate.*`` (prefixed: one per worker id);
+  READ the ledger (backpressure: how far the trainers have consumed).
 - train: READ samples and ledger, WRITE ledger and DLQ, group ``<run>.trainers`` (advisory
   offsets for lag).
 - read-only (status, audit): READ every topic of the run, DESCRIBE its groups.
@@ -72,6 +73,7 @@ def _role_grants(role: str, run: RunTopics) -> Iterator[tuple[str, str, str, boo
         yield "group", run.source_group, "READ", False
     elif role == "generate":
         yield "topic", run.prompts, "READ", False
+        yield "topic", run.ledger, "READ", False  # backpressure: how far the trainers have consumed
         for topic in (run.samples, run.dlq, run.manifest):
             yield "topic", topic, "WRITE", False
         yield from _transactional(f"{run.run_id}.generate.", prefixed=True)
@@ -85,7 +87,10 @@ def _role_grants(role: str, run: RunTopics) -> Iterator[tuple[str, str, str, boo
 
 
 def _transactional(name: str, *, prefixed: bool) -> Iterator[tuple[str, str, str, bool]]:
-    yield from (("transactional-id", name, "WRITE", prefixed), ("transactional-id", name, "DESCRIBE", prefixed))
+    yield from (
+        ("transactional-id", name, "WRITE", prefixed),
+        ("transactional-id", name, "DESCRIBE", prefixed),
+    )
 
 
 def run_bindings(run_id: str, users: Mapping[str, str]) -> list[Binding]:
@@ -108,9 +113,9 @@ def kafka_acls_args(bindings: list[Binding]) -> list[list[str]]:
     for (who, resource, prefixed, name), ops in grouped.items():
         by_ops.setdefault((who, resource, prefixed, tuple(sorted(ops))), []).append(name)
     lines = []
-    for (who, resource, prefixed, ops), names in sorted(by_ops.items()):
+    for (who, resource, prefixed, operations), names in sorted(by_ops.items()):
         args = ["--add", "--allow-principal", who]
-        for op in ops:
+        for op in operations:
             args += ["--operation", op]
         for name in sorted(names):
             args += [f"--{resource}", name]

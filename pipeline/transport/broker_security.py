@@ -28,11 +28,13 @@ __all__ = ("SCRAM_MECHANISM", "plain_properties", "scram_format_args", "scram_pr
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 _AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
 # kafka-storage parses `[name=..,password=..]`: a comma, bracket, quote or space would split it.
-_UNSAFE = frozenset(',[]="\' \t\n')
+_UNSAFE = frozenset(",[]=\"' \t\n")
 
 
 def _listeners(bport: int, cport: int, sport: int) -> str:
-    listeners = f"PLAINTEXT://127.0.0.1:{bport},CONTROLLER://127.0.0.1:{cport},SASL_PLAINTEXT://127.0.0.1:{sport}"
+    listeners = (
+        f"PLAINTEXT://127.0.0.1:{bport},CONTROLLER://127.0.0.1:{cport},SASL_PLAINTEXT://127.0.0.1:{sport}"
+    )
     return (
         f"listeners={listeners}\n"
         f"advertised.listeners={listeners}\n"
@@ -44,8 +46,7 @@ def plain_properties(bport: int, cport: int, sport: int, users: Mapping[str, str
     """A third listener, SASL_PLAINTEXT with PLAIN, for ``users``; brokers still talk PLAINTEXT."""
     accounts = " ".join(f'user_{name}="{password}"' for name, password in users.items())
     return (
-        _listeners(bport, cport, sport)
-        + "sasl.enabled.mechanisms=PLAIN\n"
+        _listeners(bport, cport, sport) + "sasl.enabled.mechanisms=PLAIN\n"
         "listener.name.sasl_plaintext.plain.sasl.jaas.config="
         f"org.apache.kafka.common.security.plain.PlainLoginModule required {accounts};\n"
     )
@@ -58,8 +59,7 @@ def scram_properties(bport: int, cport: int, sport: int, super_users: Iterable[s
     inter-broker and controller listeners (see the module docstring)."""
     supers = ";".join(["User:ANONYMOUS", *(f"User:{name}" for name in super_users)])
     return (
-        _listeners(bport, cport, sport)
-        + f"sasl.enabled.mechanisms={SCRAM_MECHANISM}\n"
+        _listeners(bport, cport, sport) + f"sasl.enabled.mechanisms={SCRAM_MECHANISM}\n"
         f"listener.name.sasl_plaintext.{SCRAM_MECHANISM.lower()}.sasl.jaas.config="
         "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
         f"authorizer.class.name={_AUTHORIZER}\n"

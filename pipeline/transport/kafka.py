@@ -103,7 +103,9 @@ _DENIED_KINDS = (
 )
 
 
-def denied(exc: BaseException, user: str | None, operation: str = "", names: Iterable[str] = ()) -> BrokerError:
+def denied(
+    exc: BaseException, user: str | None, operation: str = "", names: Iterable[str] = ()
+) -> BrokerError:
     """An ACL refusal as one line: whom the broker refused, which permission on which resource, the fix.
 
     kafka-python names the resource (a topic set or a name) but not the operation: the caller
@@ -134,7 +136,9 @@ def _user_of(settings: KafkaSettings | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _translated(settings: KafkaSettings | None = None, operation: str = "", names: Iterable[str] = ()) -> Iterator[None]:
+def _translated(
+    settings: KafkaSettings | None = None, operation: str = "", names: Iterable[str] = ()
+) -> Iterator[None]:
     """kafka-python's exceptions as the contract's: ``FencedError`` or ``TransportError``; an ACL
     refusal is a ``BrokerError`` (a setting is wrong: retrying cannot help)."""
     try:
@@ -600,8 +604,11 @@ class KafkaAdmin:
         failed = result.get("failed", [])
         if failed:
             acl, error = failed[0][:2]
-            raise denied(error, _user_of(self.settings), "ALTER") if isinstance(error, AuthorizationError) else \
-                BrokerError(f"creating {len(failed)} ACLs failed, the first ({acl}): {error}")
+            raise (
+                denied(error, _user_of(self.settings), "ALTER")
+                if isinstance(error, AuthorizationError)
+                else BrokerError(f"creating {len(failed)} ACLs failed, the first ({acl}): {error}")
+            )
         return len(acls)
 
     def upsert_scram_users(self, users: Mapping[str, str]) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,6 @@ import yaml
 from pipeline.core.errors import BrokerError
 from pipeline.core.topics import RunTopics
 from pipeline.transport import kafka_jars
-from pipeline.transport.acls import run_bindings
 from pipeline.transport.broker import LocalKafka
 from pipeline.transport.kafka import KafkaSettings
 from tests.integration.test_runtime import write_config
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 USERS = {"admin": "admin-pw-1", "src": "src-pw-2", "gen": "gen-pw-3", "trn": "trn-pw-4", "ro": "ro-pw-5"}
 ROLE_USERS = {"source": "src", "generate": "gen", "train": "trn", "read-only": "ro"}
 VARIABLE = "SPECSTREAM_T_KAFKA_PASSWORD"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,9 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKaf
         if os.environ.get("CI") or os.environ.get("KAFKA_TEST_REQUIRED"):
             pytest.fail("the SCRAM broker needs java and the Kafka jars (specstream broker install)")
         pytest.skip("the SCRAM broker needs java and the Kafka jars (specstream broker install)")
-    with LocalKafka(tmp_path_factory.mktemp("kafka-scram"), scram_users=USERS, super_users=("admin",)) as broker:
+    with LocalKafka(
+        tmp_path_factory.mktemp("kafka-scram"), scram_users=USERS, super_users=("admin",)
+    ) as broker:
         yield broker
 
 
@@ -88,7 +92,10 @@ def test_each_stage_runs_with_its_own_principal_and_no_password_is_shown(
     code, out = run_as("src", ["source", "--config", str(configs["src"])])
     assert code == 2, out  # no ACL yet: deny by default
     topics = RunTopics(run_id)
-    assert f"not authorized: the Kafka broker refused principal User:src CREATE on topic {topics.dlq}, " in one_error(out)
+    assert (
+        f"not authorized: the Kafka broker refused principal User:src CREATE on topic {topics.dlq}, "
+        in one_error(out)
+    )
     grant(configs)
     outputs = [out]
     code, out = run_as("src", ["source", "--config", str(configs["src"])])
@@ -125,13 +132,30 @@ def test_a_wrong_password_fails_at_start_with_one_line(
     assert "not-the-password" not in out
 
 
-def test_a_trainer_cannot_write_to_the_prompts_topic(secure_broker: LocalKafka, run_id: str) -> None:
+def test_a_trainer_cannot_write_to_the_prompts_topic(
+    secure_broker: LocalKafka, run_id: str, tmp_path: Path
+) -> None:
+    """infra/acls.sh grants the trainer its ACLs with Kafka's own kafka-acls; a write to prompts
+    is then one line naming the principal, the permission and the topic; its ledger it may write."""
     topics = RunTopics(run_id)
     with settings(secure_broker, "admin").admin() as admin:
         admin.ensure_run_topics(topics, 1)
-        admin.create_acls(run_bindings(run_id, {"train": "trn"}))
+    admin_properties = tmp_path / "admin.properties"
+    admin_properties.write_text(
+        "security.protocol=SASL_PLAINTEXT\nsasl.mechanism=SCRAM-SHA-512\nsasl.jaas.config="
+        f'org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="{USERS["admin"]}";\n'
+    )
+    script = [str(REPO / "infra" / "acls.sh"), "--bootstrap-server", secure_broker.sasl_bootstrap,
+              "--command-config", str(admin_properties), "--", "--run-id", run_id, "--train", "trn"]  # fmt: skip
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the `specstream` under test
+    done = subprocess.run(
+        script, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PATH": path}
+    )
+    assert done.returncode == 0 and done.stdout.count("granted: ") == 6, done.stdout + done.stderr
     producer = settings(secure_broker, "trn").plain_producer()
     try:
+        producer.send(topics.ledger, b"ok", partition=0)  # the control: its own ledger it may write
+        producer.flush(timeout_s=30, ride_out=False)
         producer.send(topics.prompts, b"forged", partition=0)
         with pytest.raises(BrokerError) as caught:
             producer.flush(timeout_s=30, ride_out=False)
@@ -140,16 +164,12 @@ def test_a_trainer_cannot_write_to_the_prompts_topic(secure_broker: LocalKafka, 
     message = str(caught.value)
     assert "\n" not in message
     assert f"refused principal User:trn WRITE on topic {topics.prompts}: no ACL grants it" in message, message
-    producer = settings(secure_broker, "trn").plain_producer()  # the control: its own ledger it may write
-    try:
-        producer.send(topics.ledger, b"ok", partition=0)
-        producer.flush(timeout_s=30, ride_out=False)
-    finally:
-        producer.close()
 
 
 def test_a_user_added_through_the_admin_api_can_log_in(secure_broker: LocalKafka) -> None:
     with settings(secure_broker, "admin").admin() as admin:
         admin.upsert_scram_users({"late": "late-pw-6"})
-    with KafkaSettings(secure_broker.sasl_bootstrap, {**client_options("late"), "sasl.password": "late-pw-6"}).admin() as admin:
+    with KafkaSettings(
+        secure_broker.sasl_bootstrap, {**client_options("late"), "sasl.password": "late-pw-6"}
+    ).admin() as admin:
         assert admin.topics() == set()  # authenticated; no ACL lets it see any topic
