@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,3 +174,16 @@ def test_a_user_added_through_the_admin_api_can_log_in(secure_broker: LocalKafka
         secure_broker.sasl_bootstrap, {**client_options("late"), "sasl.password": "late-pw-6"}
     ).admin() as admin:
         assert admin.topics() == set()  # authenticated; no ACL lets it see any topic
+
+
+def test_a_wrong_password_is_not_ridden_out_like_an_outage(secure_broker: LocalKafka) -> None:
+    """A process that has reached the broker before rides out an outage when it opens a client;
+    a refused password is no outage: it fails at once (within the bootstrap timeout)."""
+    with settings(secure_broker, "admin").admin() as admin:
+        admin.topics()  # this process has now reached the broker
+    started = time.monotonic()
+    with pytest.raises(BrokerError) as caught:
+        settings(secure_broker, "trn", password="not-the-password").admin()
+    assert time.monotonic() - started < 60  # the outage budget is 180 s
+    assert "answered, but authentication failed for user 'trn' (SASL SCRAM-SHA-512)" in str(caught.value)
+    assert "not-the-password" not in str(caught.value)
