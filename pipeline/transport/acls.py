@@ -19,6 +19,10 @@ Every stage also DESCRIBEs the run's topics, READs the manifest and heartbeats, 
 heartbeats and DESCRIBEs ``<run>.source`` (the source's counts). The held-out eval sub-run
 ``<run>.eval`` gets the same grants. Topic names are literal, so a principal of one run sees
 nothing of another.
+
+Who creates the topics: the source, as ``claim_run`` does (CREATE on the run's own topic names,
+nothing wider). ``specstream topics apply`` (which also alters topic configs) is an operator's
+command: run it with the admin's credentials, not a role's.
 """
 
 from __future__ import annotations
