@@ -6,6 +6,7 @@ import os
 import re
 import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -95,9 +96,13 @@ def wait_exit(proc: subprocess.Popen[str], timeout_s: float = 180.0) -> tuple[in
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"process did not exit within {timeout_s} s:\n{out[-4000:]}") from None
+        proc.send_signal(signal.SIGUSR1)  # specstream prints every thread's stack: what it waits on
+        try:
+            out, _ = proc.communicate(timeout=5)  # it goes on after printing them: then killed
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        raise AssertionError(f"process did not exit within {timeout_s} s:\n{out[-12000:]}") from None
     return proc.returncode, out
 
 

@@ -11,8 +11,10 @@ the top: ``--help``, ``broker`` and ``config`` answer without loading them.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -389,6 +391,9 @@ def main() -> None:
     1: the run failed while running, or another copy of it took over (look at the message, then
     restart or resume). Every failure is one `error:` line."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # `kill -USR1 PID` prints every thread's stack to stderr, the process going on: what a stuck
+    # process waits on, without a debugger (tests send it before killing a process that hangs).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     prefix = f"rank {rank()}: " if os.environ.get("WORLD_SIZE") else ""
     try:
         app()
