@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 _MODES = ("auto", "local", "testcontainers")
 # Tests that start a native LocalKafka of their own (restarts, outages, SASL): the native pass runs them.
-_OWN_BROKER_FIXTURES = frozenset({"own_home", "own_broker", "sasl_broker"})
+_OWN_BROKER_FIXTURES = frozenset({"own_home", "own_broker", "sasl_broker", "secure_broker"})
 _OWN_BROKER_SKIP = "starts its own native LocalKafka: runs in the native pass, not on the container broker"
 
 
