@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -72,10 +73,13 @@ def start_s3_server(timeout_s: float = 60.0) -> Iterator[S3Server]:
     """Start ``moto.server`` on 127.0.0.1, wait (bounded) until it answers, stop it afterwards."""
     port = _free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    # The server logs a line per request: into a file, never an unread pipe (once a pipe's 64 KB
+    # filled, every request blocked on its log line and the suite hung in CI).
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed after the server stops
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
     )
@@ -84,7 +88,8 @@ def start_s3_server(timeout_s: float = 60.0) -> Iterator[S3Server]:
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"moto server exited with {proc.returncode}: {log.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
                     break
@@ -100,3 +105,4 @@ def start_s3_server(timeout_s: float = 60.0) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        log.close()

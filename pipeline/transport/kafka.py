@@ -80,7 +80,7 @@ from pipeline.core.topics import (
     TransportError,
 )
 from pipeline.transport.acls import Binding
-from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S, OUTAGE, ride_out
+from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S, OUTAGE, bounded, ride_out
 
 __all__ = (
     "KafkaSettings",
@@ -1032,6 +1032,8 @@ class PartitionReader:
         }
         if client_id:
             options["client_id"] = client_id
+        self._options = options
+        self._positioned = False  # until the first poll, a stuck client may be replaced (no position to lose)
         self._consumer: KafkaConsumer = _connect(lambda: KafkaConsumer(**options), settings)
         if partitions is None:
             if group_id is None:
@@ -1066,6 +1068,7 @@ class PartitionReader:
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[Record]:
         """Records in offset order per partition, partitions interleaved as fetched."""
+        self._positioned = True
         _release_parked_fetches(self._consumer)
         try:
             with _translated(self.settings, "READ"):
@@ -1129,13 +1132,31 @@ class PartitionReader:
         out: dict[int, Committed] = {}
         for p in partitions:
             tp = TopicPartition(self.topic, p)
-            om = self.settings.ride_out(
-                lambda tp=tp: self._consumer.committed(tp, metadata=True, timeout_ms=self._timeout_ms),
-                f"committed offsets of {self.topic}",
-            )
+            om = self.settings.ride_out(lambda tp=tp: self._committed_once(tp), f"committed offsets of {self.topic}")
             if om is not None and om.offset >= 0:
                 out[p] = Committed(om.offset, om.metadata or "")
         return out
+
+    def _committed_once(self, tp: TopicPartition) -> Any:
+        """One bounded fetch of a committed offset. A manually assigned client that has not read yet
+        and gets no answer is replaced for the retry: after a broker restart kafka-python's fetch
+        was seen to wait forever on a request lost in the reconnect, and its next call reuses it."""
+        what = f"committed offsets of {self.topic}"
+        try:
+            return bounded(lambda: self._consumer.committed(tp, metadata=True, timeout_ms=self._timeout_ms),
+                           what=what, timeout_s=self._timeout_ms / 1000 + 10)  # fmt: skip
+        except TransportError:
+            if self.group_id is not None and not self._positioned and not self._consumer.subscription():
+                self._renew_consumer()
+            raise
+
+    def _renew_consumer(self) -> None:
+        """A fresh client with the same options and assignment; the stuck one is closed in the background."""
+        stuck, assigned = self._consumer, list(self._consumer.assignment())
+        self._consumer = _connect(lambda: KafkaConsumer(**self._options), self.settings)
+        self._consumer.assign(assigned)
+        threading.Thread(target=lambda: stuck.close(autocommit=False), name="closing a stuck consumer", daemon=True).start()
+        logger.info("%s: replaced a Kafka consumer whose committed-offsets fetch never returned", self.topic)
 
     def commit(self, offsets: Mapping[int, int], metadata: str = "") -> None:
         """Advisory commit (monitoring, lag); correctness lives in the checkpoint."""

@@ -21,7 +21,7 @@ from typing import TypeVar
 from pipeline.core.errors import BrokerError
 from pipeline.core.topics import TransportError
 
-__all__ = ("DEFAULT_OUTAGE_BUDGET_S", "Outage", "OUTAGE", "ride_out")
+__all__ = ("DEFAULT_OUTAGE_BUDGET_S", "OUTAGE", "Outage", "bounded", "ride_out")
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +105,31 @@ def ride_out(
             return result
         time.sleep(delay)  # backoff between attempts at an unreachable broker
         delay = min(delay * 2, 5.0)
+
+
+def bounded(call: Callable[[], _T], *, what: str, timeout_s: float) -> _T:
+    """``call()`` with a deadline of our own, for a client call that can block forever.
+
+    kafka-python 3.0's blocking calls wait on its IO thread without a deadline of their own; after
+    a broker restart a committed-offsets fetch was seen never to return (a resumed run hung
+    there for minutes). Past ``timeout_s`` this raises a retriable ``TransportError``, so
+    :func:`ride_out` tries again and, past the outage budget, the process stops with one line
+    instead of hanging. The abandoned call's thread is a daemon: it ends with the process.
+    """
+    box: dict[str, object] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"bounded: {what}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TransportError(f"{what}: no answer from the Kafka client in {timeout_s:.0f} s", retriable=True)
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
