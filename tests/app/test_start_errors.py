@@ -21,7 +21,6 @@ from tests.support import one_error, specstream_command
 NOWHERE = "kafka.invalid:9092"  # RFC 6761: never resolves, so it fails at once, on every machine
 QUICK = {"bootstrap.timeout.ms": 2000}  # a bootstrap that cannot succeed gives up after 2 s
 
-no_s3fs = pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed here")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 
 
@@ -34,6 +33,19 @@ def config(tmp_path: Path) -> Path:
     """A valid config (synthetic target, data present) whose broker answers nowhere."""
     (tmp_path / "data.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     return edit(write(tmp_path), broker={"bootstrap_servers": NOWHERE, "client_options": QUICK})
+
+
+@pytest.fixture(scope="module")
+def without_s3fs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a machine without the s3 extra: a package first on the path whose import
+    fails the way a missing one does (CI installs s3fs for the S3 tests)."""
+    shadow = tmp_path_factory.mktemp("no-s3fs")
+    (shadow / "s3fs").mkdir()
+    (shadow / "s3fs" / "__init__.py").write_text(
+        'raise ModuleNotFoundError("No module named \'s3fs\'", name="s3fs")\n'
+    )
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
 
 
 def edit(path: Path, **sections: dict[str, Any]) -> Path:
@@ -55,12 +67,13 @@ def hf_target(tmp_path: Path, **target: Any) -> dict[str, Any]:
 # --- storage and devices ---------------------------------------------------------------------
 
 
-@no_s3fs
 @pytest.mark.parametrize("command", ["run", "source", "generate", "train", "export", "replay"])
-def test_an_s3_root_without_s3fs_names_the_extra(config: Path, tmp_path: Path, command: str) -> None:
+def test_an_s3_root_without_s3fs_names_the_extra(
+    config: Path, tmp_path: Path, command: str, without_s3fs: dict[str, str]
+) -> None:
     edit(config, storage={"root": "s3://bucket/features"})
     extra = ["--out", str(tmp_path / "replay")] if command == "replay" else []
-    code, out = cli(command, "--config", str(config), *extra)
+    code, out = cli(command, "--config", str(config), *extra, env=without_s3fs)
     assert code == 2, out
     line = one_error(out)
     assert "storage.root" in line and "pip install 'specstream[s3]'" in line
@@ -75,9 +88,9 @@ def test_a_gcs_root_without_gcsfs_names_the_extra(config: Path, tmp_path: Path) 
     assert nothing_written(tmp_path)
 
 
-@no_s3fs
-def test_s3_data_without_s3fs_names_the_key(config: Path, tmp_path: Path) -> None:
-    code, out = cli("source", "--config", str(edit(config, data={"path": "s3://bucket/chats.jsonl"})))
+def test_s3_data_without_s3fs_names_the_key(config: Path, tmp_path: Path, without_s3fs: dict[str, str]) -> None:
+    config = edit(config, data={"path": "s3://bucket/chats.jsonl"})
+    code, out = cli("source", "--config", str(config), env=without_s3fs)
     assert code == 2, out
     assert "data.path" in (line := one_error(out)) and "pip install 'specstream[s3]'" in line
     assert nothing_written(tmp_path)
