@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
+from pipeline.transport.broker import free_port
 from pipeline.transport.kafka_jars import KAFKA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -80,11 +80,6 @@ def remove_leftovers(client: Any) -> int:
     return removed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def kafka_container(image: str = IMAGE, *, heap_mb: int = 384, startup_timeout_s: float = 180) -> Any:
     """The broker container, not yet started (a context manager); ``.bootstrap`` is its address."""
@@ -98,7 +93,7 @@ def kafka_container(image: str = IMAGE, *, heap_mb: int = 384, startup_timeout_s
 
         def __init__(self) -> None:
             super().__init__(image)
-            self.port, self.controller_port = _free_port(), _free_port()
+            self.port, self.controller_port = free_port(), free_port()
             self.bootstrap = f"127.0.0.1:{self.port}"
             self.with_kwargs(network_mode="host")
             self.with_envs(

@@ -8,7 +8,6 @@ nothing reaches the server by ambient magic. MinIO's server is AGPL and not on P
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.transport.broker import free_port
 
 __all__ = ("S3Root", "S3Server", "start_s3_server")
 
@@ -62,16 +63,11 @@ class S3Root:
         return s3fs.S3FileSystem(**self.options)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @contextmanager
 def start_s3_server(timeout_s: float = 60.0) -> Iterator[S3Server]:
     """Start ``moto.server`` on 127.0.0.1, wait (bounded) until it answers, stop it afterwards."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     # The server logs a line per request: into a file, never an unread pipe (once a pipe's 64 KB
     # filled, every request blocked on its log line and the suite hung in CI).

@@ -31,6 +31,7 @@ class OutputMirror:
         self.local = Path(local_dir)
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.url_to_fs(self.url, **dict(storage_options or {}))
+        self._pushed: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime_ns) last copied
 
     def pull(self) -> None:
         """Fetch the files a resumed run appends to, unless the mirror already holds newer ones."""
@@ -45,13 +46,17 @@ class OutputMirror:
                 target.write_bytes(data)
 
     def push(self) -> int:
-        """Copy every file of the mirror to the URL; returns how many. Never fails the run."""
+        """Copy the mirror's new or changed files to the URL; returns how many. Never fails the run."""
         copied = 0
         try:
             for dirpath, _, files in os.walk(self.local):
                 for name in files:
                     path = Path(dirpath) / name
+                    stat = path.stat()
+                    if self._pushed.get(path) == (stat.st_size, stat.st_mtime_ns):
+                        continue  # unchanged since the last checkpoint: one PUT per change, not per push
                     self.fs.put_file(str(path), f"{self.root}/{path.relative_to(self.local).as_posix()}")
+                    self._pushed[path] = (stat.st_size, stat.st_mtime_ns)
                     copied += 1
         except OSError:
             logger.warning("could not publish %s to %s", self.local, self.url, exc_info=True)

@@ -44,7 +44,7 @@ from pipeline.core.errors import BrokerError
 from pipeline.transport.broker_security import plain_properties, scram_format_args, scram_properties
 from pipeline.transport.kafka_jars import KAFKA_VERSION, install, libs_dir, libs_ready
 
-__all__ = ("DEFAULT_PORTS", "STOP_TIMEOUT_S", "LocalKafka", "env_or_local_broker")
+__all__ = ("DEFAULT_PORTS", "STOP_TIMEOUT_S", "LocalKafka", "env_or_local_broker", "free_port")
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def _java() -> str:
     return java
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A 127.0.0.1 port free now (the OS's choice); whoever binds it next may race another process."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -87,7 +88,7 @@ def _choose_ports(preferred: tuple[int, int] | None) -> tuple[int, int]:
     """The preferred ports where both are free, else two free ones."""
     if preferred is not None and all(_port_free(p) for p in preferred):
         return preferred
-    return _free_port(), _free_port()
+    return free_port(), free_port()
 
 
 def _cluster_id() -> str:
@@ -249,7 +250,7 @@ class LocalKafka:
         bport, cport = self._ports()
         props = self.workdir / "server.properties"
         text = _SERVER_PROPERTIES.format(bport=bport, cport=cport, data_dir=data_dir)
-        sport = _free_port() if self.sasl_users or self.scram_users else 0
+        sport = free_port() if self.sasl_users or self.scram_users else 0
         if self.sasl_users:  # later keys win in a Java properties file
             text += plain_properties(bport, cport, sport, self.sasl_users)
         if self.scram_users:

@@ -1146,7 +1146,7 @@ class PartitionReader:
             return bounded(lambda: self._consumer.committed(tp, metadata=True, timeout_ms=self._timeout_ms),
                            what=what, timeout_s=self._timeout_ms / 1000 + 10)  # fmt: skip
         except TransportError:
-            if self.group_id is not None and not self._positioned and not self._consumer.subscription():
+            if not self._positioned and not self._consumer.subscription():
                 self._renew_consumer()
             raise
 

@@ -13,6 +13,7 @@ from pipeline.app.preflight import check_local
 from pipeline.app.settings import trainer_settings
 from pipeline.core.errors import ConfigError
 from pipeline.train.ckpt_objects import ObjectCheckpoints
+from pipeline.train.publish import OutputMirror
 from tests.app.test_config import with_
 
 OPTIONS = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
@@ -46,3 +47,16 @@ def test_an_output_url_without_its_package_names_the_key_and_the_extra(tmp_path:
     with pytest.raises(ConfigError) as caught:
         check_local(cfg, ("train",))
     assert caught.value.key == "train.output_dir" and "specstream[gcs]" in str(caught.value)
+
+
+def test_the_mirror_publishes_a_file_again_only_when_it_changed(tmp_path: Path) -> None:
+    mirror = OutputMirror(tmp_path / "mirror", f"memory://mirror-{tmp_path.name}")
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "mirror" / "curves.png").write_bytes(b"png")
+    assert mirror.push() == 2
+    assert mirror.push() == 0  # nothing changed since: no PUT
+    with open(tmp_path / "mirror" / "metrics.jsonl", "a") as rows:
+        rows.write('{"step": 2}\n')
+    assert mirror.push() == 1
+    assert mirror.fs.cat_file(f"{mirror.root}/metrics.jsonl") == b'{"step": 1}\n{"step": 2}\n'

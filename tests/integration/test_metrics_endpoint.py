@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.transport.broker import free_port
 from tests.integration.test_runtime import write_config
 from tests.support import one_error, spawn, wait_exit, wait_for_output
 
@@ -36,11 +37,6 @@ def scrape(port: int) -> Samples:
 def total(samples: Samples, name: str) -> float:
     return sum(samples.get(name, {}).values())
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def served_port(proc: subprocess.Popen[str]) -> int:
