@@ -59,8 +59,12 @@ class SampleStream:
         max_buffered: int = 128,
         dedup_window: int = 65536,
         dead_letters: DeadLetterLimits = DeadLetterLimits(),
+        fetch: bool = True,
     ) -> None:
+        """``fetch=False`` hands out the accepted refs without their payloads (``tensors`` empty):
+        later epochs list the online pass's samples this way, then fetch them in their own order."""
         self.run_id = run_id
+        self._fetch = fetch
         self.policy = DeadLetterPolicy("train", dead_letters)
         self.store = store
         self.topics = RunTopics(run_id)
@@ -196,7 +200,7 @@ class SampleStream:
             if position is Position.EARLIER:
                 return self._earlier(message, record)
             check_ref(message)
-            tensors = self.store.get(message)
+            tensors = self.store.get(message) if self._fetch else {}
         except (DecodeError, PayloadError, CaptureContractError) as exc:
             self._reject(record, exc)
             return None

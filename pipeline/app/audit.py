@@ -4,8 +4,9 @@ Reads the run's prompts, samples, ledger and DLQ topics ``read_committed`` (noth
 and reconciles them with the rules every stage follows (``pipeline.core.eos``): the source's
 numbered prompts per partition, the generators' numbered sample refs per partition, and the
 ledger's effective history of optimizer steps. Per partition and in total it reports prompts
-published, refs committed, samples trained once, more than once (per epoch) and never, prompts
-dead-lettered by the generators, dead letters by stage and reason, and foreign records.
+published, refs committed, samples trained once, more than once and never (in each epoch the
+ledger names: a run of E epochs counts every ref E times), prompts dead-lettered by the
+generators, dead letters by stage and reason, and foreign records.
 
 A loss is a prompt with neither a ref nor a dead letter, or a gap in a partition's numbered refs;
 a repeat is a sample trained twice in one epoch, or a trained sample that no committed ref names.
@@ -207,8 +208,9 @@ def audit_run(
     trained: Counter[tuple[int, str]] = Counter()
     for step in history:
         for rank in step.ranks:
-            trained.update((step.epoch, sample_id) for sample_id in rank.sample_ids)
-    audit = RunAudit(run_id, [], steps=len(history), epochs=sorted({s.epoch for s in history}))
+            trained.update(zip(rank.sample_epochs(step.epoch), rank.sample_ids))
+    epochs = sorted({epoch for epoch, _ in trained})
+    audit = RunAudit(run_id, [], steps=len(history), epochs=epochs)
     committed: set[str] = set()
     valid = _verifier(store)
     for p in range(count):
@@ -224,10 +226,11 @@ def audit_run(
         row.dropped = gen.marker.dropped if gen.marker is not None else 0
         for ref in gen.own:
             committed.add(ref.sample_id)
-            times = trained[(ref.epoch, ref.sample_id)]
-            row.trained_once += times == 1
-            row.trained_repeatedly += times > 1
-            row.never_trained += times == 0
+            for epoch in epochs or [ref.epoch]:  # once per epoch the run trained in
+                times = trained[(epoch, ref.sample_id)]
+                row.trained_once += times == 1
+                row.trained_repeatedly += times > 1
+                row.never_trained += times == 0
         audit.partitions.append(row)
     audit.unknown_trained = sum(1 for (_, sample_id) in trained if sample_id not in committed)
     seen_letters: set[tuple[str, int, int]] = set()

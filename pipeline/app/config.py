@@ -248,7 +248,7 @@ class TrainSection(_Section):
     lr: float = Field(default=1e-4, gt=0, description="AdamW peak learning rate")
     lr_schedule: Literal["cosine", "constant"] = Field(
         default="cosine",
-        description="after the warmup; cosine needs a length: `max_steps`, or one pass once the source has finished",
+        description="after the warmup; cosine needs a length: `max_steps`, or `epochs` passes once the source has finished",
     )
     warmup_ratio: float = Field(default=0.015, ge=0, lt=1, description="linear warmup, as a share of the schedule")
     betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
@@ -256,6 +256,12 @@ class TrainSection(_Section):
     grad_clip: float = Field(default=0.5, gt=0, description="clip the gradient norm to this")
     bf16: bool = Field(default=False, description="bf16 autocast for the draft on CUDA (mixed precision)")
     max_steps: int | None = Field(default=None, gt=0, description="stop after this many steps; null: the end of the stream")
+    epochs: int = Field(
+        default=1, gt=0,
+        description="passes over the data: the online pass, then epochs - 1 more over the retained features "
+        "(no target forward), each in a fresh order seeded by (seed, epoch); features are deleted (retention: "
+        "delete) only after the last",
+    )  # fmt: skip
     ttt_steps: int = Field(default=7, gt=0, description="training-time-test depth (draft steps unrolled)")
     loss_decay: float = Field(default=0.8, gt=0, le=1, description="weight of TTT step k is loss_decay^k")
     draft_vocab_size: int = Field(default=32000, gt=0, description="the draft's vocabulary (most frequent tokens)")

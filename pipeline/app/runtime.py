@@ -218,7 +218,9 @@ class OnlineRun:
             say("source stopped before the end (open chunk aborted); run the same command again to continue")
             return RunResult("source stopped", 0, "source stopped", 0, None, None, None,
                              time.perf_counter() - started, source=source)  # fmt: skip
-        settings = trainer_settings(c, schedule_steps=c.train.max_steps or max(1, source.prompts // c.global_batch))
+        settings = trainer_settings(
+            c, schedule_steps=c.train.max_steps or max(1, source.prompts * c.train.epochs // c.global_batch)
+        )
         say(start_banner(c, schedule_steps=settings.schedule_steps, prompts=source.prompts,
                          conversations=source.prompts + source.malformed))  # fmt: skip
         say(self.projected_storage(source.tokens / max(1, source.prompts)))

@@ -121,6 +121,7 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         schedule="cosine" if cosine else "constant",
         schedule_steps=schedule_steps if cosine else None,
         max_steps=t.max_steps,
+        epochs=t.epochs,
         grad_clip=t.grad_clip,
         ttt_steps=t.ttt_steps,
         loss_decay=t.loss_decay,

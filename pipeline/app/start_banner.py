@@ -70,7 +70,8 @@ def start_banner(
     if t.max_steps:
         total, steps_from = t.max_steps, "max_steps"
     elif schedule_steps:
-        total, steps_from = schedule_steps, "the cosine schedule: one pass over the prompts"
+        passes = "one pass" if t.epochs == 1 else f"{t.epochs} epochs"
+        total, steps_from = schedule_steps, f"the cosine schedule: {passes} over the prompts"
     else:
         total, steps_from = None, ""
     return banner_text(

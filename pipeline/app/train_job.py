@@ -80,7 +80,7 @@ def check_world_size(cfg: RunConfig, launched: int | None) -> None:
 def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], object]) -> int | None:
     """The cosine schedule's length: max_steps; else, when resuming, the one the checkpoint was
     trained with (a schedule is part of what a resume must match); else one pass over the
-    prompts once the source has closed every partition; else None (constant rate)."""
+    prompts per epoch once the source has closed every partition; else None (constant rate)."""
     if cfg.train.lr_schedule == "constant":
         return None
     if cfg.train.max_steps:
@@ -94,7 +94,7 @@ def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], o
     if not all(c.ended for c in source.values()):
         warn("the source has not finished: constant learning rate (set train.max_steps for cosine)")
         return None
-    return max(1, sum(c.prompts for c in source.values()) // cfg.global_batch)
+    return max(1, sum(c.prompts for c in source.values()) * cfg.train.epochs // cfg.global_batch)
 
 
 def train_rank(

@@ -173,6 +173,19 @@ class RankProgress(_Strict):
     rank: NonNegative
     sample_ids: list[Identifier]
     next_offsets: list[PartitionOffset]
+    # The training epoch of each sample id, for runs of more than one epoch (a step may span
+    # an epoch boundary); None: every sample is of the step's ``epoch``.
+    epochs: list[NonNegative] | None = None
+
+    @model_validator(mode="after")
+    def _one_epoch_per_sample(self) -> RankProgress:
+        if self.epochs is not None and len(self.epochs) != len(self.sample_ids):
+            raise ValueError(f"{len(self.epochs)} epochs for {len(self.sample_ids)} sample ids")
+        return self
+
+    def sample_epochs(self, default: int) -> list[int]:
+        """The epoch of each of ``sample_ids``."""
+        return list(self.epochs) if self.epochs is not None else [default] * len(self.sample_ids)
 
 
 class StepMetrics(_Strict):

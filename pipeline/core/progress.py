@@ -139,6 +139,7 @@ class StreamItem:
     tensors: dict[str, Any]  # name -> torch.Tensor (core does not import torch)
     partition: int
     offset: int
+    epoch: int = 0  # the training epoch it is handed out for (0: the online pass)
 
 
 @dataclass
@@ -147,7 +148,10 @@ class StreamState:
 
     ``partitions`` holds each partition's sequence accounting (``pipeline.core.eos``), ``recent``
     the dedup window of ``(sample_id, checksum)`` pairs, ``consumed`` the own records passed per
-    partition (what backpressure subtracts from the generators' count).
+    partition (what backpressure subtracts from the generators' count). Past the online pass
+    (``train.epochs`` > 1) ``epoch`` is the epoch being read again from retained features,
+    ``epoch_position`` how many samples of its order were handed out, and ``replayed`` every
+    sample handed out in those later epochs.
     """
 
     positions: dict[int, int]
@@ -156,6 +160,9 @@ class StreamState:
     dead_letters: int = 0
     dropped_upstream: int = 0
     recent: list[tuple[str, str]] = field(default_factory=list)
+    epoch: int = 0
+    epoch_position: int = 0
+    replayed: int = 0
 
     def consumed(self, partition: int) -> int:
         """Own records of the partition passed so far (used, duplicate-free, missing included)."""
@@ -172,6 +179,9 @@ class StreamState:
             "dead_letters": self.dead_letters,
             "dropped_upstream": self.dropped_upstream,
             "recent": [list(pair) for pair in self.recent],
+            "epoch": self.epoch,
+            "epoch_position": self.epoch_position,
+            "replayed": self.replayed,
         }
 
     @classmethod
@@ -183,4 +193,7 @@ class StreamState:
             dead_letters=int(data.get("dead_letters", 0)),
             dropped_upstream=int(data.get("dropped_upstream", 0)),
             recent=[(str(i), str(c)) for i, c in data.get("recent", [])],
+            epoch=int(data.get("epoch", 0)),
+            epoch_position=int(data.get("epoch_position", 0)),
+            replayed=int(data.get("replayed", 0)),
         )

@@ -62,7 +62,7 @@ class TrainerSettings:
     metrics_path: str | None
     plot_path: str | None
     min_trained_fraction: float  # a run that reached its end and trained a smaller share fails
-    epoch: int = 0  # not configurable yet: every run is epoch 0 (replay reads it again)
+    epochs: int = 1  # the online pass, then epochs - 1 passes over the retained features
     progress: bool = False  # a progress bar on stderr (rank 0)
     dead_letters: DeadLetterLimits = DeadLetterLimits()  # when bad refs stop the trainer
     eval_run_id: str | None = None  # the held-out set's sub-run (None: no evaluation)
@@ -86,6 +86,7 @@ class TrainerSettings:
             "ttt_steps": self.ttt_steps,
             "keep_last": self.keep_last,
             "prefetch": self.prefetch,
+            "epochs": self.epochs,
         }
         for key, value in positive.items():
             if value < 1:
@@ -146,7 +147,8 @@ class TrainerSettings:
             "loss_decay": self.loss_decay,
             "max_length": self.max_length,
             "seed": self.seed,
-            "epoch": self.epoch,
+            # One epoch keeps the field checkpoints had before epochs existed, so they still resume.
+            **({"epochs": self.epochs} if self.epochs != 1 else {"epoch": 0}),
             "bf16": self.bf16,
         }
 

@@ -70,6 +70,7 @@ class SampleInfo:
     offset: int
     uri: str
     num_tokens: int
+    epoch: int = 0  # the training epoch it was read for (0: the online pass)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Tail:
 
 def _info(item: StreamItem) -> SampleInfo:
     ref = item.ref
-    return SampleInfo(ref.sample_id, item.partition, item.offset, ref.uri, ref.num_tokens)
+    return SampleInfo(ref.sample_id, item.partition, item.offset, ref.uri, ref.num_tokens, item.epoch)
 
 
 def _pinned(batch: Batch) -> Batch:

@@ -39,8 +39,9 @@ def rank_progress(rank: int, samples: list[SampleInfo], state: StreamState) -> d
         )
         for p in sorted(state.positions)
     ]
+    epochs = [s.epoch for s in samples] if any(s.epoch for s in samples) else None
     return RankProgress(
-        rank=rank, sample_ids=[s.sample_id for s in samples], next_offsets=offsets
+        rank=rank, sample_ids=[s.sample_id for s in samples], next_offsets=offsets, epochs=epochs
     ).model_dump()
 
 
@@ -90,12 +91,13 @@ class StepReporter:
         self.trackers.log_step(record)
         self.progress.update(record)
         if self.ledger is not None:
+            ranks = [RankProgress.model_validate(p) for p, _ in gathered]
             self.ledger.write(
                 LedgerStep(
                     run_id=self.config.run_id,
                     step=step,
-                    epoch=self.config.epoch,
-                    ranks=[RankProgress.model_validate(p) for p, _ in gathered],
+                    epoch=max((e for r in ranks for e in r.sample_epochs(0)), default=0),  # the epoch it ends in
+                    ranks=ranks,
                     metrics=StepMetrics(loss=record.loss, ploss=record.ploss, acc=record.acc),
                     lr=lr,
                     created_at=now(),

@@ -33,6 +33,12 @@ class RunCompleteness:
     partitions_ended: int
     partitions: int
     source_letters: int = 0  # input lines the source dead-lettered (they never became prompts)
+    epochs: int = 1  # passes over the prompts: ``trained`` and ``tail`` count sample passes
+
+    @property
+    def passes(self) -> int:
+        """Sample passes the run is to train: every prompt once per epoch."""
+        return self.prompts * self.epochs
 
     @property
     def dead_letters(self) -> int:
@@ -40,8 +46,13 @@ class RunCompleteness:
 
     def line(self) -> str:
         """The run's summary line, for people and scripts."""
+        trained = (
+            f"{self.trained} of {self.prompts} prompts trained"
+            if self.epochs == 1
+            else f"{self.trained} of {self.passes} sample passes trained ({self.prompts} prompts x {self.epochs} epochs)"
+        )
         return (
-            f"{self.trained} of {self.prompts} prompts trained, {self.missing} missing, "
+            f"{trained}, {self.missing} missing, "
             f"{self.duplicates} duplicates dropped, {self.tail} tail samples not stepped, "
             f"{self.dead_letters} dead letters ({self.source_letters} input lines, {self.dropped} prompts, "
             f"{self.foreign} foreign records)"
@@ -60,16 +71,17 @@ class RunCompleteness:
         if (self.prompts or self.source_letters) and not self.trained:
             raise StreamError(f"the run trained nothing: {self.line()}; see the DLQ for why")
         usable = self.trained + self.tail
-        if self.prompts and usable / self.prompts < min_trained_fraction - 1e-12:
+        if self.prompts and usable / self.passes < min_trained_fraction - 1e-12:
             raise StreamError(
-                f"the run trained {usable} of its {self.prompts} prompts ({usable / self.prompts:.1%}, the "
+                f"the run trained {usable} of its {self.passes} {'prompts' if self.epochs == 1 else 'sample passes'} "
+                f"({usable / self.passes:.1%}, the "
                 f"{self.tail} tail samples included), below train.min_trained_fraction {min_trained_fraction:g}: "
                 f"{self.line()}; see `specstream audit` and the DLQ for why; nothing was exported, the final "
                 "checkpoint is kept (`specstream export` writes a draft from it if you accept the run)"
             )
 
     @classmethod
-    def combine(cls, ranks: list[dict[str, int]]) -> RunCompleteness:
+    def combine(cls, ranks: list[dict[str, int]], *, epochs: int = 1) -> RunCompleteness:
         """Add up every rank's end-of-stream counts into the run's accounting."""
 
         def total(key: str) -> int:
@@ -86,6 +98,7 @@ class RunCompleteness:
             partitions_ended=total("partitions_ended"),
             partitions=total("partitions"),
             source_letters=sum(int(r.get("source_letters", 0)) for r in ranks),
+            epochs=epochs,
         )
 
 

@@ -24,7 +24,9 @@ from pipeline.ledger import LedgerWriter
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.train.config import TrainerSettings
+from pipeline.train.dataset import ItemSource
 from pipeline.train.distributed import DistContext, init_distributed
+from pipeline.train.epochs import EpochedSource, letter_again
 from pipeline.train.evaluate import Evaluator, OnEval
 from pipeline.train.model import ModelSpec, build_draft
 from pipeline.train.result import TrainResult
@@ -213,16 +215,31 @@ def run_trainer(
         if dlq is not None:
             closers.append(dlq)
 
-        def open_source(state: StreamState | None) -> SampleStream:
+        def open_stream(state: StreamState | None, *, fetch: bool = True) -> SampleStream:
             return SampleStream(
                 transport,
                 store,
                 settings.run_id,
                 partitions,
                 state=state,
-                dlq=dlq,
+                dlq=dlq if fetch else None,  # a listing for later epochs letters nothing twice
                 idle_timeout_s=settings.idle_timeout_s,
                 dead_letters=settings.dead_letters,
+                fetch=fetch,
+            )
+
+        def open_source(state: StreamState | None) -> ItemSource:
+            if settings.epochs == 1:
+                return open_stream(state)
+            return EpochedSource(
+                open_stream(state),
+                open_listing=lambda: open_stream(None, fetch=False),
+                fetch=store.get,
+                epochs=settings.epochs,
+                seed=settings.seed,
+                state=state,
+                reject=(lambda item, exc: letter_again(dlq, topics.samples, item, exc, settings.run_id))
+                if dlq is not None else None,
             )
 
         ledger = committer = None

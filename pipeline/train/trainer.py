@@ -32,7 +32,7 @@ from pipeline.core.messages import SampleRef
 from pipeline.core.progress import StreamState
 from pipeline.train.checkpoint import CheckpointInfo
 from pipeline.train.config import LRSchedule, TrainerSettings
-from pipeline.train.dataset import ItemSource, LockstepFeeder, MicroBatch, Prefetcher
+from pipeline.train.dataset import ItemSource, LockstepFeeder, MicroBatch, Prefetcher, SampleInfo
 from pipeline.train.distributed import DistContext, Vote
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.evaluate import Evaluator, eval_line
@@ -217,7 +217,7 @@ class Trainer:
             self.state = micro[-1].state
             samples = [s for m in micro for s in m.samples]
             self.trained_local += len(samples)
-            self._interval.extend(s.uri for s in samples)
+            self._interval.extend(self._done_with(samples))
             summary = stats.all_reduced().summary(cfg.loss_decay)
             if not all(math.isfinite(x) for x in [summary["loss"], *summary["ploss"]]):
                 raise NonFiniteLossError(f"step {self.step}: loss {summary['loss']} ({summary['ploss']})")
@@ -321,7 +321,7 @@ class Trainer:
         tail = feeder.drain(self.config.drain_timeout_s)
         assert tail.end is not None
         self.tail_local += len(tail.samples)
-        self._interval.extend(s.uri for s in tail.samples)
+        self._interval.extend(self._done_with(tail.samples))
         self.state = tail.end.state
         summary = tail.end.summary
         if self.trained_local + self.tail_local != summary.used:
@@ -343,6 +343,11 @@ class Trainer:
             "source_letters": self.source_letters() if self.source_letters and self.dist.is_main else 0,
         }
         return mine, len(tail.samples)
+
+    def _done_with(self, samples: list[SampleInfo]) -> list[str]:
+        """The feature uris no later epoch reads again: retention may delete them after the next checkpoint."""
+        last = self.config.epochs - 1
+        return [s.uri for s in samples if s.epoch == last]
 
     def _evaluate(self) -> None:
         assert self.evaluator is not None
@@ -366,7 +371,7 @@ class Trainer:
                 if error is not None:
                     raise error
                 raise StreamError("the end of the stream failed on " + "; ".join(failed))
-            completeness = RunCompleteness.combine(ranks)
+            completeness = RunCompleteness.combine(ranks, epochs=self.config.epochs)
             result.completeness = completeness
             if not (self._resumed_end and self._saved is not None and self._saved.step == self.step):
                 result.checkpoint = str(self._checkpoint(end=True).path)

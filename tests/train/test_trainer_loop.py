@@ -16,7 +16,7 @@ from pipeline.train.model import ModelSpec, build_draft
 from pipeline.train.result import TrainResult
 from pipeline.train.resume import trainable_state
 from pipeline.train.rng import seed_everything
-from pipeline.train.trainer import Trainer
+from pipeline.train.trainer import OpenSource, Trainer
 from tests.train_support import MemorySource, loop_settings, write_tiny_target, write_vocab
 
 LENGTHS = [10 + (i * 7) % 9 for i in range(15)]  # 7 steps of 2 samples, 1 tail sample
@@ -47,6 +47,7 @@ def make_trainer(
     *,
     ledger: Ledger | None = None,
     deleted: list[str] | None = None,
+    open_source: OpenSource | None = None,
     **overrides: object,
 ) -> Trainer:
     values: dict[str, object] = dict(
@@ -74,7 +75,7 @@ def make_trainer(
         draft=draft,
         lm_head=lm_head,
         dist=DistContext(),
-        open_source=lambda state: MemorySource("run", LENGTHS, state=state),
+        open_source=open_source or (lambda state: MemorySource("run", LENGTHS, state=state)),
         partitions=[0],
         num_partitions=1,
         ledger=ledger,
