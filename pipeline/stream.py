@@ -27,6 +27,7 @@ from pipeline.core.features import check_ref
 from pipeline.core.messages import EndOfStream, SampleRef, decode, encode
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import Producer, Record, RunTopics, Transport
+from pipeline.feature_codec import decode_features
 from pipeline.storage import FeatureStore
 
 __all__ = ("SampleStream",)
@@ -196,7 +197,7 @@ class SampleStream:
             if position is Position.EARLIER:
                 return self._earlier(message, record)
             check_ref(message)
-            tensors = self.store.get(message)
+            tensors = decode_features(message, self.store.get(message))  # storage.dtype: as captured again
         except (DecodeError, PayloadError, CaptureContractError) as exc:
             self._reject(record, exc)
             return None
