@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.core.errors import StreamError
-from pipeline.core.feature_encoding import FeatureDtype
 from pipeline.core.faults import crash_point
+from pipeline.core.feature_encoding import FeatureDtype
 from pipeline.core.messages import Prompt, SampleRef, TargetInfo, encode, now
 from pipeline.core.progress import PartitionCounters
 from pipeline.core.topics import Committed, FencedError, TransactionalProducer, TransportError
