@@ -1,5 +1,6 @@
 """A run with compact features (``storage.dtype: fp8_e4m3``) on the real broker trains to the end:
-every ref declares fp8 hidden states with their scales, the trainer decodes them, audit is clean."""
+every ref declares fp8 hidden states with their scales, the trainer decodes them, audit is clean,
+and a replay from the stored fp8 features reproduces every ledger loss bit for bit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 
 from pipeline.app.audit import audit_run
 from pipeline.app.config_file import load_config
+from pipeline.app.replay import replay_run
 from pipeline.app.runtime import build_online_run
 from pipeline.core.feature_encoding import scale_name
 from pipeline.core.features import AUX_HIDDEN, FINAL_HIDDEN
@@ -20,7 +22,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_an_fp8_run_trains_to_the_end(kafka, run_id, tmp_path, tiny_target_dir) -> None:
-    path = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=32, storage={"dtype": "fp8_e4m3"})
+    path = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=32, storage={"dtype": "fp8_e4m3"},
+                        train={"deterministic": True})
     config = load_config(path)
     result = build_online_run(config).run()
     assert result.reason == "end_of_stream" and result.steps == 16
@@ -38,3 +41,4 @@ def test_an_fp8_run_trains_to_the_end(kafka, run_id, tmp_path, tiny_target_dir) 
     store = FeatureStore(config.storage.root, run_id)
     audit = audit_run(kafka, run_id, store=store)
     assert audit.ok and audit.total("trained_once") == 32, audit.to_json()
+    assert replay_run(config, str(tmp_path / "replay")).line() == "16 of 16 replayed steps bit-identical to the ledger"
