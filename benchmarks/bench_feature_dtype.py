@@ -60,7 +60,10 @@ def run_once(config: RunConfig, bootstrap: str) -> dict[str, float]:
     result = build_online_run(config, transport=kafka_settings(config, bootstrap)).run()
     wall = time.perf_counter() - started
     assert result.reason == "end_of_stream", result.reason
-    rows = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
     tail = rows[-max(1, len(rows) // 10) :]
     files = list(Path(config.storage.root, config.run_id, "features").rglob("*.safetensors"))
     return {
@@ -101,7 +104,9 @@ def scale_errors(config: RunConfig, *, massive: float = 0.0) -> dict[str, tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--conversations", type=int, default=768)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     args = parser.parse_args()
@@ -116,8 +121,12 @@ def main() -> None:
             results[dtype] = run_once(configs[dtype], bootstrap)
             r = results[dtype]
             print(f"{dtype:>11}: {r['steps']:.0f} steps in {r['wall_s']:.1f} s", flush=True)
-    print(f"\nquickstart shape, {args.conversations} conversations, seed {base.train.seed}, one run per dtype:")
-    print(f"{'dtype':>11} {'loss':>7} {'acc0':>7} {'loss*':>7} {'acc0*':>7} {'bytes/sample':>13} {'vs captured':>11}")
+    print(
+        f"\nquickstart shape, {args.conversations} conversations, seed {base.train.seed}, one run per dtype:"
+    )
+    print(
+        f"{'dtype':>11} {'loss':>7} {'acc0':>7} {'loss*':>7} {'acc0*':>7} {'bytes/sample':>13} {'vs captured':>11}"
+    )
     captured = results.get("as_captured", {}).get("bytes_per_sample")
     for dtype, r in results.items():
         ratio = f"{r['bytes_per_sample'] / captured:.3f}" if captured else "-"

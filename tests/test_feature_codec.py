@@ -50,7 +50,9 @@ def row_errors(original: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     return (original - decoded).norm(dim=1) / original.norm(dim=1)
 
 
-def stored_ref(store: FeatureStore, tensors: dict[str, torch.Tensor], dtype: str, sample_id: str = "s1") -> SampleRef:
+def stored_ref(
+    store: FeatureStore, tensors: dict[str, torch.Tensor], dtype: str, sample_id: str = "s1"
+) -> SampleRef:
     stored = store.put(0, sample_id, encode_features(tensors, dtype))  # type: ignore[arg-type]
     return SampleRef(run_id=store.run_id, sample_id=sample_id, prompt_id="p", producer_id="g", uri=stored.uri,
                      nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=len(tensors["input_ids"]),
@@ -74,8 +76,12 @@ def test_round_trip_stays_within_the_stated_bound_per_row(store: FeatureStore, d
         assert got[name].dtype == torch.float32, "decoded back to the capture's dtype"
         errors = row_errors(tensors[name], got[name])
         assert float(errors.max()) <= BOUNDS[dtype], f"{name}: worst row {float(errors.max()):.4f}"
-        assert float(errors[1:].max()) <= BOUNDS[dtype], "quiet rows keep the bound next to the loud first token"
-    assert torch.equal(got["input_ids"], tensors["input_ids"]) and torch.equal(got["loss_mask"], tensors["loss_mask"])
+        assert float(errors[1:].max()) <= BOUNDS[dtype], (
+            "quiet rows keep the bound next to the loud first token"
+        )
+    assert torch.equal(got["input_ids"], tensors["input_ids"]) and torch.equal(
+        got["loss_mask"], tensors["loss_mask"]
+    )
 
 
 def test_the_bytes_per_sample_shrink_as_stated(store: FeatureStore) -> None:
@@ -107,7 +113,9 @@ def test_a_bf16_capture_stored_as_fp8_decodes_to_bf16(store: FeatureStore) -> No
     check_ref(ref)
     got = decode_features(ref, store.get(ref))
     assert got[FINAL_HIDDEN].dtype == torch.bfloat16
-    assert float(row_errors(tensors[FINAL_HIDDEN].float(), got[FINAL_HIDDEN].float()).max()) <= 2.0**-4 + 2.0**-8
+    assert (
+        float(row_errors(tensors[FINAL_HIDDEN].float(), got[FINAL_HIDDEN].float()).max()) <= 2.0**-4 + 2.0**-8
+    )
 
 
 def test_an_fp8_file_is_a_plain_safetensors_file(store: FeatureStore) -> None:
@@ -147,7 +155,9 @@ def test_a_scale_no_writer_stores_is_refused_even_with_a_matching_checksum(store
 def test_a_ref_that_misdeclares_its_encoding_is_refused_before_any_read(store: FeatureStore) -> None:
     ref = stored_ref(store, hidden_like_an_llm(), "fp8_e4m3")
     no_scale = {k: v for k, v in ref.tensors.items() if k != scale_name(FINAL_HIDDEN)}
-    with pytest.raises(CaptureContractError, match="needs final_hidden_states.scale F32\\[48\\], the ref has none"):
+    with pytest.raises(
+        CaptureContractError, match="needs final_hidden_states.scale F32\\[48\\], the ref has none"
+    ):
         check_ref(ref.model_copy(update={"tensors": no_scale}))
     short = {**ref.tensors, scale_name(FINAL_HIDDEN): TensorSpec(dtype="F32", shape=[47])}
     with pytest.raises(CaptureContractError, match="the ref has F32\\[47\\]"):

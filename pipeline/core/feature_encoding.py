@@ -79,7 +79,9 @@ def check_encoding(
                 )
             scales.append(scale_name(name))
         elif scale is not None:
-            raise CaptureContractError(f"{scale_name(name)} is declared, but {name} is stored as {spec.dtype}, unscaled")
+            raise CaptureContractError(
+                f"{scale_name(name)} is declared, but {name} is stored as {spec.dtype}, unscaled"
+            )
     return scales
 
 

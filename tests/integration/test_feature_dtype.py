@@ -22,12 +22,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_an_fp8_run_trains_to_the_end(kafka, run_id, tmp_path, tiny_target_dir) -> None:
-    path = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=32, storage={"dtype": "fp8_e4m3"},
-                        train={"deterministic": True})
+    path = write_config(
+        tmp_path,
+        kafka,
+        run_id,
+        tiny_target_dir,
+        conversations=32,
+        storage={"dtype": "fp8_e4m3"},
+        train={"deterministic": True},
+    )
     config = load_config(path)
     result = build_online_run(config).run()
     assert result.reason == "end_of_stream" and result.steps == 16
-    assert result.summary.startswith("32 of 32 prompts trained, 0 missing, 0 duplicates dropped"), result.summary
+    assert result.summary.startswith("32 of 32 prompts trained, 0 missing, 0 duplicates dropped"), (
+        result.summary
+    )
 
     def all_refs(out: list) -> bool:
         return sum(isinstance(m, SampleRef) for _, m in out) >= 32
@@ -41,4 +50,7 @@ def test_an_fp8_run_trains_to_the_end(kafka, run_id, tmp_path, tiny_target_dir) 
     store = FeatureStore(config.storage.root, run_id)
     audit = audit_run(kafka, run_id, store=store)
     assert audit.ok and audit.total("trained_once") == 32, audit.to_json()
-    assert replay_run(config, str(tmp_path / "replay")).line() == "16 of 16 replayed steps bit-identical to the ledger"
+    assert (
+        replay_run(config, str(tmp_path / "replay")).line()
+        == "16 of 16 replayed steps bit-identical to the ledger"
+    )
