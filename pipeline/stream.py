@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy, dead_letter
 from pipeline.core.eos import Completeness, CompletenessTracker, PartitionState, Position
@@ -27,11 +28,18 @@ from pipeline.core.features import check_ref
 from pipeline.core.messages import EndOfStream, SampleRef, decode, encode
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import Producer, Record, RunTopics, Transport
+from pipeline.feature_codec import decode_features
 from pipeline.storage import FeatureStore
 
-__all__ = ("SampleStream",)
+__all__ = ("SampleStream", "fetch_sample")
 
 logger = logging.getLogger(__name__)
+
+
+def fetch_sample(store: FeatureStore, ref: SampleRef) -> dict[str, Any]:
+    """One sample's tensors: fetched, verified against its ref, and (``storage.dtype``) decoded
+    back to the capture's dtype."""
+    return decode_features(ref, store.get(ref))
 
 
 class SampleStream:
@@ -200,7 +208,7 @@ class SampleStream:
             if position is Position.EARLIER:
                 return self._earlier(message, record)
             check_ref(message)
-            tensors = self.store.get(message) if self._fetch else {}
+            tensors = fetch_sample(self.store, message) if self._fetch else {}
         except (DecodeError, PayloadError, CaptureContractError) as exc:
             self._reject(record, exc)
             return None

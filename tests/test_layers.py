@@ -32,6 +32,7 @@ LEVELS = {
     "core": 0,
     "transport": 1,
     "storage": 1,
+    "feature_codec": 1,
     "ledger": 2,
     "vocab": 2,
     "stream": 2,

@@ -26,8 +26,9 @@ from pipeline.core.errors import CaptureContractError, DecodeError, PayloadError
 from pipeline.core.features import check_ref
 from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, SampleRef, decode
 from pipeline.core.topics import Record, RunTopics, Transport, read_to_end
+from pipeline.feature_codec import check_scales
 from pipeline.ledger import effective_history, read_ledger
-from pipeline.storage import FeatureStore
+from pipeline.storage import FeatureStore, tensors_from_buffer
 
 __all__ = ("PartitionAudit", "RunAudit", "audit_run", "render_audit")
 
@@ -171,7 +172,7 @@ def _verifier(store: FeatureStore | None) -> Callable[[SampleRef], bool]:
         try:
             check_ref(ref)
             if store is not None:
-                store.read_verified(ref)
+                check_scales(ref, tensors_from_buffer(store.read_verified(ref)))  # as the trainer's decode does
         except (CaptureContractError, PayloadError):
             return False
         return True

@@ -23,6 +23,7 @@ from pipeline.app.config_topics import TopicsSection
 
 from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
+from pipeline.core.feature_encoding import FEATURE_DTYPE_HELP, FeatureDtype
 from pipeline.core.messages import SettingValue
 from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks
 from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES
@@ -54,6 +55,7 @@ FINGERPRINT_KEYS = (
     "target.model",
     "target.dtype",
     "target.aux_layer_ids",
+    "storage.dtype",
     "train.world_size",
     "train.batch_size",
     "train.grad_accum",
@@ -69,7 +71,11 @@ FINGERPRINT_KEYS = (
     "train.draft_vocab_size",
     "train.max_length",
     "train.seed",
+    "train.epochs",
 )
+
+# Keys fingerprinted after runs existed are left out at their default: older manifests still match.
+_ADDED_LATER: dict[str, Any] = {"storage.dtype": "as_captured", "train.epochs": 1}
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -129,6 +135,7 @@ class StorageSection(_Section):
         description="`retain`: keep features (replay, more epochs); `delete`: delete them once no "
         "retained checkpoint needs them",
     )
+    dtype: FeatureDtype = Field(default="as_captured", description=FEATURE_DTYPE_HELP)
 
 
 class DataSection(_Section):
@@ -393,7 +400,8 @@ class RunConfig(_Section):
 
     def fingerprint_values(self) -> dict[str, SettingValue]:
         """The settings that change the trained result, by dotted key (JSON values)."""
-        return {key: json.loads(json.dumps(self.value(key))) for key in FINGERPRINT_KEYS}
+        values = {key: json.loads(json.dumps(self.value(key))) for key in FINGERPRINT_KEYS}
+        return {k: v for k, v in values.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`fingerprint_values`: what a run's stages must agree on."""
@@ -405,8 +413,8 @@ def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -
     """``key: <recorded> in the run, <current> here`` for every fingerprinted key that differs."""
     keys = sorted(set(recorded) | set(current))
     return [
-        f"{key}: {json.dumps(recorded.get(key))} in the run, {json.dumps(current.get(key))} here"
+        f"{key}: {json.dumps(was)} in the run, {json.dumps(now)} here"
         for key in keys
-        if recorded.get(key) != current.get(key)
+        if (was := recorded.get(key, _ADDED_LATER.get(key))) != (now := current.get(key, _ADDED_LATER.get(key)))
     ]
 

@@ -46,6 +46,7 @@ from pipeline.app.settings import (
 )
 from pipeline.app.sweep import sweep_at_end
 from pipeline.core.errors import ConfigError
+from pipeline.core.feature_encoding import bytes_per_token
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.generate.backend import TargetBackend
 from pipeline.generate.backpressure import peak_backlog
@@ -166,7 +167,7 @@ class OnlineRun:
             dtype_bytes = 4 if (c.target.dtype or target.get("torch_dtype") or target.get("dtype")) == "float32" else 2
         if not hidden:
             return "projected peak feature storage: unknown (no hidden size in the target config)"
-        per_sample = avg_tokens * (4 * hidden * dtype_bytes + 9)  # aux 3H + final H, ids int64, mask uint8
+        per_sample = avg_tokens * bytes_per_token(hidden, dtype_bytes, c.storage.dtype)  # aux 3H + final H, ids, mask
         projected = self.projected_peak_samples()
         if projected is None:
             why = "retention: retain" if c.storage.retention == "retain" else "save_interval 0: one interval"

@@ -93,6 +93,7 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         wait_for_source_s=g.wait_for_source_s,
         eval_run_id=_eval_run_id(cfg),
         heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
+        storage_dtype=cfg.storage.dtype,
     )
 
 

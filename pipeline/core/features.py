@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import CaptureContractError
+from pipeline.core.feature_encoding import check_encoding
 from pipeline.core.messages import SampleRef, TargetInfo
 
 if TYPE_CHECKING:
@@ -77,10 +78,11 @@ def check_capture(
 def check_ref(ref: SampleRef) -> None:
     """Refuse a ref whose declared tensors are not one EAGLE3 sample of its own target and length,
     before any byte is read (storage then checks that the file's header matches the ref)."""
-    names = sorted(ref.tensors)
-    if names != sorted(FEATURE_NAMES):
-        raise CaptureContractError(f"the ref declares tensors {names}, a sample has {sorted(FEATURE_NAMES)}")
     length, hidden = ref.num_tokens, ref.target.hidden_size
+    scales = check_encoding(ref.tensors, (AUX_HIDDEN, FINAL_HIDDEN), ref.target.dtype, length)  # storage.dtype
+    names = sorted(ref.tensors)
+    if names != sorted((*FEATURE_NAMES, *scales)):
+        raise CaptureContractError(f"the ref declares tensors {names}, a sample has {sorted((*FEATURE_NAMES, *scales))}")
     expected = {
         INPUT_IDS: [length],
         LOSS_MASK: [length],

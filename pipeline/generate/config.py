@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
+from pipeline.core.feature_encoding import FeatureDtype
 from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks
 
 __all__ = ("GeneratorConfig",)
@@ -41,6 +42,7 @@ class GeneratorConfig:
     wait_for_source_s: float = 600.0  # at start, how long to wait for the run's prompts topic
     eval_run_id: str | None = None  # the eval sub-run captured first (``pipeline.generate.eval_capture``)
     heartbeat_interval_s: float | None = None  # publish a heartbeat this often (None: none)
+    storage_dtype: FeatureDtype = "as_captured"  # how the hidden states are stored (storage.dtype)
 
     def validate(self) -> None:
         """Refuse a bad batch size or a watermark that could deadlock, before anything starts."""

@@ -156,6 +156,7 @@ class GeneratorWorker:
             is_stale=lambda epoch: epoch != self._epoch or not self._claim_holds(),
             on_committed=self._on_committed,
             depth=cfg.queue_depth,
+            storage_dtype=cfg.storage_dtype,
         )
         self._writer.start()
         self._reader = self.transport.reader(

@@ -27,9 +27,11 @@ from typing import Any
 
 from pipeline.core.errors import StreamError
 from pipeline.core.faults import crash_point
+from pipeline.core.feature_encoding import FeatureDtype
 from pipeline.core.messages import Prompt, SampleRef, TargetInfo, encode, now
 from pipeline.core.progress import PartitionCounters
 from pipeline.core.topics import Committed, FencedError, TransactionalProducer, TransportError
+from pipeline.feature_codec import encode_features
 from pipeline.generate.backend import Capture
 from pipeline.storage import FeatureStore
 
@@ -132,6 +134,7 @@ class BatchWriter:
         on_committed: Callable[[PlannedBatch], None] | None = None,
         depth: int = 2,
         max_merge: int = 8,
+        storage_dtype: FeatureDtype = "as_captured",
     ) -> None:
         self.producer = producer
         self.store = store
@@ -142,6 +145,7 @@ class BatchWriter:
         self.samples_topic = samples_topic
         self.stats = WriterStats()
         self.max_merge = max(max_merge, 1)
+        self.storage_dtype = storage_dtype
         self._is_stale = is_stale
         self._on_committed = on_committed
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
@@ -313,7 +317,8 @@ class BatchWriter:
         stored = {}
         for item in batch.items:
             if isinstance(item, Sample):
-                stored[id(item)] = self.store.put(item.partition, item.sample_id, item.tensors)
+                tensors = encode_features(item.tensors, self.storage_dtype)  # storage.dtype, off the capture thread
+                stored[id(item)] = self.store.put(item.partition, item.sample_id, tensors)
         if self._stale(batch):  # the assignment moved while we wrote: do not even try
             self.stats.stale_batches += 1
             return

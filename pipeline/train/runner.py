@@ -22,7 +22,7 @@ from pipeline.core.progress import StreamState, rank_partitions, read_source_cou
 from pipeline.core.topics import RunTopics, Transport, wait_for
 from pipeline.ledger import LedgerWriter
 from pipeline.storage import FeatureStore
-from pipeline.stream import SampleStream
+from pipeline.stream import SampleStream, fetch_sample
 from pipeline.train.config import TrainerSettings
 from pipeline.train.dataset import ItemSource
 from pipeline.train.distributed import DistContext, init_distributed
@@ -234,7 +234,7 @@ def run_trainer(
             return EpochedSource(
                 open_stream(state),
                 open_listing=lambda: open_stream(None, fetch=False),
-                fetch=store.get,
+                fetch=lambda ref: fetch_sample(store, ref),
                 epochs=settings.epochs,
                 seed=settings.seed,
                 state=state,
