@@ -72,3 +72,31 @@ def test_two_ranks_on_uneven_partitions_end_at_the_same_step(
 
     latest = CheckpointManager(tmp_path / "out" / "checkpoints").latest()
     assert latest is not None and latest.end and latest.step == 2
+
+
+def test_two_ranks_train_three_epochs_each_sample_once_per_epoch(kafka: KafkaSettings, tmp_path: Path) -> None:
+    topics = RunTopics(f"t{uuid.uuid4().hex[:12]}")
+    with KafkaAdmin(kafka) as admin:
+        admin.ensure_run_topics(topics, 4)
+    try:
+        storage = str(tmp_path / "features")
+        publish_samples(kafka, topics.run_id, storage, 4, 24)  # 12 samples per rank
+        write_run_vocab(storage, topics.run_id)
+        args = train_cmd(
+            tmp_path / "run.yaml", kafka=kafka, run_id=topics.run_id, storage=storage, out=tmp_path / "out",
+            target=write_tiny_target(tmp_path / "target"), retention="delete",
+            train={"world_size": 2, "batch_size": 2, "ttt_steps": 2, "lr_schedule": "constant", "save_interval": 5,
+                   "keep_last": 1, "epochs": 3},
+        )  # fmt: skip
+        code, out = run_train(args, torchrun=2, timeout_s=300)
+        assert code == 0, out[-6000:]
+        assert "72 of 72 sample passes trained (24 prompts x 3 epochs), 0 missing" in out, out[-4000:]
+        history = effective_history(read_ledger(kafka, topics.run_id))
+        assert len(history) == 18 and [r.epoch for r in history] == [e for e in range(3) for _ in range(6)]
+        seen = [(e, s) for r in history for rank in r.ranks for e, s in zip(rank.sample_epochs(r.epoch), rank.sample_ids)]
+        assert len(seen) == len(set(seen)) == 72  # every sample once in each epoch, on its own rank
+        # retention delete with keep_last 1: every feature went once the final checkpoint covered it
+        assert not list((tmp_path / "features" / topics.run_id / "features").rglob("*.safetensors"))
+    finally:
+        with KafkaAdmin(kafka) as admin:
+            admin.delete_topics([topics.prompts, topics.samples, topics.ledger, topics.dlq, topics.manifest])
