@@ -307,8 +307,8 @@ def replay(
 ) -> None:
     """Train again from the retained samples and features; compare every step's loss with the ledger.
 
-    Needs the run's features retained (storage.retention: retain). With train.deterministic: true
-    on CPU the losses are bit-identical to the live run's.
+    Needs the run's features retained (storage.retention: retain); N ranks replay under torchrun
+    with N ranks. With train.deterministic: true on CPU the losses are bit-identical to the live run's.
     """
     setup_logging(verbose)
     phases = Phases()
@@ -316,8 +316,9 @@ def replay(
 
     with phases.phase("replay", f"replaying the retained samples into {out}..."):
         report = replay_run(load(config), str(out), stop=stop_on_signals())
-    typer.echo(report.line())
-    phases.say(phases.summary())
+    if report.is_main:  # under torchrun, rank 0 compared
+        typer.echo(report.line())
+        phases.say(phases.summary())
     if report.first_difference is not None:
         raise typer.Exit(1)
 

@@ -11,6 +11,7 @@ into its own output directory and writes nothing to the run's ledger or trainer 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,8 +21,10 @@ from pipeline.app.outputs import checkpoints
 from pipeline.app.preflight import check_local
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
+from pipeline.app.train_job import check_world_size, launched_world_size
 from pipeline.core.errors import ConfigError, OptionError, RunMismatchError
 from pipeline.ledger import effective_history, read_ledger
+from pipeline.train.distributed import init_distributed
 from pipeline.train.runner import run_trainer, single_rank
 
 __all__ = ("ReplayReport", "check_output_dir", "replay_run")
@@ -37,6 +40,7 @@ class ReplayReport:
     identical: int
     first_difference: str | None
     output_dir: str
+    is_main: bool = True  # under torchrun, only rank 0 compares: the others print nothing
 
     def line(self) -> str:
         if self.first_difference is None:
@@ -45,8 +49,14 @@ class ReplayReport:
 
 
 def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | None = None) -> ReplayReport:
-    """Train again from the retained samples into ``output_dir``; compare each step's loss with the ledger."""
-    check_output_dir(Path(output_dir))
+    """Train again from the retained samples into ``output_dir``; compare each step's loss with the ledger.
+
+    A run trained by several ranks replays under torchrun with as many ranks (each rank reads its
+    partitions as the live rank did); rank 0 compares and its report is the one that counts.
+    """
+    check_world_size(config, launched_world_size())
+    if os.environ.get("RANK", "0") in ("", "0"):  # the ranks share --out: rank 0 checks it before any writes
+        check_output_dir(Path(output_dir))
     check_local(config, ("train",))
     if config.storage.retention != "retain":
         raise ConfigError(
@@ -54,8 +64,6 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
             "is delete: the live run deleted its features after training on them",
             "replay needs a run trained with retention: retain",
         )
-    if config.train.world_size != 1:
-        raise ConfigError("train.world_size", "replay runs on one rank", "replay runs trained with world_size: 1")
     manager = checkpoints(config)
     live = manager.latest()
     if live is None:
@@ -85,16 +93,26 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         resume="never",
         retention="retain",
     )
-    result = run_trainer(
-        settings,
-        transport=online.transport,
-        storage_root=config.storage.root,
-        model=online.model_spec(),
-        stop=stop,
-        dist=single_rank(config.train.device),  # the live run's device: the same kernels, the same bits
-        storage_options=dict(config.storage.options),
-        record=False,
+    dist = (
+        init_distributed(timeout_s=config.train.collective_timeout_s, device=config.train.device)
+        if config.train.world_size > 1
+        else single_rank(config.train.device)  # the live run's device: the same kernels, the same bits
     )
+    try:
+        result = run_trainer(
+            settings,
+            transport=online.transport,
+            storage_root=config.storage.root,
+            model=online.model_spec(),
+            stop=stop,
+            dist=dist,
+            storage_options=dict(config.storage.options),
+            record=False,
+        )
+    finally:
+        dist.close()
+    if not dist.is_main:  # rank 0 holds the metrics of every step
+        return ReplayReport(len(history), len(history), None, output_dir, is_main=False)
     replayed = {r.step: r.loss for r in result.metrics}
     identical, first = 0, None
     for step in history:

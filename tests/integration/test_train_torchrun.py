@@ -100,3 +100,29 @@ def test_two_ranks_train_three_epochs_each_sample_once_per_epoch(kafka: KafkaSet
     finally:
         with KafkaAdmin(kafka) as admin:
             admin.delete_topics([topics.prompts, topics.samples, topics.ledger, topics.dlq, topics.manifest])
+
+
+def test_a_two_rank_run_of_two_epochs_replays_bit_identically_under_torchrun(kafka: KafkaSettings, tmp_path: Path) -> None:
+    topics = RunTopics(f"t{uuid.uuid4().hex[:12]}")
+    with KafkaAdmin(kafka) as admin:
+        admin.ensure_run_topics(topics, 4)
+    try:
+        storage = str(tmp_path / "features")
+        publish_samples(kafka, topics.run_id, storage, 4, 16)
+        write_run_vocab(storage, topics.run_id)
+        args = train_cmd(
+            tmp_path / "run.yaml", kafka=kafka, run_id=topics.run_id, storage=storage, out=tmp_path / "out",
+            target=write_tiny_target(tmp_path / "target"), retention="retain",
+            train={"world_size": 2, "batch_size": 2, "ttt_steps": 2, "lr_schedule": "constant", "save_interval": 3,
+                   "deterministic": True, "epochs": 2},
+        )  # fmt: skip
+        code, out = run_train(args, torchrun=2, timeout_s=300)
+        assert code == 0 and "32 of 32 sample passes trained (16 prompts x 2 epochs)" in out, out[-4000:]
+        replay = ["replay", *args[1:], "--out", str(tmp_path / "replay")]  # args: train --config FILE
+        code, out = run_train(replay, torchrun=2, timeout_s=300)
+        assert code == 0, out[-6000:]
+        assert out.count("8 of 8 replayed steps bit-identical to the ledger") == 1, out[-4000:]  # rank 0 alone
+        assert len(read_ledger(kafka, topics.run_id)) == 8  # the replay wrote nothing to the run's ledger
+    finally:
+        with KafkaAdmin(kafka) as admin:
+            admin.delete_topics([topics.prompts, topics.samples, topics.ledger, topics.dlq, topics.manifest])
