@@ -31,8 +31,8 @@ _PARTITION = 0  # the ledger topic has one partition: a total order of steps
 class LedgerWriter:
     """Rank 0's producer of ledger records (idempotent, asynchronous; flushed at checkpoints)."""
 
-    def __init__(self, transport: Transport, run_id: str) -> None:
-        self.topic = RunTopics(run_id).ledger
+    def __init__(self, transport: Transport, run_id: str, group: str | None = None) -> None:
+        self.topic = RunTopics(run_id, group).ledger
         self._producer = transport.plain_producer()
 
     def write(self, record: LedgerStep) -> None:
@@ -58,9 +58,11 @@ def _decode_step(value: bytes | None, run_id: str, where: str) -> LedgerStep | N
     return message
 
 
-def read_ledger(transport: Transport, run_id: str, *, timeout_s: float = 60.0) -> list[LedgerStep]:
-    """Every ledger record of the run in log order (dead attempts included)."""
-    topic = RunTopics(run_id).ledger
+def read_ledger(
+    transport: Transport, run_id: str, *, timeout_s: float = 60.0, group: str | None = None
+) -> list[LedgerStep]:
+    """Every ledger record of the run (of trainer ``group``) in log order (dead attempts included)."""
+    topic = RunTopics(run_id, group).ledger
     out: list[LedgerStep] = []
     for record in read_to_end(transport, topic, [_PARTITION], timeout_s=timeout_s):
         step = _decode_step(record.value, run_id, f"{topic}:{record.offset}")
@@ -90,9 +92,9 @@ class LedgerTail:
     reads the last record (``end - 1``), stepping back further if that one is not a ledger step.
     """
 
-    def __init__(self, transport: Transport, run_id: str, *, lookback: int = 16) -> None:
+    def __init__(self, transport: Transport, run_id: str, *, lookback: int = 16, group: str | None = None) -> None:
         self.run_id = run_id
-        self.topic = RunTopics(run_id).ledger
+        self.topic = RunTopics(run_id, group).ledger
         self._lookback = lookback
         self._reader = transport.reader(self.topic, partitions=[_PARTITION], start="latest")
         self._end = -1
@@ -127,9 +129,11 @@ class LedgerTail:
         self._reader.close()
 
 
-def latest_ledger_step(transport: Transport, run_id: str, *, timeout_s: float = 10.0) -> LedgerStep | None:
-    """The newest ledger record of the run, or None when no step was trained yet (one-shot)."""
-    tail = LedgerTail(transport, run_id)
+def latest_ledger_step(
+    transport: Transport, run_id: str, *, timeout_s: float = 10.0, group: str | None = None
+) -> LedgerStep | None:
+    """The newest ledger record of the run (of trainer ``group``), or None before its first step (one-shot)."""
+    tail = LedgerTail(transport, run_id, group=group)
     try:
         return tail.latest(timeout_s)
     finally:

@@ -190,9 +190,11 @@ def _by_partition(
 
 
 def audit_run(
-    transport: Transport, run_id: str, *, store: FeatureStore | None = None, timeout_s: float = 300.0
+    transport: Transport, run_id: str, *, store: FeatureStore | None = None, timeout_s: float = 300.0,
+    group: str | None = None,
 ) -> RunAudit:
-    """Reconcile the run's topics; raises ``StreamError`` when the run has no topics here.
+    """Reconcile the run's topics (``group``: with that trainer group's ledger); raises
+    ``StreamError`` when the run has no topics here.
 
     With the run's ``store``, refs are verified against their files exactly as the trainer does
     (so a stray that claims a number and fails its checks is told from the generator's own ref);
@@ -205,7 +207,7 @@ def audit_run(
         raise StreamError(f"run {run_id} has no topics on this broker (no {topics.samples})")
     prompts = _by_partition(transport, topics.prompts, count, timeout_s)
     samples = _by_partition(transport, topics.samples, count, timeout_s)
-    history = effective_history(read_ledger(transport, run_id, timeout_s=timeout_s))
+    history = effective_history(read_ledger(transport, run_id, timeout_s=timeout_s, group=group))
     trained: Counter[tuple[int, str]] = Counter()
     for step in history:
         for rank in step.ranks:

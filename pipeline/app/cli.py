@@ -29,6 +29,7 @@ from pipeline.app.cli_broker import broker_app
 from pipeline.app.cli_common import (
     BootstrapOption,
     ConfigOption,
+    GroupOption,
     VerboseOption,
     broker_address,
     console,
@@ -144,11 +145,7 @@ def _run_and_report(online: OnlineRun, phases: Phases, metrics_port: int | None)
     c = online.config
     live = start_metrics(c.monitor.metrics_port, metrics_port, c.run_id, transport=online.transport, say=_say)
     result = online.run(stop, announce=phases.say, phases=phases, watch=live)
-    phases.say(
-        f"{result.steps} optimizer steps ({result.reason})"
-        + (f"; curves: {result.plot_path}" if result.plot_path else "")
-        + (f"; SGLang draft: {result.export_dir}" if result.export_dir else "")
-    )
+    phases.say(result.outputs_line())
     phases.say(phases.summary())
 
 
@@ -263,10 +260,11 @@ def generate(
     )
 
 
-def train(config: ConfigOption, metrics_port: MetricsPortOption = None, verbose: VerboseOption = False) -> None:
+def train(config: ConfigOption, metrics_port: MetricsPortOption = None, verbose: VerboseOption = False,
+          group: GroupOption = None) -> None:  # fmt: skip
     """Train the draft on the samples topic; under torchrun, one process per rank.
 
-    torchrun --nproc-per-node N --no-python specstream train --config run.yaml
+    torchrun --nproc-per-node N --no-python specstream train --config run.yaml [--group NAME]
     """
     setup_logging(verbose)
     from pipeline.app.metrics_server import start_metrics  # lazy: start-up, prometheus_client loads for the stages
@@ -278,7 +276,7 @@ def train(config: ConfigOption, metrics_port: MetricsPortOption = None, verbose:
     cfg = load(config)
     stop = stop_on_signals()
     live = start_metrics(cfg.monitor.metrics_port, metrics_port, cfg.run_id, say=_say, per_local_rank=True)
-    job = train_rank(cfg, stop, warn=warn, watch=live)
+    job = train_rank(cfg, stop, warn=warn, watch=live, group=group)
     if job.is_main:  # the summary line itself comes from the trainer, on rank 0
         console.print(f"{job.result.step} optimizer steps ({job.result.reason}); checkpoint {job.result.checkpoint}")
 

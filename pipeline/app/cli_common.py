@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from pipeline.core.topics import Transport
 
 __all__ = (
-    "console", "BootstrapOption", "ConfigOption", "VerboseOption", "RunIdOption", "OptionalConfig", "verbose_on",
+    "console", "BootstrapOption", "ConfigOption", "VerboseOption", "RunIdOption", "OptionalConfig", "GroupOption",
+    "verbose_on",
     "rank", "setup_logging", "stop_on_signals", "broker_address", "load", "start_local_broker", "run_transport",
 )  # fmt: skip
 
@@ -149,6 +150,7 @@ def start_local_broker() -> str:
 
 
 RunIdOption = Annotated[Optional[str], typer.Option("--run-id", help="The run to inspect.")]
+GroupOption = Annotated[Optional[str], typer.Option("--group", help="One trainer group of the run's `train_groups`.")]
 OptionalConfig = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="Or take run and broker from a config.")
 ]

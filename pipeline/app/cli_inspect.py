@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.app.cli_common import BootstrapOption, OptionalConfig, RunIdOption, load, run_transport
+from pipeline.app.cli_common import BootstrapOption, GroupOption, OptionalConfig, RunIdOption, load, run_transport
 from pipeline.core.errors import OptionError
 
 __all__ = ("status", "audit", "dlq")
@@ -62,8 +62,10 @@ def audit(
     config: OptionalConfig = None,
     bootstrap: BootstrapOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+    group: GroupOption = None,
 ) -> None:
-    """Prove from the topics that nothing was lost or repeated; exit 1 if something was."""
+    """Prove from the topics that nothing was lost or repeated (by one trainer group's ledger with
+    --group); exit 1 if something was."""
     from pipeline.app.audit import audit_run, render_audit  # lazy: start-up, kafka-python
 
     name, transport = run_transport(run_id, config, bootstrap)
@@ -73,7 +75,7 @@ def audit(
 
         cfg = load(config)
         store = FeatureStore(cfg.storage.root, name, storage_options=dict(cfg.storage.options))
-    report = audit_run(transport, name, store=store)
+    report = audit_run(transport, name, store=store, group=group)
     typer.echo(json.dumps(report.to_json(), indent=2) if json_out else render_audit(report))
     if not report.ok:
         raise typer.Exit(1)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.app.config_groups import GROUPS_HELP, check_train_groups
 from pipeline.app.config_monitor import MonitorSection
 from pipeline.app.config_topics import TopicsSection
 
@@ -30,17 +31,8 @@ from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES
 from pipeline.transport.kafka import kafka_client_options
 from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S
 
-__all__ = (
-    "RunConfig",
-    "BrokerSection",
-    "StorageSection",
-    "DataSection",
-    "TargetSection",
-    "GenerateSection",
-    "TrainSection",
-    "FINGERPRINT_KEYS",
-    "fingerprint_differences",
-)
+__all__ = ("RunConfig", "BrokerSection", "StorageSection", "DataSection", "TargetSection", "GenerateSection",
+           "TrainSection", "FINGERPRINT_KEYS", "fingerprint_differences")  # fmt: skip
 
 # What changes the trained result. Every stage of a run must agree on these (the run manifest
 # stores them); anything else (devices, capture batch size, worker counts, timeouts, paths,
@@ -72,10 +64,11 @@ FINGERPRINT_KEYS = (
     "train.max_length",
     "train.seed",
     "train.epochs",
+    "train_groups",
 )
 
 # Keys fingerprinted after runs existed are left out at their default: older manifests still match.
-_ADDED_LATER: dict[str, Any] = {"storage.dtype": "as_captured", "train.epochs": 1}
+_ADDED_LATER: dict[str, Any] = {"storage.dtype": "as_captured", "train.epochs": 1, "train_groups": {}}
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -341,6 +334,7 @@ class RunConfig(_Section):
     target: TargetSection = Field(description="the target model whose hidden states are captured")
     generate: GenerateSection = Field(default_factory=GenerateSection, description="generators and backpressure")
     train: TrainSection = Field(default_factory=TrainSection, description="the draft's training")
+    train_groups: dict[str, dict[str, Any]] = Field(default_factory=dict, description=GROUPS_HELP)
     dead_letters: DeadLetterSection = Field(
         default_factory=DeadLetterSection, description="when bad input stops a stage instead of being dead-lettered"
     )
@@ -386,6 +380,10 @@ class RunConfig(_Section):
             fix = exc.fix.replace("backpressure.", "generate.") or "see examples/tiny-cpu.yaml"
             raise ConfigError(key, exc.problem.replace("backpressure.", "generate."), fix) from None
         return self
+
+    @model_validator(mode="after")
+    def _groups(self) -> RunConfig:
+        return check_train_groups(self)
 
     @property
     def global_batch(self) -> int:

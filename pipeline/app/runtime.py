@@ -22,6 +22,7 @@ each stage's settings come from ``pipeline.app.settings``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_groups import group_config, group_names
+from pipeline.app.group_threads import run_groups
 from pipeline.app.interleave import run_interleaved
 from pipeline.app.manifest import claim_run
 from pipeline.app.phases import Phases
@@ -56,6 +59,7 @@ from pipeline.storage import FeatureStore
 
 if TYPE_CHECKING:
     from pipeline.app.metrics import LiveProcess
+    from pipeline.train.config import TrainerSettings
     from pipeline.train.model import ModelSpec
     from pipeline.train.result import TrainResult
 
@@ -80,6 +84,14 @@ class RunResult:
     source: SourceResult | None = None
     generators: list[GeneratorStats] = field(default_factory=list)
     eval: dict[str, float] | None = None  # the final figures on the held-out set (``data.eval_path``)
+    groups: dict[str, RunResult] = field(default_factory=dict)  # each trainer group's own (``train_groups``)
+
+    def outputs_line(self) -> str:
+        """Steps, curves and export, of each trainer group when there are several."""
+        if self.groups:
+            return "; ".join(f"group {name}: {r.outputs_line()}" for name, r in self.groups.items())
+        return (f"{self.steps} optimizer steps ({self.reason})" + (f"; curves: {self.plot_path}" if self.plot_path else "")
+                + (f"; SGLang draft: {self.export_dir}" if self.export_dir else ""))  # fmt: skip
 
 
 def target_backend(config: RunConfig, *, synthetic_hidden_size: int = 64) -> TargetBackend:
@@ -196,7 +208,6 @@ class OnlineRun:
         # module: the source and generator processes compose an OnlineRun without training.
         from pipeline.app.outputs import checkpoints, output_options, output_path  # lazy: start-up, reads checkpoints (torch)
         from pipeline.app.start_banner import start_banner  # lazy: start-up, reads checkpoints (torch)
-        from pipeline.train.evaluate import eval_line  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.export import export_checkpoint  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.runner import run_trainer, single_rank  # lazy: start-up, torch loads only when the trainer runs
 
@@ -204,10 +215,10 @@ class OnlineRun:
         phases = phases or Phases(io.StringIO())
         started = time.perf_counter()
         c = self.config
-        if c.train.world_size != 1:
+        if (ranks := max(group_config(c, n).train.world_size for n in group_names(c))) != 1:
             raise ConfigError(
                 "train.world_size",
-                f"the single-process runtime trains on one rank, the config asks for {c.train.world_size}",
+                f"the single-process runtime trains on one rank, the config asks for {ranks}",
                 "run the stages as processes (`specstream train` under torchrun), or set world_size: 1",
             )
         preflight(c, self.transport)
@@ -219,9 +230,11 @@ class OnlineRun:
             say("source stopped before the end (open chunk aborted); run the same command again to continue")
             return RunResult("source stopped", 0, "source stopped", 0, None, None, None,
                              time.perf_counter() - started, source=source)  # fmt: skip
-        settings = trainer_settings(
-            c, schedule_steps=c.train.max_steps or max(1, source.prompts * c.train.epochs // c.global_batch)
-        )
+        groups = {name: group_config(c, name) for name in group_names(c)}  # {None: c} without train_groups
+        every = {name: trainer_settings(
+            g, schedule_steps=g.train.max_steps or max(1, source.prompts * g.train.epochs // g.global_batch),
+            group=name, groups=tuple(c.train_groups)) for name, g in groups.items()}  # fmt: skip
+        settings = next(iter(every.values()))
         say(start_banner(c, schedule_steps=settings.schedule_steps, prompts=source.prompts,
                          conversations=source.prompts + source.malformed))  # fmt: skip
         say(self.projected_storage(source.tokens / max(1, source.prompts)))
@@ -241,36 +254,53 @@ class OnlineRun:
 
             return run
 
-        def trainer(stop_event: threading.Event) -> TrainResult:
-            return run_trainer(
-                settings,
+        def group_trainer(name: str | None) -> Callable[[threading.Event], TrainResult]:
+            return lambda stop_event: run_trainer(
+                every[name],
                 transport=self.transport,
                 storage_root=c.storage.root,
                 model=self.model_spec(),
                 stop=stop_event,
-                dist=single_rank(c.train.device),
+                dist=single_rank(groups[name].train.device),
                 storage_options=dict(c.storage.options),
                 on_eval=self.on_eval,
                 observe=watch.watch_trainer if watch is not None else None,
             )
 
-        fresh = not checkpoints(c).list()  # a continued run generates only what is left
+        def trainer(stop_event: threading.Event) -> dict[str | None, TrainResult]:
+            return run_groups({name: group_trainer(name) for name in groups}, stop_event)
+
+        fresh = not any(checkpoints(g).list() for g in groups.values())  # a continued run generates only what is left
         with (
-            phases.phase("training", f"training: {len(workers)} generator(s) and the trainer, interleaved..."),
+            phases.phase("training", f"training: {len(workers)} generator(s) and {len(groups)} trainer(s), interleaved..."),
             phases.watch("generation", total=source.prompts if fresh else None, unit="sample",
                          read=lambda: {w.config.worker_id.removeprefix(f"{c.run_id}-"): w.stats.refs + w.stats.dropped
                                        for w in workers},
                          finished=lambda: len(stats) == len(workers)) as generation,
         ):  # fmt: skip
             outcome = run_interleaved([producer(w) for w in workers], trainer, stop=stop)
-        result = outcome.trainer
-        if result.reason == "end_of_stream":  # every generator has ended: no attempt is in flight
+        if all(r.reason == "end_of_stream" for r in outcome.trainer.values()):  # no attempt is in flight
             sweep_at_end(self.transport, self.store, say)
-        export_dir = None
-        if result.checkpoint:
-            with phases.phase("export", "exporting the draft for SGLang..."):
-                export_dir = export_checkpoint(result.checkpoint, self.model_spec(), output_path(c, "export"),
-                                               storage_options=output_options(c))
+        runs = {}
+        for name, result in outcome.trainer.items():
+            export_dir = None
+            if result.checkpoint:
+                with phases.phase("export", f"exporting the draft{f' of group {name}' if name else ''} for SGLang..."):
+                    export_dir = export_checkpoint(result.checkpoint, self.model_spec(), output_path(groups[name], "export"),
+                                                   storage_options=output_options(groups[name]))  # fmt: skip
+            runs[name] = self._result(result, every[name], export_dir, started, source, stats)
+        if len(runs) == 1:
+            return runs[None]
+        first = next(iter(runs.values()))
+        return dataclasses.replace(first, summary="; ".join(f"{n}: {r.summary}" for n, r in runs.items()),
+                                   groups={str(n): r for n, r in runs.items()})  # fmt: skip
+
+    @staticmethod
+    def _result(result: TrainResult, settings: TrainerSettings, export_dir: str | None, started: float,
+                source: SourceResult, stats: list[GeneratorStats]) -> RunResult:  # fmt: skip
+        """One trainer's part of the run's result (its summary line, outputs and the timings)."""
+        from pipeline.train.evaluate import eval_line  # lazy: start-up, torch loads only when the trainer runs
+
         summary = result.completeness.line() if result.completeness else f"{result.samples_trained} samples trained"
         if result.eval is not None:
             summary += f"; {eval_line(result.eval_step or result.step, result.eval)}"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
 from pipeline.app.config_file import bootstrap_origin
+from pipeline.app.config_groups import widest_train
 from pipeline.core.topics import RunTopics
 from pipeline.generate.backpressure import TrainerWindow, Watermarks
 from pipeline.generate.worker import GeneratorConfig
@@ -66,7 +67,7 @@ def source_settings(cfg: RunConfig) -> SourceConfig:
 
 def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | None) -> GeneratorConfig:
     """One generator worker: capture batch, transactions, backpressure against the trainer's window."""
-    g, t = cfg.generate, cfg.train
+    g, t = cfg.generate, widest_train(cfg)
     return GeneratorConfig(
         run_id=cfg.run_id,
         worker_id=worker_id,
@@ -94,11 +95,16 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         eval_run_id=_eval_run_id(cfg),
         heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
         storage_dtype=cfg.storage.dtype,
+        trainer_groups=tuple(cfg.train_groups),
     )
 
 
-def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSettings:
+def trainer_settings(
+    cfg: RunConfig, *, schedule_steps: int | None, group: str | None = None, groups: tuple[str, ...] = ()
+) -> TrainerSettings:
     """The training loop. ``schedule_steps``: the cosine schedule's length (None: constant rate).
+    ``group``: which of the run's trainer groups ``cfg`` (its ``group_config``) trains; ``groups``:
+    every declared one (retention waits for all).
 
     Rank 0 shows a progress bar: tqdm when stderr is a terminal, a plain line per half minute in a log.
     """
@@ -150,6 +156,8 @@ def trainer_settings(cfg: RunConfig, *, schedule_steps: int | None) -> TrainerSe
         report_to=tuple(t.report_to),  # written beside metrics_path: <output_dir>/tensorboard
         output_options=output_options(cfg),
         publish_url=t.output_dir if is_url(t.output_dir) else None,
+        group=group,
+        retention_groups=groups,
     )
 
 

@@ -58,6 +58,7 @@ class RunStatus:
     prompts: int = 0  # the source's committed prompts
     source_ended: bool = False  # every prompts partition has its end-of-stream marker
     now: float = 0.0
+    groups: dict[str, GroupProgress] = field(default_factory=dict)  # each trainer group's (``train_groups``)
 
     @property
     def produced(self) -> int:
@@ -128,6 +129,7 @@ class RunStatus:
                 for b in self.processes
             ],
             "now": self.now,
+            "groups": {name: g.to_json() for name, g in self.groups.items()},
         }
 
 
@@ -154,6 +156,34 @@ def _recent_steps(
     return steps
 
 
+@dataclass(frozen=True)
+class GroupProgress:
+    """One trainer's progress from its ledger: the newest step, records consumed per partition, samples/s."""
+
+    latest: LedgerStep | None
+    consumed: dict[int, int]
+    rate: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.latest.step if self.latest else None, "trained": sum(self.consumed.values()),
+                "samples_per_s": self.rate}  # fmt: skip
+
+
+def _progress(transport: Transport, topics: RunTopics, lookback: int, timeout_s: float) -> GroupProgress:
+    steps = _recent_steps(transport, topics, lookback=lookback, timeout_s=timeout_s)
+    latest = steps[-1] if steps else None
+    consumed: dict[int, int] = {}
+    if latest is not None:
+        for rank in latest.ranks:
+            for position in rank.next_offsets:
+                consumed[position.partition] = position.records
+    rate = None
+    if len(steps) >= 2 and steps[-1].created_at > steps[0].created_at:
+        samples = sum(len(r.sample_ids) for s in steps[1:] for r in s.ranks)
+        rate = samples / (steps[-1].created_at - steps[0].created_at)
+    return GroupProgress(latest, consumed, rate)
+
+
 def run_status(
     transport: Transport, run_id: str, *, timeout_s: float = 30.0, now: float | None = None, full: bool = True
 ) -> RunStatus:
@@ -169,23 +199,20 @@ def run_status(
                 "this is the broker the run uses"
             )
         commits = admin.group_offsets(topics.generator_group, topics.prompts)
-    steps = _recent_steps(transport, topics, lookback=64 if full else 1, timeout_s=timeout_s)
-    latest = steps[-1] if steps else None
-    consumed: dict[int, int] = {}
-    if latest is not None:
-        for rank in latest.ranks:
-            for position in rank.next_offsets:
-                consumed[position.partition] = position.records
-    rate = None
-    if len(steps) >= 2 and steps[-1].created_at > steps[0].created_at:
-        samples = sum(len(r.sample_ids) for s in steps[1:] for r in s.ranks)
-        rate = samples / (steps[-1].created_at - steps[0].created_at)
+        prefix = topics.ledger + "."  # several trainer groups: one ledger each (``train_groups``)
+        names = sorted(t[len(prefix):] for t in admin.topics() if t.startswith(prefix))
+    lookback = 64 if full else 1
+    groups = {g: _progress(transport, RunTopics(run_id, g), lookback, timeout_s) for g in names}
+    # the run's progress is its slowest group's, as the generators' backpressure sees it
+    ours = min(groups.values(), key=lambda g: sum(g.consumed.values())) if groups else (
+        _progress(transport, topics, lookback, timeout_s))  # fmt: skip
+    latest, consumed, rate = ours.latest, ours.consumed, ours.rate
     partitions = []
     for p in range(count):
         c = PartitionCounters.from_metadata(commits[p].metadata) if p in commits else PartitionCounters()
         partitions.append(PartitionStatus(p, c.refs, c.dropped, c.ended, consumed.get(p, 0)))
     if not full:
-        return RunStatus(run_id, partitions, latest.step if latest else None, rate, 0)
+        return RunStatus(run_id, partitions, latest.step if latest else None, rate, 0, groups=groups)
     letters = read_dead_letters(transport, run_id, timeout_s=timeout_s)
     source = read_source_counters(transport, topics, count)
     beats = sorted(
@@ -198,7 +225,7 @@ def run_status(
         run_id, partitions, latest.step if latest else None, rate, len(letters),
         letters_by_reason=count_by_reason(letters), processes=beats, state=decide_run_state(beats, now=now, lag=lag),
         prompts=sum(c.prompts for c in source.values()),
-        source_ended=bool(source) and all(c.ended for c in source.values()), now=now,
+        source_ended=bool(source) and all(c.ended for c in source.values()), now=now, groups=groups,
     )  # fmt: skip
 
 
@@ -238,6 +265,8 @@ def render_status(status: RunStatus) -> str:
         ),
         _state_line(status),
         f"prompts: {total} from the source, {status.consumed} trained{eta}",
+        *(f"trainer group {name}: step {g.latest.step if g.latest else '-'}, {sum(g.consumed.values())} of "
+          f"{status.produced} produced samples trained" for name, g in status.groups.items()),  # fmt: skip
         f"{'partition':>9} {'produced':>9} {'dropped':>8} {'consumed':>9} {'lag':>6}  end of stream",
     ]
     for p in status.partitions:

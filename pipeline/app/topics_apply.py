@@ -11,6 +11,7 @@ is reported with the tool that changes it.
 from __future__ import annotations
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_groups import topic_policy
 from pipeline.core.topic_plan import config_changes, run_topic_plan
 from pipeline.core.topics import RunTopics
 from pipeline.transport.kafka import KafkaAdmin
@@ -20,7 +21,7 @@ __all__ = ("apply_run_topics",)
 
 def apply_run_topics(admin: KafkaAdmin, config: RunConfig) -> list[str]:
     """Create or alter the run's topics; one line per change (empty: nothing to change)."""
-    topics, policy = RunTopics(config.run_id), config.topics.policy()
+    topics, policy = RunTopics(config.run_id), topic_policy(config)
     plan = run_topic_plan(topics, config.data.partitions, policy)
     if config.data.eval_path:  # the held-out set's sub-run: one partition of each
         plan.update(run_topic_plan(topics.eval, 1, policy))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_groups import group_config
 from pipeline.app.manifest import await_run
 from pipeline.app.preflight import check_broker, check_local
 from pipeline.app.runtime import build_online_run
@@ -98,10 +99,20 @@ def schedule_steps(transport: Transport, cfg: RunConfig, warn: Callable[[str], o
 
 
 def train_rank(
-    cfg: RunConfig, stop: threading.Event, *, warn: Callable[[str], object], watch: LiveProcess | None = None
+    run_cfg: RunConfig,
+    stop: threading.Event,
+    *,
+    warn: Callable[[str], object],
+    watch: LiveProcess | None = None,
+    group: str | None = None,
 ) -> TrainJobResult:
     """Check, join the run, train this rank to the end of the stream, max_steps or a stop;
-    ``watch`` (the metrics exporter's view) is given the transport and the trainer."""
+    ``watch`` (the metrics exporter's view) is given the transport and the trainer; ``group``:
+    which of the run's ``train_groups`` this rank trains (required when it declares some)."""
+    if group is None and run_cfg.train_groups:
+        raise ConfigError("--group", f"the run declares trainer groups ({', '.join(run_cfg.train_groups)})",
+                          "name the one this trainer trains: `specstream train --group NAME`")  # fmt: skip
+    cfg = group_config(run_cfg, group)  # the run as this group trains it (its train, its output_dir)
     check_world_size(cfg, launched_world_size())
     check_local(cfg, ("train",))
     online = build_online_run(cfg)
@@ -110,7 +121,7 @@ def train_rank(
         watch.transport = online.transport
     is_main = os.environ.get("RANK", "0") in ("", "0")  # the process group starts after the wait
     if not await_run(  # started before the source: wait for the run's topics and vocabulary mapping
-        online.transport, cfg, timeout_s=cfg.train.wait_for_source_s, key="train.wait_for_source_s", stop=stop,
+        online.transport, run_cfg, timeout_s=cfg.train.wait_for_source_s, key="train.wait_for_source_s", stop=stop,
         say=warn if is_main else (lambda _line: None), vocab=online.store,
     ):  # fmt: skip
         return TrainJobResult(TrainResult(step=0, samples_trained=0, reason="stopped"), is_main)
@@ -122,7 +133,7 @@ def train_rank(
             print(trainer_banner(cfg, online.transport, schedule_steps=steps, projected_storage=online.projected_storage),
                   file=sys.stderr, flush=True)  # fmt: skip
         result = run_trainer(
-            trainer_settings(cfg, schedule_steps=steps),
+            trainer_settings(cfg, schedule_steps=steps, group=group, groups=tuple(run_cfg.train_groups)),
             transport=online.transport,
             storage_root=cfg.storage.root,
             model=online.model_spec(),

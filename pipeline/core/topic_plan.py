@@ -33,6 +33,7 @@ class TopicPolicy:
     samples_retention_bytes: int = -1
     prompts_retention_ms: int = -1
     prompts_retention_bytes: int = -1
+    trainer_groups: tuple[str, ...] = ()  # each declared trainer group has its own ledger topic
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def run_topic_plan(topics: RunTopics, partitions: int, policy: TopicPolicy | Non
         topics.dlq: spec(1, keep),
         topics.manifest: spec(1, {"cleanup.policy": "compact", **keep}),
         topics.heartbeats: spec(1, {**common, **HEARTBEAT_TOPIC_CONFIG}),
+        **{RunTopics(topics.run_id, group).ledger: spec(1, keep) for group in p.trainer_groups},
     }
 
 

@@ -73,9 +73,11 @@ class FencedError(TransportError):
 
 @dataclass(frozen=True)
 class RunTopics:
-    """Every run owns its topics, named after the run id."""
+    """Every run owns its topics, named after the run id; ``group`` names one of several trainer
+    groups (``train_groups``), with its own ledger and consumer group (None: the run's only one)."""
 
     run_id: str
+    group: str | None = None
 
     @property
     def prompts(self) -> str:
@@ -87,7 +89,7 @@ class RunTopics:
 
     @property
     def ledger(self) -> str:
-        return f"{self.run_id}.ledger"
+        return f"{self.run_id}.ledger" + (f".{self.group}" if self.group else "")
 
     @property
     def dlq(self) -> str:
@@ -113,7 +115,7 @@ class RunTopics:
 
     @property
     def trainer_group(self) -> str:
-        return f"{self.run_id}.trainers"
+        return f"{self.run_id}.trainers" + (f".{self.group}" if self.group else "")
 
     @property
     def eval(self) -> RunTopics:

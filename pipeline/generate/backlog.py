@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from pipeline.core.errors import StreamError
 from pipeline.core.messages import LedgerStep, Prompt
@@ -26,7 +26,7 @@ from pipeline.generate.planner import Decoded
 from pipeline.generate.stats import GeneratorStats
 from pipeline.ledger import LedgerTail
 
-__all__ = ("consumed_from", "generator_commits", "BacklogMonitor", "Throttle")
+__all__ = ("consumed_from", "slowest", "generator_commits", "BacklogMonitor", "Throttle")
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,13 @@ def consumed_from(step: LedgerStep | None) -> dict[int, int]:
     if step is None:
         return {}
     return {position.partition: position.records for rank in step.ranks for position in rank.next_offsets}
+
+
+def slowest(progress: Iterable[Mapping[int, int]]) -> dict[int, int]:
+    """Per partition, the fewest records any trainer group has consumed (a group without a step: 0)."""
+    views = list(progress)
+    partitions = {p for view in views for p in view}
+    return {p: min(view.get(p, 0) for view in views) for p in partitions}
 
 
 def generator_commits(admin: Admin, topics: RunTopics) -> dict[int, Committed]:
@@ -53,12 +60,14 @@ class BacklogMonitor:
         *,
         interval_s: float = 0.5,
         admin: Admin | None = None,
+        groups: Sequence[str] = (),
     ) -> None:
         self.topics = topics
         self.interval_s = interval_s
         self._own_admin = admin is None
         self._admin = admin or transport.admin()
-        self._ledger = LedgerTail(transport, topics.run_id)
+        # One ledger per trainer group (``train_groups``); progress is the slowest group's.
+        self._ledgers = [LedgerTail(transport, topics.run_id, group=g) for g in (tuple(groups) or (None,))]
         self.produced: dict[int, int] = {}
         self.ended: set[int] = set()
         self.consumed: dict[int, int] = {}
@@ -76,7 +85,7 @@ class BacklogMonitor:
         self.produced = {p: c.refs for p, c in committed.items()}
         self.ended = {p for p, c in committed.items() if c.ended}
         try:
-            self.consumed = consumed_from(self._ledger.latest(timeout_s=self.ledger_timeout_s))
+            self.consumed = slowest(consumed_from(t.latest(timeout_s=self.ledger_timeout_s)) for t in self._ledgers)
         except StreamError as exc:  # a slow read keeps the older (lower, so safe) progress
             logger.warning("backpressure: trainer progress not read (%s); keeping the last", exc)
         return True
@@ -91,7 +100,8 @@ class BacklogMonitor:
 
     def close(self) -> None:
         """Close the ledger reader, and the admin client when this monitor opened it."""
-        self._ledger.close()
+        for tail in self._ledgers:
+            tail.close()
         if self._own_admin:
             self._admin.close()
 

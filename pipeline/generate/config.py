@@ -43,6 +43,7 @@ class GeneratorConfig:
     eval_run_id: str | None = None  # the eval sub-run captured first (``pipeline.generate.eval_capture``)
     heartbeat_interval_s: float | None = None  # publish a heartbeat this often (None: none)
     storage_dtype: FeatureDtype = "as_captured"  # how the hidden states are stored (storage.dtype)
+    trainer_groups: tuple[str, ...] = ()  # backpressure follows the slowest of these (none: the one trainer)
 
     def validate(self) -> None:
         """Refuse a bad batch size or a watermark that could deadlock, before anything starts."""

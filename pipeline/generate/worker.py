@@ -139,7 +139,8 @@ class GeneratorWorker:
             assert cfg.trainer is not None
             flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
             monitor = BacklogMonitor(
-                self.transport, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin
+                self.transport, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin,
+                groups=cfg.trainer_groups,
             )
             self._throttle = Throttle(flow, monitor, self.stats, name=cfg.worker_id, heartbeat=self._heartbeat)
         producer = self.transport.transactional_producer(

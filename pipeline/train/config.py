@@ -72,6 +72,8 @@ class TrainerSettings:
     report_to: tuple[str, ...] = ()  # scalar trackers on rank 0 (TRACKERS), under tracker_root
     output_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options of an output_dir URL
     publish_url: str | None = None  # output_dir on an object store: rank 0 copies its metrics there
+    group: str | None = None  # this trainer's group of the run's ``train_groups`` (None: the run's only trainer)
+    retention_groups: tuple[str, ...] = ()  # every declared group: retention ``delete`` waits for all of them
 
     @property
     def tracker_root(self) -> str | None:

@@ -28,6 +28,7 @@ from pipeline.train.dataset import ItemSource
 from pipeline.train.distributed import DistContext, init_distributed
 from pipeline.train.epochs import EpochedSource, letter_again
 from pipeline.train.evaluate import Evaluator, OnEval
+from pipeline.train.group_retention import GroupRelease
 from pipeline.train.model import ModelSpec, build_draft
 from pipeline.train.result import TrainResult
 from pipeline.train.rng import seed_everything
@@ -145,6 +146,18 @@ def _evaluator(
         path=settings.eval_metrics_path,
         on_eval=on_eval,
     )
+def _process_id(group: str | None, rank: int) -> str:
+    """A rank's heartbeat id: ``rank-N``, or ``<group>.rank-N`` for a group of several."""
+    return f"{group}.rank-{rank}" if group else f"rank-{rank}"
+
+
+def _delete_feature(settings: TrainerSettings, store: FeatureStore) -> Callable[[str], None]:
+    """Retention's delete: the store's, or, for one group of several, a release (the last deletes)."""
+    if settings.group is None or len(settings.retention_groups) < 2:
+        return store.delete
+    return GroupRelease(store, settings.group, settings.retention_groups)
+
+
 def final_state(result: TrainResult) -> tuple[State, str]:
     """A rank's last heartbeat: finished at the end of the stream, else stopped and why."""
     if result.reason == "end_of_stream":
@@ -188,13 +201,14 @@ def run_trainer(
     closers: list[object] = []
     live: list[Trainer] = []  # the trainer, once built: the heartbeat's counters read it
     heartbeat = HeartbeatPublisher(
-        transport, settings.run_id, "trainer", f"rank-{dist.rank}", settings.heartbeat_interval_s if record else None,
+        transport, settings.run_id, "trainer", _process_id(settings.group, dist.rank),
+        settings.heartbeat_interval_s if record else None,
         lambda: {"rank": dist.rank, "step": live[0].step, "samples": live[0].trained_local} if live else {},
     ).start()  # fmt: skip
     try:
         seed_everything(settings.seed, deterministic=settings.deterministic)
         draft, lm_head, vocab = build_draft(model, seed=settings.seed, device=dist.device)
-        topics = RunTopics(settings.run_id)
+        topics = RunTopics(settings.run_id, settings.group)
         num_partitions, topic_id = _samples_topic(transport, topics)
         partitions = rank_partitions(num_partitions, dist.world_size, dist.rank)
         if not partitions:
@@ -244,7 +258,7 @@ def run_trainer(
 
         ledger = committer = None
         if dist.is_main and record:
-            ledger = LedgerWriter(transport, settings.run_id)
+            ledger = LedgerWriter(transport, settings.run_id, settings.group)
             committer = OffsetCommitter(transport, topics, num_partitions)
             closers.extend([ledger, committer])
         trainer = Trainer(
@@ -257,7 +271,7 @@ def run_trainer(
             num_partitions=num_partitions,
             ledger=ledger,
             commit_offsets=committer,
-            delete_feature=store.delete,
+            delete_feature=_delete_feature(settings, store),
             extra_resume_fields={
                 "draft": draft.config.to_dict(),
                 "vocab": vocab.fingerprint(),

@@ -381,7 +381,8 @@ class Trainer:
                 "rank %d ended at step %d with %d tail samples", self.dist.rank, self.step, tail_count
             )
             if self.dist.is_main:
-                print(completeness.line(), flush=True)  # the run's summary line, for people and scripts
+                group = f"trainer group {self.config.group}: " if self.config.group else ""
+                print(group + completeness.line(), flush=True)  # the run's summary line, for people and scripts
                 if result.eval is not None:
                     print(eval_line(self.step, result.eval), flush=True)
             completeness.check(self.config.min_trained_fraction)
