@@ -399,7 +399,8 @@ class RunConfig(_Section):
     def fingerprint_values(self) -> dict[str, SettingValue]:
         """The settings that change the trained result, by dotted key (JSON values)."""
         values = {key: json.loads(json.dumps(self.value(key))) for key in FINGERPRINT_KEYS}
-        return {k: v for k, v in values.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
+        values = {k: v for k, v in values.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
+        return {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in values.items()}  # a mapping: one string
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`fingerprint_values`: what a run's stages must agree on."""

@@ -16,7 +16,8 @@ group writes its own marker *before* it reads the others': of two groups releasi
 feature at once, the later writer sees both markers, so the last release always deletes (both
 may delete: deletes are idempotent). A crash after the marker and before the delete repeats the
 retention pass at the next checkpoint (its interval is not marked done), which finds the markers
-and deletes. A lost marker only leaves a feature on storage, never deletes one too early.
+and deletes; a pass repeated after the feature went writes no marker. A lost marker only
+leaves a feature on storage, never deletes one too early.
 
 Cost: one empty write and ``groups - 1`` existence checks per feature per group, and the deletes;
 on an object store these are requests (cheap next to the feature itself). Limit: a group that
@@ -65,6 +66,8 @@ class GroupRelease:
     def __call__(self, uri: str) -> None:
         """Release ``uri`` for this group; delete it (and every marker) when every group has."""
         fs, mine = self.store.fs, self.marker(self.group, uri)
+        if not self.store.exists(uri):  # the last group deleted it already (a pass repeated after a crash)
+            return
         fs.makedirs(posixpath.dirname(mine), exist_ok=True)
         fs.pipe_file(mine, b"")  # mine first, then the others': the last to release sees all
         if any(not fs.exists(self.marker(g, uri)) for g in self.groups if g != self.group):
