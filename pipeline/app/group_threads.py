@@ -44,7 +44,7 @@ def run_groups(
     def one(name: str | None, train: Callable[[threading.Event], T]) -> None:
         try:
             results[name] = train(group_stop)
-        except BaseException as exc:  # re-raised on the caller's thread below
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread below
             logger.error("trainer group %s failed: %s: %s; stopping the other groups", name, type(exc).__name__, exc)
             errors.append(exc)
             group_stop.set()

@@ -270,9 +270,10 @@ class OnlineRun:
         def trainer(stop_event: threading.Event) -> dict[str | None, TrainResult]:
             return run_groups({name: group_trainer(name) for name in groups}, stop_event)
 
+        trainers = "the trainer" if len(groups) == 1 else f"{len(groups)} trainer groups"
         fresh = not any(checkpoints(g).list() for g in groups.values())  # a continued run generates only what is left
         with (
-            phases.phase("training", f"training: {len(workers)} generator(s) and {len(groups)} trainer(s), interleaved..."),
+            phases.phase("training", f"training: {len(workers)} generator(s) and {trainers}, interleaved..."),
             phases.watch("generation", total=source.prompts if fresh else None, unit="sample",
                          read=lambda: {w.config.worker_id.removeprefix(f"{c.run_id}-"): w.stats.refs + w.stats.dropped
                                        for w in workers},

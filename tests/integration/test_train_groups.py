@@ -20,8 +20,8 @@ from pipeline.ledger import effective_history, read_ledger
 from pipeline.storage import FeatureStore
 from pipeline.train.group_retention import RELEASED_DIR
 from pipeline.transport.kafka import KafkaSettings
-from tests.integration.test_runtime import write_config
 from tests.faults.harness import stage
+from tests.integration.test_runtime import write_config
 from tests.support import spawn, wait_exit
 
 pytestmark = pytest.mark.integration
@@ -131,7 +131,9 @@ def test_two_groups_as_processes_each_train_their_own_group(
         code, out = wait_exit(trainer, timeout_s=300)
         assert code == 0 and f"trainer group {name}: {conversations} of {conversations} prompts trained" in out, out
         assert list((tmp_path / "out" / name / "checkpoints").iterdir())
-        code, out = wait_exit(spawn(["audit", "--config", str(config), "--group", name, "--json"]), timeout_s=120)
+        # by run id: with --config the audit also verifies each ref's file, which retention deleted
+        audit = ["audit", "--run-id", run_id, "--bootstrap", kafka.bootstrap_servers, "--group", name, "--json"]
+        code, out = wait_exit(spawn(audit), timeout_s=120)
         assert code == 0, out
         report = json.loads(out[out.index("{") :])
         assert report["ok"] and report["totals"]["trained_once"] == conversations, report["totals"]
