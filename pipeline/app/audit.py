@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.core.deadletter import stage_of
-from pipeline.core.errors import CaptureContractError, DecodeError, PayloadError, StreamError
+from pipeline.core.errors import CaptureContractError, DecodeError, OptionError, PayloadError, StreamError
 from pipeline.core.features import check_ref
 from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, SampleRef, decode
 from pipeline.core.topics import Record, RunTopics, Transport, read_to_end
@@ -203,8 +203,12 @@ def audit_run(
     topics = RunTopics(run_id)
     with transport.admin() as admin:
         count = admin.partition_count(topics.samples)
+        groups = sorted(t.removeprefix(f"{topics.ledger}.") for t in admin.topics() if t.startswith(f"{topics.ledger}."))
     if count is None:
         raise StreamError(f"run {run_id} has no topics on this broker (no {topics.samples})")
+    if (groups or group is not None) and group not in groups:  # each group has its own ledger: one audit each
+        raise OptionError("--group", f"is {group!r}; the run's trainer groups: {', '.join(groups) or 'none'}",
+                          "name one of them (a run without train_groups: no --group)")  # fmt: skip
     prompts = _by_partition(transport, topics.prompts, count, timeout_s)
     samples = _by_partition(transport, topics.samples, count, timeout_s)
     history = effective_history(read_ledger(transport, run_id, timeout_s=timeout_s, group=group))

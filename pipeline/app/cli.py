@@ -288,13 +288,14 @@ def export(
     config: ConfigOption,
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint directory or URL; default the newest.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output directory or URL; default OUTPUT_DIR/export.")] = None,
+    group: GroupOption = None,
 ) -> None:
     """Write an SGLang-loadable EAGLE3 draft (config.json + model.safetensors) from a checkpoint."""
     phases = Phases()
     from pipeline.app.export_job import export_run  # lazy: start-up, torch
 
     with phases.phase("export", "exporting the draft for SGLang..."):
-        exported = export_run(load(config), checkpoint, out)
+        exported = export_run(load(config), checkpoint, out, group)
     typer.echo(exported)  # the last line, for scripts: the export's directory
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_groups import group_config
 from pipeline.app.outputs import checkpoints, output_options, output_path
 from pipeline.app.preflight import check_local
 from pipeline.app.settings import model_spec
@@ -27,8 +28,13 @@ _LOOKS_LIKE = (
 )
 
 
-def export_run(cfg: RunConfig, checkpoint: str | Path | None, out: str | Path | None) -> str:
-    """Export ``checkpoint`` (default: the newest) to ``out`` (default: OUTPUT_DIR/export); returns it."""
+def export_run(cfg: RunConfig, checkpoint: str | Path | None, out: str | Path | None, group: str | None = None) -> str:
+    """Export ``checkpoint`` (default: the newest, of trainer ``group`` when the run has groups) to
+    ``out`` (default: OUTPUT_DIR/export, the group's own); returns it."""
+    if group is None and cfg.train_groups:
+        raise ConfigError("--group", f"the run declares trainer groups ({', '.join(cfg.train_groups)})",
+                          "name the one to export: `specstream export --group NAME`")  # fmt: skip
+    cfg = group_config(cfg, group)
     check_local(cfg, ("export",))
     chosen = checkpoint_to_export(cfg, checkpoint)
     store = FeatureStore(cfg.storage.root, cfg.run_id, storage_options=dict(cfg.storage.options))

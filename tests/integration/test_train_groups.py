@@ -13,8 +13,10 @@ import pytest
 
 from pipeline.app.audit import audit_run
 from pipeline.app.config_file import load_config
+from pipeline.app.export_job import export_run
 from pipeline.app.runtime import build_online_run
 from pipeline.app.status import run_status
+from pipeline.core.errors import ConfigError, OptionError
 from pipeline.core.topics import RunTopics
 from pipeline.ledger import effective_history, read_ledger
 from pipeline.storage import FeatureStore
@@ -85,6 +87,11 @@ def test_two_groups_train_every_sample_and_delete_features_only_after_both(
         assert len(history) == result.groups[name].steps == conversations // 2
         trained_at[name] = {sid: step.created_at for step in history for r in step.ranks for sid in r.sample_ids}
     assert read_ledger(kafka, run_id, timeout_s=10) == []
+    with pytest.raises(OptionError, match="trainer groups: deep, shallow"):
+        audit_run(kafka, run_id)  # which ledger? one audit per group
+    assert load_exported(export_run(config, None, tmp_path / "again", "shallow"), tiny_target_dir) is not None
+    with pytest.raises(ConfigError, match="declares trainer groups"):
+        export_run(config, None, tmp_path / "again")
     depth = {name: len(effective_history(read_ledger(kafka, run_id, group=name))[-1].metrics.ploss) for name in GROUPS}
     assert depth == {"deep": 3, "shallow": 1}  # each group trained its own draft, at its own TTT depth
 
