@@ -1,0 +1,154 @@
+"""Reading into reused batch buffers: the same batches as get + collate, and no held batch overwritten."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.core.messages import EndOfStream, SampleRef, encode
+from pipeline.core.topics import RunTopics
+from pipeline.storage import FeatureStore
+from pipeline.stream import SampleStream
+from pipeline.train.collate import Batch, collate
+from pipeline.train.dataset import MicroBatch, Prefetcher, StreamEnd
+from pipeline.transport.memory import MemoryBroker
+from tests.train_support import TARGET_INFO, sample_tensors
+
+RUN = "slots"
+
+
+def publish(
+    tmp_path: Path, lengths: list[int], dtype: torch.dtype, corrupt: tuple[int, ...] = ()
+) -> tuple[MemoryBroker, FeatureStore]:
+    """Store one sample per length, publish their refs and the end marker on partition 0."""
+    broker, store = MemoryBroker(), FeatureStore(str(tmp_path), RUN, durable=False)
+    topics = RunTopics(RUN)
+    broker.admin().ensure_run_topics(topics, 1)
+    producer = broker.plain_producer()
+    for i, length in enumerate(lengths):
+        tensors = sample_tensors(i, length)
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        stored = store.put(0, f"s{i}", tensors)
+        if i in corrupt:
+            path = store.resolve(stored.uri)
+            data = bytearray(Path(path).read_bytes())
+            data[-3] ^= 0x10
+            Path(path).write_bytes(bytes(data))
+        ref = SampleRef(
+            run_id=RUN, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="t", uri=stored.uri,
+            nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=length, tensors=stored.tensors,
+            target=TARGET_INFO, created_at=0.0, seq=i,
+        )  # fmt: skip
+        producer.send(topics.samples, encode(ref), partition=0)
+    n = len(lengths)
+    marker = EndOfStream(run_id=RUN, stage="generate", partition=0, count=n, seq=n)
+    producer.send(topics.samples, encode(marker), partition=0)
+    return broker, store
+
+
+def stream(broker: MemoryBroker, store: FeatureStore) -> SampleStream:
+    return SampleStream(broker, store, RUN, [0], idle_timeout_s=10, poll_timeout_s=0.05)
+
+
+def reference(
+    broker: MemoryBroker, store: FeatureStore, batch_size: int, max_length: int | None
+) -> list[Batch]:
+    """Today's path: get (a fresh buffer per sample) + collate (fresh zeroed batches)."""
+    items = list(stream(broker, store).items())
+    groups = [items[i : i + batch_size] for i in range(0, len(items) - batch_size + 1, batch_size)]
+    return [collate([it.tensors for it in g], max_length=max_length) for g in groups]
+
+
+def same(a: Batch, b: Batch) -> bool:
+    return all(
+        getattr(a, f.name).dtype == getattr(b, f.name).dtype
+        and torch.equal(getattr(a, f.name), getattr(b, f.name))
+        for f in fields(Batch)
+    )
+
+
+def drain(prefetcher: Prefetcher, on_batch=lambda mb: None) -> StreamEnd:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = prefetcher.get(0.5)
+        if isinstance(got, StreamEnd):
+            return got
+        if isinstance(got, MicroBatch):
+            on_batch(got)
+    raise AssertionError("the prefetcher did not end within 60 s")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("max_length", [None, 6])
+def test_batches_read_in_place_equal_get_plus_collate(
+    tmp_path: Path, dtype: torch.dtype, max_length: int | None
+) -> None:
+    lengths = [3, 9, 4, 5, 8, 2, 7, 6, 5, 3, 9, 4]  # longer than max_length: decoded and truncated instead
+    broker, store = publish(tmp_path, lengths, dtype)
+    expected = reference(broker, store, 3, max_length)
+    prefetcher = Prefetcher(stream(broker, store), batch_size=3, depth=2, max_length=max_length).start()
+    got: list[MicroBatch] = []
+    try:
+        drain(prefetcher, got.append)
+    finally:
+        prefetcher.close()
+    slots = prefetcher._slots
+    assert slots is not None and slots.allocated >= 1, "the local stream did not read into slots"
+    assert len(got) == len(expected) == 4
+    for mb, batch in zip(got, expected):
+        assert same(mb.batch, batch)
+    in_place = [mb for mb in got if mb.batch.aux_hidden_states._base is not None]
+    assert in_place, "no batch was read into a reused buffer"
+
+
+def test_a_corrupt_sample_is_dead_lettered_and_its_row_reused(tmp_path: Path) -> None:
+    lengths = [4, 5, 6, 3, 7, 4, 5]
+    broker, store = publish(tmp_path, lengths, torch.bfloat16, corrupt=(1, 4))
+    expected = reference(broker, store, 2, None)
+    source = stream(broker, store)
+    prefetcher = Prefetcher(source, batch_size=2, depth=2).start()
+    got: list[MicroBatch] = []
+    try:
+        end = drain(prefetcher, got.append)
+    finally:
+        prefetcher.close()
+    assert end.dead_letters == 2 and end.summary.foreign == 2
+    assert [s.sample_id for mb in got for s in mb.samples] == ["s0", "s2", "s3", "s5"]
+    assert len(got) == len(expected) and all(same(mb.batch, b) for mb, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("hold", [1, 3, 100])
+def test_buffer_reuse_never_changes_a_batch_still_held(tmp_path: Path, hold: int) -> None:
+    """The consumer keeps its last ``hold`` micro-batches (a step's grad_accum) while the prefetch
+    thread runs ahead: each one must still equal its reference when it is finally dropped."""
+    lengths = [(i * 7) % 11 + 2 for i in range(40)]
+    broker, store = publish(tmp_path, lengths, torch.bfloat16)
+    expected = reference(broker, store, 2, None)
+    prefetcher = Prefetcher(stream(broker, store), batch_size=2, depth=1).start()
+    held: list[tuple[int, MicroBatch]] = []
+    seen = {"n": 0}
+
+    def on_batch(mb: MicroBatch) -> None:
+        held.append((seen["n"], mb))
+        seen["n"] += 1
+        while len(held) > hold:
+            index, old = held.pop(0)
+            assert same(old.batch, expected[index]), f"micro-batch {index} changed while it was held"
+
+    try:
+        drain(prefetcher, on_batch)
+    finally:
+        prefetcher.close()
+    assert seen["n"] == len(expected) == 20
+    assert all(same(mb.batch, expected[i]) for i, mb in held)
+    slots = prefetcher._slots
+    assert slots is not None
+    assert slots.allocated <= 3  # depth 1 + 2
+    if hold == 1:
+        assert slots.reused > 0, "buffers were never reused"
+    if hold == 100:
+        assert slots.transient > 0 and slots.reused == 0  # everything held: fresh buffers, never a held one
