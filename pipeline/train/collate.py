@@ -11,13 +11,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 from pipeline.core.errors import PayloadError
 from pipeline.core.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
 
-__all__ = ("Batch", "collate", "copy_pending", "validate_sample")
+__all__ = ("Batch", "collate", "copy_pending", "mark_in_flight", "validate_sample")
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,27 @@ class Batch:
         return Batch(**moved)
 
 
-#: CPU buffers (reused batch slots) with a copy to a GPU maybe still in flight: not to be refilled yet.
-_IN_FLIGHT: weakref.WeakKeyDictionary[torch.Tensor, torch.cuda.Event] = weakref.WeakKeyDictionary()
+#: CPU buffers (reused batch slots) with a copy to a GPU maybe still in flight, by id (tensors compare
+#: elementwise, so they cannot be weak dict keys): the buffer's weak reference and the copy's event.
+_IN_FLIGHT: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
 
 
 def copy_pending(buffer: torch.Tensor) -> bool:
     """Whether a copy out of ``buffer`` (a slot's base tensor) to a GPU may still be running."""
-    event = _IN_FLIGHT.get(buffer)
-    return event is not None and not event.query()
+    entry = _IN_FLIGHT.get(id(buffer))
+    if entry is None or entry[0]() is not buffer:
+        return False
+    if entry[1].query():
+        del _IN_FLIGHT[id(buffer)]
+        return False
+    return True
+
+
+def mark_in_flight(buffer: torch.Tensor, event: Any) -> None:
+    """Remember that a copy out of ``buffer`` ends when ``event`` (a CUDA event) completes."""
+    for key in [k for k, (ref, _) in _IN_FLIGHT.items() if ref() is None]:
+        del _IN_FLIGHT[key]  # buffers gone since: their ids may be reused
+    _IN_FLIGHT[id(buffer)] = (weakref.ref(buffer), event)
 
 
 def _moved(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -76,7 +90,7 @@ def _moved(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None
             out[row].copy_(tensor[row], non_blocking=True)
     event = torch.cuda.Event()
     event.record()
-    _IN_FLIGHT[tensor._base] = event
+    mark_in_flight(tensor._base, event)
     return out if dtype is None else out.to(dtype)
 
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.core.messages import EndOfStream, SampleRef, encode
+from pipeline.core.messages import EndOfStream, SampleRef, TensorSpec, encode
 from pipeline.core.topics import RunTopics
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
-from pipeline.train.collate import Batch, collate
+from pipeline.train.collate import Batch, collate, copy_pending, mark_in_flight
 from pipeline.train.dataset import MicroBatch, Prefetcher, StreamEnd
+from pipeline.train.slots import BatchSlots
 from pipeline.transport.memory import MemoryBroker
 from tests.train_support import TARGET_INFO, sample_tensors
 
@@ -152,3 +154,41 @@ def test_buffer_reuse_never_changes_a_batch_still_held(tmp_path: Path, hold: int
         assert slots.reused > 0, "buffers were never reused"
     if hold == 100:
         assert slots.transient > 0 and slots.reused == 0  # everything held: fresh buffers, never a held one
+
+
+class _Event:
+    """Stands in for the CUDA event of a host-to-device copy out of a slot."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_a_buffer_is_not_refilled_while_a_copy_out_of_it_may_run() -> None:
+    spec = {
+        "aux_hidden_states": TensorSpec(dtype="BF16", shape=[4, 24]),
+        "final_hidden_states": TensorSpec(dtype="BF16", shape=[4, 8]),
+    }
+    ref = SimpleNamespace(tensors=spec)
+    slots = BatchSlots(1, max_length=4, dtype=None, pin=False, keep=1)
+
+    def one_batch() -> torch.Tensor:
+        assert slots.dest(ref) is not None
+        out = slots.take()
+        assert out is not None
+        return out[0]
+
+    first = one_batch()
+    event = _Event()
+    mark_in_flight(first, event)  # what Batch.to records after an asynchronous copy to a GPU
+    assert copy_pending(first)
+    assert one_batch() is not first and slots.transient == 1  # the copy may still read it
+    event.done = True
+    assert one_batch() is first and slots.reused == 1 and not copy_pending(first)
+    held = slots.dest(ref)  # reuses it again; a view of it stays held (the trainer's batch)
+    slots.take()
+    assert one_batch() is not first and slots.transient == 2
+    del held
+    assert one_batch() is first and slots.reused == 3
