@@ -89,7 +89,7 @@ def _moved(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None
         for row in range(tensor.shape[0]):
             out[row].copy_(tensor[row], non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))  # the stream the copies ran on: the target's
     mark_in_flight(tensor._base, event)
     return out if dtype is None else out.to(dtype)
 

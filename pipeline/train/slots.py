@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.features import AUX_HIDDEN, FINAL_HIDDEN
+from pipeline.core.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN
 from pipeline.train.collate import copy_pending
 
 __all__ = ("BatchSlots",)
@@ -85,12 +85,17 @@ class BatchSlots:
         if install is None or not hasattr(torch._C, "_storage_Use_Count"):
             return None
         slots = cls(batch_size, **kwargs)
-        return slots if install(slots.dest) else None
+        if not install(slots.dest):
+            return None
+        logger.debug("hidden states are read into a ring of up to %d reused batch buffers", slots.keep)
+        return slots
 
     def dest(self, ref: Any) -> Mapping[str, torch.Tensor] | None:
         """Row ``self.row`` of the current buffer for ``ref``'s hidden states; None: decode it instead."""
-        aux, final = ref.tensors.get(AUX_HIDDEN), ref.tensors.get(FINAL_HIDDEN)
-        if aux is None or final is None or len(aux.shape) != 2 or len(final.shape) != 2:
+        if set(ref.tensors) != set(FEATURE_NAMES):  # e.g. compact features with scales: get decodes them
+            return None
+        aux, final = ref.tensors[AUX_HIDDEN], ref.tensors[FINAL_HIDDEN]
+        if len(aux.shape) != 2 or len(final.shape) != 2:
             return None
         length, width = final.shape
         stored = _FLOATS.get(final.dtype)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,6 +168,8 @@ class _Event:
 
 def test_a_buffer_is_not_refilled_while_a_copy_out_of_it_may_run() -> None:
     spec = {
+        "input_ids": TensorSpec(dtype="I64", shape=[4]),
+        "loss_mask": TensorSpec(dtype="U8", shape=[4]),
         "aux_hidden_states": TensorSpec(dtype="BF16", shape=[4, 24]),
         "final_hidden_states": TensorSpec(dtype="BF16", shape=[4, 8]),
     }
@@ -192,3 +194,25 @@ def test_a_buffer_is_not_refilled_while_a_copy_out_of_it_may_run() -> None:
     assert one_batch() is not first and slots.transient == 2
     del held
     assert one_batch() is first and slots.reused == 3
+
+
+def test_samples_the_slots_cannot_hold_as_stored_are_left_to_get() -> None:
+    """Another dtype than the batch's, extra tensors (compact features' scales), too long: decoded."""
+
+    def ref(length: int = 4, dtype: str = "BF16", **extra: TensorSpec) -> SimpleNamespace:
+        return SimpleNamespace(tensors={
+            "input_ids": TensorSpec(dtype="I64", shape=[length]),
+            "loss_mask": TensorSpec(dtype="U8", shape=[length]),
+            "aux_hidden_states": TensorSpec(dtype=dtype, shape=[length, 24]),
+            "final_hidden_states": TensorSpec(dtype=dtype, shape=[length, 8]),
+            **extra,
+        })  # fmt: skip
+
+    slots = BatchSlots(2, max_length=4, dtype=torch.bfloat16, pin=False, keep=1)
+    assert slots.dest(ref(dtype="F32")) is None
+    assert slots.dest(ref(dtype="F8_E4M3")) is None
+    assert slots.dest(ref(aux_scale=TensorSpec(dtype="F32", shape=[4]))) is None
+    assert slots.dest(ref(length=5)) is None
+    got = slots.dest(ref(length=3))
+    assert got is not None and got["aux_hidden_states"].shape == (3, 24)
+    assert got["final_hidden_states"].dtype == torch.bfloat16
