@@ -149,8 +149,8 @@ class Prefetcher:
         self.pin_memory = pin_memory
         self._check_ref = check_ref
         self._slots = BatchSlots.install(  # hidden states read straight into reused (pinned) batch buffers
-            source, batch_size, max_length=max_length, dtype=dtype, pin=pin_memory, keep=max(1, depth) + 2
-        )
+            source, batch_size, max_length=max_length, dtype=dtype, pin=pin_memory, keep=max(1, depth) + 10
+        )  # up to: the queue, the one being filled, the step's grad_accum (<= 8) and one being dropped
         self._queue: queue.Queue[MicroBatch | StreamEnd | _Failure] = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -7,8 +7,9 @@ buffer (:meth:`BatchSlots.dest`), pinned when the batch goes to a GPU; the colla
 A buffer is refilled only when nothing uses it any more: no tensor of the batches handed out (the
 prefetch queue, the feeder's held micro-batches, the step in progress, autograd's saved inputs)
 still views it, which is the storage's own use count, and no copy to a GPU out of it is still
-running (:func:`~pipeline.train.collate.copy_pending`). The ring keeps ``keep`` buffers; when all
-are busy (a deep ``grad_accum``) a fresh one is allocated and dropped after use, never waited on.
+running (:func:`~pipeline.train.collate.copy_pending`). The ring grows to as many buffers as are in
+use at once (the prefetch queue + the feeder's held micro-batches + the one being filled), at most
+``keep``; beyond that a fresh one is allocated per micro-batch and dropped after use, never waited on.
 """
 
 from __future__ import annotations
