@@ -149,9 +149,10 @@ def test_buffer_reuse_never_changes_a_batch_still_held(tmp_path: Path, hold: int
     assert all(same(mb.batch, expected[i]) for i, mb in held)
     slots = prefetcher._slots
     assert slots is not None
-    if hold < 100:  # as many as are in use at once: the queue (1), the one filled, the held, the one handed over
+    # As many buffers as are in use at once: the queue (1), the one filled, the held, the one handed over.
+    if hold < 100:
         assert slots.allocated <= hold + 3 and slots.reused > 0 and slots.transient == 0
-    else:  # everything held: the ring grows to its cap (depth 1 + 10), then fresh buffers, never a held one
+    else:  # all held: the ring grows to its cap (depth 1 + 10), then fresh buffers, never a held one
         assert slots.allocated == 11 and slots.transient == 20 - 11 and slots.reused == 0
 
 
