@@ -216,3 +216,29 @@ def test_samples_the_slots_cannot_hold_as_stored_are_left_to_get() -> None:
     got = slots.dest(ref(length=3))
     assert got is not None and got["aux_hidden_states"].shape == (3, 24)
     assert got["final_hidden_states"].dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: pinned slots and row-wise copies to the GPU"
+)
+def test_pinned_slots_reach_the_gpu_unchanged_while_the_buffers_are_reused(tmp_path: Path) -> None:
+    lengths = [(i * 5) % 9 + 2 for i in range(24)]
+    broker, store = publish(tmp_path, lengths, torch.bfloat16)
+    expected = reference(broker, store, 2, None)
+    prefetcher = Prefetcher(stream(broker, store), batch_size=2, depth=2, pin_memory=True).start()
+    on_gpu: list[Batch] = []
+
+    def on_batch(mb: MicroBatch) -> None:
+        assert mb.batch.aux_hidden_states.is_pinned()
+        on_gpu.append(mb.batch.to("cuda"))  # the CPU batch is dropped at once: its buffer may be refilled
+
+    try:
+        drain(prefetcher, on_batch)
+    finally:
+        prefetcher.close()
+    torch.cuda.synchronize()
+    assert prefetcher._slots is not None and prefetcher._slots.reused > 0
+    assert len(on_gpu) == len(expected)
+    back = [got.to("cpu") for got in on_gpu]
+    torch.cuda.synchronize()  # a non-blocking copy to the host is complete only now
+    assert all(same(got, batch) for got, batch in zip(back, expected))
