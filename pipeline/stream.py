@@ -142,7 +142,8 @@ class SampleStream:
         self._dest = dest
         return True
 
-    def _fetch_sample(self, ref: SampleRef) -> dict[str, Any]:
+    def fetch(self, ref: SampleRef) -> dict[str, Any]:
+        """One sample's verified, decoded tensors, read into ``read_into_slots``'s buffers if set."""
         return fetch_sample(self.store, ref, None if self._dest is None else self._dest(ref))
 
     def interrupt(self) -> None:
@@ -224,7 +225,7 @@ class SampleStream:
             if position is Position.EARLIER:
                 return self._earlier(message, record)
             check_ref(message)
-            tensors = self._fetch_sample(message) if self._fetch else {}
+            tensors = self.fetch(message) if self._fetch else {}
         except (DecodeError, PayloadError, CaptureContractError) as exc:
             self._reject(record, exc)
             return None

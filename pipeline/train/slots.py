@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pipeline.core.feature_encoding import CAPTURED_DTYPE
 from pipeline.core.features import AUX_HIDDEN, FEATURE_NAMES, FINAL_HIDDEN
 from pipeline.train.collate import copy_pending
 
@@ -106,12 +107,15 @@ class BatchSlots:
             self._capacity = -(-length // _ROUND) * _ROUND  # later buffers hold it; this one is decoded
         if length > self._capacity or self.row >= self.batch_size:
             return None
-        dtype = self.dtype or stored
+        captured = _FLOATS.get(
+            CAPTURED_DTYPE.get(ref.target.dtype, "F32"), torch.float32
+        )  # what decoding gives
+        dtype = self.dtype or captured
         if self._current is None:
             self._current = self._acquire(width, dtype)
         slot = self._current
-        if stored != dtype or not slot.fits(length, width, dtype):
-            return None
+        if not stored == captured == dtype or not slot.fits(length, width, dtype):
+            return None  # decoded (storage.dtype) or cast (the batch dtype): the collate copies it in
         return {AUX_HIDDEN: slot.aux[self.row, :length], FINAL_HIDDEN: slot.final[self.row, :length]}
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -10,12 +10,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pipeline.core.feature_encoding import FeatureDtype
 from pipeline.core.messages import EndOfStream, SampleRef, TensorSpec, encode
 from pipeline.core.topics import RunTopics
+from pipeline.feature_codec import encode_features
 from pipeline.storage import FeatureStore
-from pipeline.stream import SampleStream
+from pipeline.stream import SampleStream, fetch_sample
 from pipeline.train.collate import Batch, collate, copy_pending, mark_in_flight
 from pipeline.train.dataset import MicroBatch, Prefetcher, StreamEnd
+from pipeline.train.epochs import EpochedSource
 from pipeline.train.slots import BatchSlots
 from pipeline.transport.memory import MemoryBroker
 from tests.train_support import TARGET_INFO, sample_tensors
@@ -24,17 +27,23 @@ RUN = "slots"
 
 
 def publish(
-    tmp_path: Path, lengths: list[int], dtype: torch.dtype, corrupt: tuple[int, ...] = ()
+    tmp_path: Path,
+    lengths: list[int],
+    dtype: torch.dtype,
+    corrupt: tuple[int, ...] = (),
+    storage: FeatureDtype = "as_captured",
 ) -> tuple[MemoryBroker, FeatureStore]:
-    """Store one sample per length, publish their refs and the end marker on partition 0."""
+    """Store one sample per length (captured in ``dtype``, stored as ``storage``), publish their
+    refs and the end marker on partition 0."""
     broker, store = MemoryBroker(), FeatureStore(str(tmp_path), RUN, durable=False)
     topics = RunTopics(RUN)
     broker.admin().ensure_run_topics(topics, 1)
     producer = broker.plain_producer()
+    target = TARGET_INFO.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})
     for i, length in enumerate(lengths):
         tensors = sample_tensors(i, length)
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        stored = store.put(0, f"s{i}", tensors)
+        stored = store.put(0, f"s{i}", encode_features(tensors, storage))
         if i in corrupt:
             path = store.resolve(stored.uri)
             data = bytearray(Path(path).read_bytes())
@@ -43,7 +52,7 @@ def publish(
         ref = SampleRef(
             run_id=RUN, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="t", uri=stored.uri,
             nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=length, tensors=stored.tensors,
-            target=TARGET_INFO, created_at=0.0, seq=i,
+            target=target, created_at=0.0, seq=i,
         )  # fmt: skip
         producer.send(topics.samples, encode(ref), partition=0)
     n = len(lengths)
@@ -84,14 +93,30 @@ def drain(prefetcher: Prefetcher, on_batch=lambda mb: None) -> StreamEnd:
     raise AssertionError("the prefetcher did not end within 60 s")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("dtype", "storage"),
+    [
+        (torch.bfloat16, "as_captured"),
+        (torch.float32, "as_captured"),
+        (torch.float32, "bf16"),
+        (torch.float32, "fp8_e4m3"),
+    ],
+)
 @pytest.mark.parametrize("max_length", [None, 6])
 def test_batches_read_in_place_equal_get_plus_collate(
-    tmp_path: Path, dtype: torch.dtype, max_length: int | None
+    tmp_path: Path,
+    dtype: torch.dtype,
+    storage: FeatureDtype,
+    max_length: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Stored as captured: read in place; stored compactly (``storage.dtype``): decoded as before."""
     lengths = [3, 9, 4, 5, 8, 2, 7, 6, 5, 3, 9, 4]  # longer than max_length: decoded and truncated instead
-    broker, store = publish(tmp_path, lengths, dtype)
+    broker, store = publish(tmp_path, lengths, dtype, storage=storage)
     expected = reference(broker, store, 3, max_length)
+    served: list[object] = []
+    dest = BatchSlots.dest
+    monkeypatch.setattr(BatchSlots, "dest", lambda self, ref: served.append(dest(self, ref)) or served[-1])
     prefetcher = Prefetcher(stream(broker, store), batch_size=3, depth=2, max_length=max_length).start()
     got: list[MicroBatch] = []
     try:
@@ -99,12 +124,15 @@ def test_batches_read_in_place_equal_get_plus_collate(
     finally:
         prefetcher.close()
     slots = prefetcher._slots
-    assert slots is not None and slots.allocated >= 1, "the local stream did not read into slots"
+    assert slots is not None, "the local stream cannot read into slots"
     assert len(got) == len(expected) == 4
     for mb, batch in zip(got, expected):
         assert same(mb.batch, batch)
-    in_place = [mb for mb in got if mb.batch.aux_hidden_states._base is not None]
-    assert in_place, "no batch was read into a reused buffer"
+    read_in_place = sum(d is not None for d in served)
+    if storage == "as_captured":  # every sample that fits a row: all, or those within max_length
+        assert read_in_place == sum(n <= (max_length or 10**9) for n in lengths)
+    else:
+        assert read_in_place == 0
 
 
 def test_a_corrupt_sample_is_dead_lettered_and_its_row_reused(tmp_path: Path) -> None:
@@ -173,7 +201,7 @@ def test_a_buffer_is_not_refilled_while_a_copy_out_of_it_may_run() -> None:
         "aux_hidden_states": TensorSpec(dtype="BF16", shape=[4, 24]),
         "final_hidden_states": TensorSpec(dtype="BF16", shape=[4, 8]),
     }
-    ref = SimpleNamespace(tensors=spec)
+    ref = SimpleNamespace(tensors=spec, target=SimpleNamespace(dtype="bfloat16"))
     slots = BatchSlots(1, max_length=4, dtype=None, pin=False, keep=1)
 
     def one_batch() -> torch.Tensor:
@@ -199,8 +227,10 @@ def test_a_buffer_is_not_refilled_while_a_copy_out_of_it_may_run() -> None:
 def test_samples_the_slots_cannot_hold_as_stored_are_left_to_get() -> None:
     """Another dtype than the batch's, extra tensors (compact features' scales), too long: decoded."""
 
-    def ref(length: int = 4, dtype: str = "BF16", **extra: TensorSpec) -> SimpleNamespace:
-        return SimpleNamespace(tensors={
+    def ref(
+        length: int = 4, dtype: str = "BF16", captured: str = "bfloat16", **extra: TensorSpec
+    ) -> SimpleNamespace:
+        return SimpleNamespace(target=SimpleNamespace(dtype=captured), tensors={
             "input_ids": TensorSpec(dtype="I64", shape=[length]),
             "loss_mask": TensorSpec(dtype="U8", shape=[length]),
             "aux_hidden_states": TensorSpec(dtype=dtype, shape=[length, 24]),
@@ -213,6 +243,7 @@ def test_samples_the_slots_cannot_hold_as_stored_are_left_to_get() -> None:
     assert slots.dest(ref(dtype="F8_E4M3")) is None
     assert slots.dest(ref(aux_scale=TensorSpec(dtype="F32", shape=[4]))) is None
     assert slots.dest(ref(length=5)) is None
+    assert slots.dest(ref(captured="float32")) is None  # bf16 storage of a float32 capture: decoding casts
     got = slots.dest(ref(length=3))
     assert got is not None and got["aux_hidden_states"].shape == (3, 24)
     assert got["final_hidden_states"].dtype == torch.bfloat16
@@ -242,3 +273,32 @@ def test_pinned_slots_reach_the_gpu_unchanged_while_the_buffers_are_reused(tmp_p
     back = [got.to("cpu") for got in on_gpu]
     torch.cuda.synchronize()  # a non-blocking copy to the host is complete only now
     assert all(same(got, batch) for got, batch in zip(back, expected))
+
+
+def test_later_epochs_read_into_the_slots_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = [3, 6, 4, 5, 2, 7, 5, 4]
+    broker, store = publish(tmp_path, lengths, torch.bfloat16)
+
+    def epoched() -> EpochedSource:
+        return EpochedSource(
+            stream(broker, store),
+            open_listing=lambda: SampleStream(broker, store, RUN, [0], idle_timeout_s=10, fetch=False),
+            fetch=lambda ref: fetch_sample(store, ref),
+            epochs=3,
+            seed=5,
+        )
+
+    items = list(epoched().items())  # today's path: get + decode per sample
+    expected = [collate([it.tensors for it in items[i : i + 2]]) for i in range(0, len(items), 2)]
+    served: list[object] = []
+    dest = BatchSlots.dest
+    monkeypatch.setattr(BatchSlots, "dest", lambda self, ref: served.append(dest(self, ref)) or served[-1])
+    prefetcher = Prefetcher(epoched(), batch_size=2, depth=1).start()
+    got: list[MicroBatch] = []
+    try:
+        drain(prefetcher, got.append)
+    finally:
+        prefetcher.close()
+    assert len(got) == len(expected) == 12
+    assert all(same(mb.batch, batch) for mb, batch in zip(got, expected))
+    assert sum(d is not None for d in served) == 3 * len(lengths)  # the online pass and both later epochs
