@@ -131,7 +131,8 @@ def worker_run(settings: KafkaSettings, target: Shared, prompts: list[Prompt], b
 
 def bench_shape(settings: KafkaSettings, shape: str, args: argparse.Namespace, scratch: Path) -> float:
     directory = model_dir(shape, scratch)
-    target = HFTarget(directory, aux_layer_ids=[0, 1, 2], batch_tokens=args.batch * args.tokens)
+    target = HFTarget(directory, aux_layer_ids=[0, 1, 2], batch_tokens=args.batch * args.tokens,
+                      device=args.device, dtype=args.dtype)  # fmt: skip
     info = target.info
     prompts = make_prompts("bench", args.prompts, args.tokens, info.vocab_size)
     tokens = args.prompts * args.tokens
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the target runs: cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-generator-"))
     try:
