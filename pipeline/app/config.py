@@ -75,8 +75,7 @@ FINGERPRINT_KEYS = (
     "train.epochs",
 )
 
-# Keys fingerprinted after runs existed are left out at their default: older manifests still match.
-_ADDED_LATER: dict[str, Any] = {"storage.dtype": "as_captured", "train.epochs": 1}
+_ADDED_LATER: dict[str, Any] = {"storage.dtype": "as_captured", "train.epochs": 1}  # left out at these: older manifests match
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
