@@ -336,12 +336,14 @@ class LocalKafka:
 
 @contextlib.contextmanager
 def env_or_local_broker() -> Iterator[str]:
-    """``KAFKA_BOOTSTRAP_SERVERS`` if set, else a throwaway local broker for the block."""
+    """``KAFKA_BOOTSTRAP_SERVERS`` if set, else a throwaway local broker for the block, whose
+    directory (topics, logs: up to hundreds of MB) is removed once the broker has stopped."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
-    with LocalKafka(Path(tempfile.mkdtemp(prefix="specstream-kafka-"))) as local:
-        yield local.bootstrap
+    with tempfile.TemporaryDirectory(prefix="specstream-kafka-", ignore_cleanup_errors=True) as workdir:
+        with LocalKafka(Path(workdir)) as local:
+            yield local.bootstrap
 
 
 # --- a broker that outlives the CLI command that started it -------------------------------
