@@ -341,9 +341,9 @@ def env_or_local_broker() -> Iterator[str]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
-    with tempfile.TemporaryDirectory(prefix="specstream-kafka-", ignore_cleanup_errors=True) as workdir:
-        with LocalKafka(Path(workdir)) as local:
-            yield local.bootstrap
+    scratch = tempfile.TemporaryDirectory(prefix="specstream-kafka-", ignore_cleanup_errors=True)
+    with scratch as workdir, LocalKafka(Path(workdir)) as local:  # the broker stops before the removal
+        yield local.bootstrap
 
 
 # --- a broker that outlives the CLI command that started it -------------------------------
