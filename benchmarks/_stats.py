@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -37,14 +38,24 @@ def machine_load() -> str:
     return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {cpus} CPUs{busy}"
 
 
+def _exit_on_term(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def session(title: str) -> Iterator[None]:
-    """Print the title and the machine's load at the start, and the load again at the end."""
+    """Print the title and the machine's load at the start, and the load again at the end.
+
+    SIGTERM (``timeout``, a scheduler) becomes SystemExit inside, so the ``finally`` blocks of the
+    scratch directories and the throwaway broker still run.
+    """
     print(f"{title}\n  start: {machine_load()}", flush=True)
     started = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _exit_on_term)
     try:
         yield
     finally:
+        signal.signal(signal.SIGTERM, previous)
         print(f"  end  : {machine_load()}, {time.perf_counter() - started:.0f} s in all", flush=True)
 
 
@@ -95,6 +106,9 @@ def alternate(
         order = names[shift:] + names[:shift]
         for name in order:
             results[name].append(dict(sides[name]()))
+            if show is not None:  # every figure, so a run cut short still leaves its numbers
+                figures = ", ".join(f"{k} {v:.3g}" for k, v in results[name][-1].items())
+                print(f"    {name}: {figures}", flush=True)
         if show is not None:
             line = ", ".join(f"{name} {fmt.format(results[name][-1][show])}" for name in order)
             print(f"  repeat {repeat + 1}/{repeats} ({show}): {line}", flush=True)

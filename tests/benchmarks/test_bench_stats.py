@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,3 +61,25 @@ def test_throwaway_broker_leaves_nothing_in_tmpdir(tmp_path: Path, monkeypatch: 
         assert bootstrap
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith("specstream-kafka-")]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_still_removes_the_scratch_directory(tmp_path: Path) -> None:
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from _stats import scratch, session\n"
+        "with session('t'), scratch('bench-term-') as work:\n"
+        "    print(work, flush=True); time.sleep(60)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(BENCHMARKS)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline(), proc.stdout.readline()  # the title, the load
+        work = Path(proc.stdout.readline().strip())
+        assert work.is_dir()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not work.exists()
