@@ -77,6 +77,8 @@ def make_config(
     it generates), so its watermark is out of reach; the interleaved run keeps the defaults."""
     run = f"bench-{uuid.uuid4().hex[:8]}"
     generate = {"high_watermark": 10**9, "low_watermark": 10**9 - 1} if drain else {}
+    if not drain and args.high_watermark:
+        generate = {"high_watermark": args.high_watermark, "low_watermark": args.high_watermark * 3 // 4}
     return parse_config(
         {
             "run_id": run,
@@ -222,6 +224,8 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                         help="cores for the whole run: each drain phase gets all, each interleaved side half")  # fmt: skip
+    parser.add_argument("--high-watermark", type=int, default=0,
+                        help="interleaved: pause generation above this many untrained samples (0: the config default, 256)")  # fmt: skip
     parser.add_argument("--retention", choices=["delete", "retain"], default="delete")
     parser.add_argument(
         "--save-interval", type=int, default=24, help="steps; retention deletes at checkpoints"
