@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import threading
 import time
 import urllib.request
@@ -26,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from _stats import scratch, session  # benchmarks/, beside this file
 from safetensors.torch import save_file
 
 from pipeline.app.metrics import LiveProcess
@@ -140,7 +139,12 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-data-wait-"))
+    with session("bench_data_wait"), scratch("bench-data-wait-") as work:
+        measure(args, work)
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """Fill the topic, train one rank on it, print the data-wait figures."""
     with broker() as bootstrap:
         settings = KafkaSettings(bootstrap)
         run_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -249,7 +253,6 @@ def main() -> None:
         )
     if prep_steady > 0:
         print(f"ratio hidden by prefetch: {prep_steady / max(wait_s, 1e-9):.0f}x")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,31 @@
-"""Data-plane benchmark: the claim-check path against raw I/O and raw kafka-python, in one run.
+"""Data-plane benchmark: the claim-check path against raw I/O, the formats the field uses, and raw
+kafka-python, side by side in one process.
 
 1. Bytes: N samples of the Llama-3.1-8B shape (1024 tokens, hidden 4096, bf16: 3*4096 aux + 4096
-   final hidden states, ~33.6 MB each) through store.put + transactional ref publish + read_committed
-   consume + get + verify, against the same bytes through plain file write (+fsync) + read.
+   final hidden states, ~33.6 MB each), written durably and read back, one row per way of doing it
+   (a function per row in ``BYTE_ROWS``, so a new row is one function):
+
+   - ``raw``: the same safetensors bytes, plain write + fsync + read (no verification, no atomic
+     rename): the baseline;
+   - ``specstream``: put (temp + fsync + rename + directory fsync, CRC-32C while writing) +
+     transactional ref + read_committed consume + get (size, CRC-32C and header verified);
+   - ``specstream-store``: put + get + verify, no Kafka (the same scope as the peers below);
+   - ``torch.save``: ``torch.save`` to the file + fsync, ``torch.load(weights_only=True)``;
+   - ``save_file``: safetensors ``save_file`` + fsync, ``load_file``;
+   - ``safe_open``: the same file, read with ``safe_open`` (mmap) + ``get_tensor`` per tensor.
+
+   The peers get the same durability for the file (fsync) and the same verification as far as
+   their API allows: a CRC-32C over every tensor's bytes computed on write and checked on read
+   (specstream's covers the header too). They skip the atomic rename and the directory fsync.
+   Rows run alternately in rotated order; min / median / max MB/s and ratios per repeat.
 2. Refs: small sample-ref records through our transactional producer and read_committed reader
    (with strict encode/decode), against raw kafka-python (idempotent producer, default consumer).
 
-Ratios, not absolute timings, are the result: both sides run in the same process on the same disk
-and broker. Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts the local broker.
+Both sides of every ratio run in the same process on the same disk and broker. Uses
+KAFKA_BOOTSTRAP_SERVERS if set, else starts the local broker (removed at exit).
 
-    python benchmarks/bench_dataplane.py --samples 16 --refs 20000
+    python benchmarks/bench_dataplane.py --samples 16 --repeats 3
+    python benchmarks/bench_dataplane.py --rows raw specstream --refs 0
 
 3. Object storage (``--storage s3://bucket/prefix``, no broker): the feature store's put + get +
    verify on that URL against the same on local disk, alternating, min/median/max MB/s. Against a
@@ -32,9 +48,13 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import crc32c
 import torch
+from _stats import alternate, print_ratios, print_spread, scratch, session  # benchmarks/, beside this file
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # the raw baseline only
 
 from pipeline.core.messages import EndOfStream, SampleRef, TargetInfo, decode, encode, now
@@ -50,8 +70,6 @@ TARGET = TargetInfo(
 )  # fmt: skip
 
 
-
-
 def make_sample(tokens: int, hidden: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -62,60 +80,213 @@ def make_sample(tokens: int, hidden: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def bench_bytes(bootstrap: str, samples: int, tokens: int, hidden: int, root: Path) -> dict[str, float]:
-    from safetensors.torch import save
+@dataclass
+class Case:
+    """What every byte row gets: the same samples (tensors and their safetensors bytes), a fresh
+    directory of its own (removed after the row) and the broker."""
 
-    settings = KafkaSettings(bootstrap)
+    tensors: list[dict[str, torch.Tensor]]
+    payloads: list[bytes]
+    root: Path
+    bootstrap: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.payloads)
+
+
+def _timed(write: Callable[[], None], read: Callable[[], None]) -> dict[str, float]:
+    started = time.perf_counter()
+    write()
+    wrote = time.perf_counter()
+    read()
+    ended = time.perf_counter()
+    return {"s": ended - started, "write_s": wrote - started, "read_s": ended - wrote}
+
+
+def _ref(run_id: str, i: int, stored, tokens: int) -> SampleRef:
+    return SampleRef(
+        run_id=run_id, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="bench", uri=stored.uri,
+        nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=tokens, tensors=stored.tensors,
+        target=TARGET, created_at=now(), seq=i,
+    )  # fmt: skip
+
+
+def tensor_crc(tensors: dict[str, torch.Tensor]) -> int:
+    """CRC-32C over every tensor's bytes, in name order: the peers' stand-in for a file checksum."""
+    crc = 0
+    for name in sorted(tensors):
+        crc = crc32c.crc32c(tensors[name].contiguous().view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def _check(tensors: dict[str, torch.Tensor], expected: int) -> None:
+    if tensor_crc(tensors) != expected:
+        raise AssertionError("checksum mismatch on read")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def row_raw(case: Case) -> dict[str, float]:
+    """The same safetensors bytes: write + fsync + read, nothing verified (the baseline)."""
+
+    def write() -> None:
+        for i, data in enumerate(case.payloads):
+            with open(case.root / f"{i}.bin", "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def read() -> None:
+        for i in range(len(case.payloads)):
+            (case.root / f"{i}.bin").read_bytes()
+
+    return _timed(write, read)
+
+
+def row_specstream(case: Case) -> dict[str, float]:
+    """put -> transactional ref -> read_committed consume -> get + verify, end to end."""
+    settings = KafkaSettings(case.bootstrap)
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     topics = RunTopics(run_id)
     with KafkaAdmin(settings) as admin:
         admin.ensure_run_topics(topics, 1)
-    tensors = [make_sample(tokens, hidden, i) for i in range(samples)]
-    payloads = [save(t) for t in tensors]  # the raw side writes the same bytes
-    nbytes = sum(len(p) for p in payloads)
-
-    # raw: plain write + fsync + read back, the same bytes
-    raw_dir = root / "raw"
-    raw_dir.mkdir(parents=True)
-    started = time.perf_counter()
-    for i, data in enumerate(payloads):
-        with open(raw_dir / f"{i}.bin", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    raw_write_s = time.perf_counter() - started
-    for i in range(samples):
-        (raw_dir / f"{i}.bin").read_bytes()
-    raw_s = time.perf_counter() - started
-
-    # specstream: put (temp+fsync+rename) -> transactional ref -> read_committed -> get+verify
-    store = FeatureStore(str(root / "store"), run_id)
+    store = FeatureStore(str(case.root / "store"), run_id)
     # Clients are created once per process in a real run: their setup is not part of the path.
     producer = TransactionalProducer(settings, f"{run_id}.bench")
     stream = SampleStream(settings, store, run_id, [0], idle_timeout_s=60)
-    started = time.perf_counter()
-    producer.begin()
-    for i, t in enumerate(tensors):
-        stored = store.put(0, f"s{i}", t)
-        ref = SampleRef(
-            run_id=run_id, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="bench", uri=stored.uri,
-            nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=tokens, tensors=stored.tensors,
-            target=TARGET, created_at=now(), seq=i,
-        )  # fmt: skip
-        producer.send(topics.samples, 0, encode(ref))
-    marker = EndOfStream(run_id=run_id, stage="generate", partition=0, count=samples, seq=samples)
-    producer.send(topics.samples, 0, encode(marker))
-    producer.commit()
-    ours_write_s = time.perf_counter() - started
-    got = sum(1 for _ in stream)
-    ours_s = time.perf_counter() - started
-    producer.close()
-    stream.close()
-    assert got == samples
-    return {
-        "bytes": nbytes, "raw_s": raw_s, "ours_s": ours_s,
-        "raw_write_s": raw_write_s, "ours_write_s": ours_write_s,
-    }  # fmt: skip
+    samples = len(case.tensors)
+
+    def write() -> None:
+        producer.begin()
+        for i, t in enumerate(case.tensors):
+            producer.send(
+                topics.samples, 0, encode(_ref(run_id, i, store.put(0, f"s{i}", t), len(t["input_ids"])))
+            )
+        producer.send(topics.samples, 0, encode(EndOfStream(run_id=run_id, stage="generate", partition=0,
+                                                             count=samples, seq=samples)))  # fmt: skip
+        producer.commit()
+
+    def read() -> None:
+        assert sum(1 for _ in stream) == samples
+
+    try:
+        return _timed(write, read)
+    finally:
+        producer.close()
+        stream.close()
+        with KafkaAdmin(settings) as admin:
+            admin.delete_topics([topics.prompts, topics.samples, topics.ledger, topics.dlq, topics.manifest])
+
+
+def row_specstream_store(case: Case) -> dict[str, float]:
+    """put + get + verify through the feature store alone (no Kafka: the peers' scope)."""
+    store = FeatureStore(str(case.root / "store"), f"bench-{uuid.uuid4().hex[:8]}")
+    refs: list[SampleRef] = []
+
+    def write() -> None:
+        refs.extend(
+            _ref(store.run_id, i, store.put(0, f"s{i}", t), len(t["input_ids"]))
+            for i, t in enumerate(case.tensors)
+        )
+
+    def read() -> None:
+        for ref in refs:
+            store.get(ref)
+
+    return _timed(write, read)
+
+
+def _peer(case: Case, save: Callable[[dict[str, torch.Tensor], Path], None],
+          load: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, float]:  # fmt: skip
+    """A peer format: save + fsync with a CRC-32C of the tensors, load + the same CRC checked."""
+    crcs: list[int] = []
+
+    def write() -> None:
+        for i, t in enumerate(case.tensors):
+            crcs.append(tensor_crc(t))
+            save(t, case.root / f"{i}.bin")
+            _fsync_path(case.root / f"{i}.bin")
+
+    def read() -> None:
+        for i, crc in enumerate(crcs):
+            _check(load(case.root / f"{i}.bin"), crc)
+
+    return _timed(write, read)
+
+
+def row_torch_save(case: Case) -> dict[str, float]:
+    """torch.save / torch.load(weights_only=True) of the same tensor dict."""
+    return _peer(case, lambda t, p: torch.save(t, p), lambda p: torch.load(p, weights_only=True))
+
+
+def row_save_file(case: Case) -> dict[str, float]:
+    """safetensors save_file / load_file."""
+    from safetensors.torch import load_file, save_file
+
+    return _peer(case, lambda t, p: save_file(t, str(p)), lambda p: load_file(str(p)))
+
+
+def row_safe_open(case: Case) -> dict[str, float]:
+    """safetensors save_file, read with safe_open (mmap) + get_tensor per tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
+
+    return _peer(case, lambda t, p: save_file(t, str(p)), load)
+
+
+#: name -> row; ``raw`` is the baseline every ratio is taken against.
+BYTE_ROWS: dict[str, Callable[[Case], dict[str, float]]] = {
+    "raw": row_raw,
+    "specstream": row_specstream,
+    "specstream-store": row_specstream_store,
+    "torch.save": row_torch_save,
+    "save_file": row_save_file,
+    "safe_open": row_safe_open,
+}
+
+
+def bench_bytes(bootstrap: str, args: argparse.Namespace, work: Path) -> None:
+    """Every chosen row once per repeat, rotated; MB/s and ratios to raw with their spread."""
+    tensors = [make_sample(args.tokens, args.hidden, i) for i in range(args.samples)]
+    from safetensors.torch import save
+
+    payloads = [save(t) for t in tensors]  # the raw side writes the same bytes specstream does
+    mb = sum(len(p) for p in payloads) / 1e6
+
+    def side(name: str) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            root = work / f"{name}-{uuid.uuid4().hex[:6]}"
+            root.mkdir()
+            try:
+                out = BYTE_ROWS[name](Case(tensors, payloads, root, bootstrap))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            return {**out, "mbps": mb / out["s"]}
+
+        return run
+
+    print(f"bytes: {args.samples} samples x {mb / args.samples:.1f} MB, rows {', '.join(args.rows)}, "
+          f"{args.repeats} repeats (rotated order, {args.warmup} warm-up round)", flush=True)  # fmt: skip
+    results = alternate({name: side(name) for name in args.rows}, args.repeats, warmup=args.warmup, show="mbps",
+                        fmt="{:.0f} MB/s")  # fmt: skip
+    print_spread(results, "mbps", label="write + fsync + read (+ verify) MB/s", fmt="{:7.1f}")
+    print_spread(results, "write_s", label="write phase s", fmt="{:7.2f}")
+    print_spread(results, "read_s", label="read phase s", fmt="{:7.2f}")
+    if "raw" in results:
+        print_ratios(results, "raw", "mbps", label="throughput", goal="specstream >= 0.95")
+    if "specstream-store" in results and len(results) > 2:
+        print_ratios(results, "specstream-store", "s", label="time (> 1: slower than specstream's store)")
 
 
 def bench_store(root_url: str, options: dict, tensors: list[dict[str, torch.Tensor]]) -> float:
@@ -156,22 +327,17 @@ def storage_main(args: argparse.Namespace) -> None:
             shutil.rmtree(root, ignore_errors=True)
         remote.append(mb / bench_store(args.storage, options, tensors))
         print(f"repeat {i}: local {local[-1]:.1f} MB/s, {args.storage} {remote[-1]:.1f} MB/s", flush=True)
-    print(f"put + get + verify, {args.samples} samples x {mb / args.samples:.1f} MB, {args.repeats} repeats "
-          "(MB/s min / median / max)")
+    print(
+        f"put + get + verify, {args.samples} samples x {mb / args.samples:.1f} MB, {args.repeats} repeats "
+        "(MB/s min / median / max)"
+    )
     for name, runs in (("local disk", local), (args.storage, remote)):
         print(f"  {name:<28}: {min(runs):8.1f} / {statistics.median(runs):8.1f} / {max(runs):8.1f}")
     if args.endpoint_url:
         print(f"  ({args.endpoint_url} is a local emulator: its absolute figure is the emulator's, not S3's)")
 
 
-def bench_refs(bootstrap: str, refs: int, per_txn: int) -> dict[str, float]:
-    settings = KafkaSettings(bootstrap)
-    run_id = f"bench-{uuid.uuid4().hex[:8]}"
-    topics = RunTopics(run_id)
-    raw_topic = f"{run_id}.raw"
-    with KafkaAdmin(settings) as admin:
-        admin.ensure_run_topics(topics, 1)
-        admin.ensure_topics({raw_topic: 1})
+def _ref_values(run_id: str, refs: int) -> list[bytes]:
     template = SampleRef(
         run_id=run_id, sample_id="x", prompt_id="p", producer_id="bench", uri="features/0/x.safetensors",
         nbytes=33_554_432, checksum="crc32c:01234567", num_tokens=1024,
@@ -180,25 +346,44 @@ def bench_refs(bootstrap: str, refs: int, per_txn: int) -> dict[str, float]:
                  "input_ids": {"dtype": "I64", "shape": [1024]}, "loss_mask": {"dtype": "U8", "shape": [1024]}},
         target=TARGET, created_at=now(),
     )  # fmt: skip
-    raw_values = [encode(template.model_copy(update={"sample_id": f"s{i}"})) for i in range(refs)]
+    return [encode(template.model_copy(update={"sample_id": f"s{i}"})) for i in range(refs)]
 
-    # raw kafka-python: default (idempotent) producer, default consumer, bytes only
+
+def refs_raw(bootstrap: str, refs: int) -> dict[str, float]:
+    """raw kafka-python: default (idempotent) producer, default consumer, bytes only."""
+    topic = f"bench-{uuid.uuid4().hex[:8]}.raw"
+    with KafkaAdmin(KafkaSettings(bootstrap)) as admin:
+        admin.ensure_topics({topic: 1})
+    values = _ref_values("bench", refs)
     started = time.perf_counter()
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    for value in raw_values:
-        producer.send(raw_topic, value=value, partition=0)
+    for value in values:
+        producer.send(topic, value=value, partition=0)
     producer.flush()
     producer.close()
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    consumer.assign([TopicPartition(raw_topic, 0)])
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    consumer.assign([TopicPartition(topic, 0)])
     seen = 0
     while seen < refs:
         for batch in consumer.poll(timeout_ms=500).values():
             seen += len(batch)
     consumer.close()
-    raw_s = time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    with KafkaAdmin(KafkaSettings(bootstrap)) as admin:
+        admin.delete_topics([topic])
+    return {"s": elapsed, "refs_per_s": refs / elapsed}
 
-    # ours: build + encode each ref, transactions of per_txn, read_committed + strict decode
+
+def refs_ours(bootstrap: str, refs: int, per_txn: int) -> dict[str, float]:
+    """build + encode each ref, transactions of per_txn, read_committed + strict decode."""
+    settings = KafkaSettings(bootstrap)
+    run_id = f"bench-{uuid.uuid4().hex[:8]}"
+    topics = RunTopics(run_id)
+    with KafkaAdmin(settings) as admin:
+        admin.ensure_run_topics(topics, 1)
+    template = SampleRef.model_validate_json(_ref_values(run_id, 1)[0])
     started = time.perf_counter()
     tx = TransactionalProducer(settings, f"{run_id}.bench")
     for start in range(0, refs, per_txn):
@@ -214,52 +399,52 @@ def bench_refs(bootstrap: str, refs: int, per_txn: int) -> dict[str, float]:
             decode(record.value or b"")
             seen += 1
     reader.close()
-    ours_s = time.perf_counter() - started
-    return {"refs": refs, "raw_s": raw_s, "ours_s": ours_s}
+    elapsed = time.perf_counter() - started
+    with KafkaAdmin(settings) as admin:
+        admin.delete_topics([topics.prompts, topics.samples, topics.ledger, topics.dlq, topics.manifest])
+    return {"s": elapsed, "refs_per_s": refs / elapsed}
+
+
+def bench_refs(bootstrap: str, args: argparse.Namespace) -> None:
+    """Raw kafka-python and ours, alternating, refs/s and the ratio with their spread."""
+    print(f"refs: {args.refs} records, {args.repeats} repeats (rotated order)", flush=True)
+    results = alternate(
+        {"raw kafka-python": lambda: refs_raw(bootstrap, args.refs),
+         "transactional + read_committed + strict codec": lambda: refs_ours(bootstrap, args.refs, args.refs_per_transaction)},
+        args.repeats, show="refs_per_s", fmt="{:.0f} refs/s",
+    )  # fmt: skip
+    print_spread(results, "refs_per_s", label="refs/s", fmt="{:8.0f}")
+    print_ratios(results, "raw kafka-python", "refs_per_s", label="refs/s", goal=">= 0.5 and >= 2000 refs/s")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=32)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--refs", type=int, default=20000)
+    parser.add_argument(
+        "--rows", nargs="+", default=list(BYTE_ROWS), choices=list(BYTE_ROWS), help="byte rows to run"
+    )
+    parser.add_argument("--refs", type=int, default=20000, help="0: skip the refs comparison")
     parser.add_argument("--refs-per-transaction", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3, help="pairs run; the median ratio is reported")
-    parser.add_argument("--storage", help="an fsspec URL (s3://bucket/prefix): benchmark the feature store there")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every row, rotated order")
+    parser.add_argument("--warmup", type=int, default=0, help="discarded rounds of the byte rows first")
+    parser.add_argument(
+        "--storage", help="an fsspec URL (s3://bucket/prefix): benchmark the feature store there"
+    )
     parser.add_argument("--endpoint-url", help="the S3 endpoint (a local emulator such as moto's server)")
     parser.add_argument("--storage-options", default="{}", help="fsspec storage options as JSON")
     args = parser.parse_args()
-    if args.storage:
-        storage_main(args)
-        return
-    bytes_runs, ref_runs = [], []
-    with broker() as bootstrap:
-        for i in range(args.repeats):  # alternate both sides so drift in machine load hits both
-            root = Path(tempfile.mkdtemp(prefix="bench-dataplane-"))
-            try:
-                bytes_runs.append(bench_bytes(bootstrap, args.samples, args.tokens, args.hidden, root))
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
-            ref_runs.append(bench_refs(bootstrap, args.refs, args.refs_per_transaction))
-            print(f"repeat {i}: bytes ratio {bytes_runs[-1]['raw_s'] / bytes_runs[-1]['ours_s']:.2f}, "
-                  f"refs ratio {ref_runs[-1]['raw_s'] / ref_runs[-1]['ours_s']:.2f}", flush=True)
-    b = sorted(bytes_runs, key=lambda x: x["raw_s"] / x["ours_s"])[len(bytes_runs) // 2]
-    r = sorted(ref_runs, key=lambda x: x["raw_s"] / x["ours_s"])[len(ref_runs) // 2]
-    mb = b["bytes"] / 1e6
-    print(f"median of {args.repeats} alternating repeats")
-    print(f"bytes: {args.samples} samples x {mb / args.samples:.1f} MB")
-    print(f"  raw write+fsync+read : {mb / b['raw_s']:8.1f} MB/s")
-    print(f"  specstream end to end: {mb / b['ours_s']:8.1f} MB/s")
-    print(f"  ratio                : {b['raw_s'] / b['ours_s']:.2f}  (goal >= 0.8)")
-    print(
-        f"  phases (s)           : write raw {b['raw_write_s']:.2f} / ours {b['ours_write_s']:.2f}, "
-        f"read raw {b['raw_s'] - b['raw_write_s']:.2f} / ours {b['ours_s'] - b['ours_write_s']:.2f}"
-    )
-    print(f"refs: {r['refs']} records")
-    print(f"  raw kafka-python     : {r['refs'] / r['raw_s']:8.0f} refs/s")
-    print(f"  transactional + read_committed + strict codec: {r['refs'] / r['ours_s']:8.0f} refs/s")
-    print(f"  ratio                : {r['raw_s'] / r['ours_s']:.2f}  (goal >= 0.5 and >= 2000 refs/s)")
+    with session("bench_dataplane"):
+        if args.storage:
+            storage_main(args)
+            return
+        with broker() as bootstrap, scratch("bench-dataplane-") as work:
+            bench_bytes(bootstrap, args, work)
+            if args.refs:
+                bench_refs(bootstrap, args)
 
 
 if __name__ == "__main__":

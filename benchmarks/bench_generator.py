@@ -11,7 +11,9 @@ numbers. For each shape it measures, on identical batches of equal-length prompt
 3. ``sequential``: the same worker with ``queue_depth=0`` (capture, then write, then commit),
    to show what the overlap buys.
 
-The goal is ``pipelined / forward >= 0.9``. Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts the
+The three paths run alternately in every round, rotating which goes first; tokens/s and the ratio
+to the forward (paired within a round) are reported min / median / max over the rounds, with the
+machine's load at the start and the end. The goal is ``pipelined / forward >= 0.9``. Uses KAFKA_BOOTSTRAP_SERVERS if set, else starts the
 local broker.
 
     python benchmarks/bench_generator.py                      # tiny and small shapes
@@ -22,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
+import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _stats import alternate, column, print_ratios, print_spread, session  # benchmarks/, beside this file
+from _stats import scratch as scratch_dir
 
 from pipeline.core.messages import Prompt, prompt_id_for
 from pipeline.core.topics import RunTopics
@@ -50,15 +54,13 @@ SHAPES: dict[str, dict] = {
 }  # fmt: skip
 
 
-
-
 def model_dir(shape: str, scratch: Path) -> Path:
     """The tiny trained target, or a randomly initialised Llama of the shape (seeded)."""
     if shape == "tiny":
-        from pipeline.devkit.target import build_tiny_target  # noqa: PLC0415
+        from pipeline.devkit.target import build_tiny_target  # lazy: only the tiny shape
 
         return build_tiny_target()
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM  # lazy: only the random shapes
 
     out = scratch / f"model-{shape}"
     torch.manual_seed(0)
@@ -107,7 +109,9 @@ class WorkerRun:
     commit_s: float
 
 
-def worker_run(settings: KafkaSettings, target: Shared, prompts: list[Prompt], batch: int, depth: int, root: Path) -> WorkerRun:
+def worker_run(
+    settings: KafkaSettings, target: Shared, prompts: list[Prompt], batch: int, depth: int, root: Path
+) -> WorkerRun:
     """The generator worker over one partition (so its batches are the same consecutive prompts)."""
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     prompts = [p.model_copy(update={"run_id": run_id}) for p in prompts]
@@ -131,7 +135,8 @@ def worker_run(settings: KafkaSettings, target: Shared, prompts: list[Prompt], b
 
 def bench_shape(settings: KafkaSettings, shape: str, args: argparse.Namespace, scratch: Path) -> float:
     directory = model_dir(shape, scratch)
-    target = HFTarget(directory, aux_layer_ids=[0, 1, 2], batch_tokens=args.batch * args.tokens)
+    target = HFTarget(directory, aux_layer_ids=[0, 1, 2], batch_tokens=args.batch * args.tokens,
+                      device=args.device, dtype=args.dtype)  # fmt: skip
     info = target.info
     prompts = make_prompts("bench", args.prompts, args.tokens, info.vocab_size)
     tokens = args.prompts * args.tokens
@@ -139,51 +144,63 @@ def bench_shape(settings: KafkaSettings, shape: str, args: argparse.Namespace, s
     shared = Shared(target)
     root = scratch / "features"
     root.mkdir(exist_ok=True)
-    forward_s = []
-    runs: dict[str, list[WorkerRun]] = {"pipelined": [], "sequential": []}
-    for _ in range(args.rounds):  # interleaved, so drift hits every side alike
-        forward_s.append(bare_forward(target, prompts, args.batch))
-        runs["pipelined"].append(worker_run(settings, shared, prompts, args.batch, 2, root))
-        runs["sequential"].append(worker_run(settings, shared, prompts, args.batch, 0, root))
-    target.close()
 
-    forward_tps = tokens / (sum(forward_s) / len(forward_s))
+    def forward() -> dict[str, float]:
+        return {"tps": tokens / bare_forward(target, prompts, args.batch)}
+
+    def worker(depth: int) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            r = worker_run(settings, shared, prompts, args.batch, depth, root)
+            return {
+                "tps": tokens / r.seconds,
+                "capture_s": r.capture_s,
+                "write_s": r.write_s,
+                "commit_s": r.commit_s,
+            }
+
+        return run
+
     per_sample_mb = (4 * info.hidden_size * (4 if info.dtype == "float32" else 2) + 9) * args.tokens / 1e6
     print(
         f"\n[{shape}] hidden {info.hidden_size}, {info.num_layers} layers, {info.dtype}, "
         f"{args.prompts} prompts x {args.tokens} tokens, batch {args.batch}, "
-        f"{per_sample_mb:.2f} MB per sample, torch threads {torch.get_num_threads()}, {args.rounds} rounds"
+        f"{per_sample_mb:.2f} MB per sample, torch threads {torch.get_num_threads()}, {args.rounds} rounds "
+        "(rotated order)",
+        flush=True,
     )
-    print(f"  {'path':<12}{'tokens/s':>12}{'ratio':>9}   capture / write / commit (s, summed over batches)")
-    print(f"  {'forward':<12}{forward_tps:>12.0f}{1.0:>9.3f}")
-    ratio = 0.0
-    for name, results in runs.items():
-        seconds = sum(r.seconds for r in results) / len(results)
-        tps = tokens / seconds
-        r = results[-1]
-        print(f"  {name:<12}{tps:>12.0f}{tps / forward_tps:>9.3f}   {r.capture_s:.2f} / {r.write_s:.2f} / {r.commit_s:.2f}")
-        if name == "pipelined":
-            ratio = tps / forward_tps
-    print(f"  generator / bare forward = {ratio:.3f} (goal >= 0.9)")
-    return ratio
+    sides = {"forward": forward, "pipelined": worker(2), "sequential": worker(0)}
+    results = alternate(sides, args.rounds, show="tps", fmt="{:.0f} tokens/s")
+    target.close()
+    print_spread(results, "tps", label="tokens/s", fmt="{:8.0f}")
+    for name in ("pipelined", "sequential"):
+        r = results[name]
+        print(
+            f"  {name}: capture / write / commit s (median, summed over batches): "
+            f"{statistics.median(column(r, 'capture_s')):.2f} / {statistics.median(column(r, 'write_s')):.2f} / "
+            f"{statistics.median(column(r, 'commit_s')):.2f}"
+        )
+    out = print_ratios(results, "forward", "tps", label="tokens/s", goal="pipelined >= 0.9")
+    return statistics.median(out["pipelined"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", action="append", choices=sorted(SHAPES), help="repeatable; default tiny and small")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shape", action="append", choices=sorted(SHAPES), help="repeatable; default tiny and small"
+    )
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every path, rotated order")
+    parser.add_argument("--device", default="cpu", help="where the target runs: cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's")
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="bench-generator-"))
-    try:
-        with broker() as bootstrap:
-            settings = KafkaSettings(bootstrap)
-            for shape in args.shape or ["tiny", "small"]:
-                bench_shape(settings, shape, args, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with session("bench_generator"), scratch_dir("bench-generator-") as work, broker() as bootstrap:
+        settings = KafkaSettings(bootstrap)
+        for shape in args.shape or ["tiny", "small"]:
+            bench_shape(settings, shape, args, work)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ discarded run of each variant first pays the process's warm-up (imports, first m
 would otherwise be charged to whichever variant runs first.
 
 The figure is the wall time of ``OnlineRun.run`` (source, generation and training interleaved,
-export), reported as the ratio on/off, min/median/max over the repeats: the goal is <= 1.02.
+export), reported per side and as the ratio on/off paired within a repeat, min/median/max over
+the repeats, with the machine's load at the start and the end: the goal is <= 1.02.
 Broker start and the tiny target's build are outside it (cached, the same for both).
 
     python benchmarks/bench_monitoring.py --repeats 3
@@ -25,14 +26,15 @@ Broker start and the tiny target's build are outside it (cached, the same for bo
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
 import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _stats import alternate, print_ratios, print_spread, scratch, session  # benchmarks/, beside this file
 
 from pipeline.app.config import RunConfig
 from pipeline.app.metrics import LiveProcess
@@ -96,38 +98,47 @@ def run_once(config: RunConfig, bootstrap: str, *, on: bool, scrape_s: float) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--conversations", type=int, default=768)
     parser.add_argument("--heartbeat-s", type=float, default=5.0)
     parser.add_argument("--scrape-s", type=float, default=5.0)
-    parser.add_argument("--eval-conversations", type=int, default=None, help="default: 1%% of --conversations")
+    parser.add_argument(
+        "--eval-conversations", type=int, default=None, help="default: 1%% of --conversations"
+    )
     parser.add_argument("--eval-interval", type=int, default=50)
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what 'on' switches on")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (features, event files)")
+    parser.add_argument(
+        "--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what 'on' switches on"
+    )
     args = parser.parse_args()
     args.eval_conversations = args.eval_conversations or max(1, args.conversations // 100)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-monitoring-"))
-    write_jsonl(markov_conversations(args.eval_conversations, seed=1), str(work / "eval.jsonl"))
-    with broker() as bootstrap:
+    with (
+        session("bench_monitoring"),
+        scratch("bench-monitoring-", keep=args.keep) as work,
+        broker() as bootstrap,
+    ):
+        write_jsonl(markov_conversations(args.eval_conversations, seed=1), str(work / "eval.jsonl"))
         base = quickstart_config(work / "quickstart", conversations=args.conversations, bootstrap=bootstrap)
-        for on in (True, False):  # warm-up, discarded
-            run_once(variant(base, work, on=on, args=args), bootstrap, on=on and "metrics" in args.parts,
-                     scrape_s=args.scrape_s)  # fmt: skip
-        ratios = []
-        for repeat in range(args.repeats):
-            walls: dict[bool, float] = {}
-            for on in ((True, False) if repeat % 2 == 0 else (False, True)):
-                walls[on], scrapes = run_once(variant(base, work, on=on, args=args), bootstrap,
-                                              on=on and "metrics" in args.parts, scrape_s=args.scrape_s)  # fmt: skip
-                print(f"repeat {repeat + 1}: monitoring {'on ' if on else 'off'} {walls[on]:.1f} s"
-                      + (f" ({scrapes} scrapes)" if on else ""), flush=True)  # fmt: skip
-            ratios.append(walls[True] / walls[False])
-    print(
-        f"wall time, {'+'.join(args.parts)} on / off, {args.conversations} conversations, {args.repeats} repeats: "
-        f"min {min(ratios):.3f}, median {statistics.median(ratios):.3f}, max {max(ratios):.3f} (goal <= 1.02)"
-    )
-    print(f"work directory (features, event files): {work}")
+
+        def side(on: bool) -> Callable[[], dict[str, float]]:
+            def run() -> dict[str, float]:
+                wall, scrapes = run_once(variant(base, work, on=on, args=args), bootstrap,
+                                         on=on and "metrics" in args.parts, scrape_s=args.scrape_s)  # fmt: skip
+                return {"wall_s": wall, "scrapes": scrapes}
+
+            return run
+
+        # one discarded run of each first: the process's warm-up would be charged to whichever ran first
+        results = alternate(
+            {"off": side(False), "on": side(True)}, args.repeats, warmup=1, show="wall_s", fmt="{:.1f} s"
+        )
+        print(f"{'+'.join(args.parts)} on vs off, {args.conversations} conversations, {args.repeats} repeats")
+        print_spread(results, "wall_s", label="wall time s", fmt="{:6.1f}")
+        print_ratios(results, "off", "wall_s", label="wall time", goal="<= 1.02")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy, dead_letter
@@ -29,6 +29,7 @@ from pipeline.core.messages import EndOfStream, SampleRef, decode, encode
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import Producer, Record, RunTopics, Transport
 from pipeline.feature_codec import decode_features
+from pipeline.read_into import is_local, read_into
 from pipeline.storage import FeatureStore
 
 __all__ = ("SampleStream", "fetch_sample")
@@ -36,10 +37,13 @@ __all__ = ("SampleStream", "fetch_sample")
 logger = logging.getLogger(__name__)
 
 
-def fetch_sample(store: FeatureStore, ref: SampleRef) -> dict[str, Any]:
+def fetch_sample(
+    store: FeatureStore, ref: SampleRef, dest: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """One sample's tensors: fetched, verified against its ref, and (``storage.dtype``) decoded
-    back to the capture's dtype."""
-    return decode_features(ref, store.get(ref))
+    back to the capture's dtype; the hidden states read straight into ``dest``'s tensors where they
+    fit (:func:`pipeline.read_into.read_into`)."""
+    return decode_features(ref, read_into(store, ref, dest))
 
 
 class SampleStream:
@@ -75,6 +79,7 @@ class SampleStream:
         self._fetch = fetch
         self.policy = DeadLetterPolicy("train", dead_letters)
         self.store = store
+        self._dest: Callable[[SampleRef], Mapping[str, Any] | None] | None = None  # see read_into_slots
         self.topics = RunTopics(run_id)
         self.partitions = sorted(set(partitions))
         if not self.partitions:
@@ -128,6 +133,18 @@ class SampleStream:
             dropped_upstream=self.dropped_upstream,
             recent=list(self._recent),
         )
+
+    def read_into_slots(self, dest: Callable[[SampleRef], Mapping[str, Any] | None]) -> bool:
+        """Read each sample's tensors straight into ``dest(ref)`` (rows of a reused batch buffer),
+        with every check of ``get``; False (and ``get`` as before) where the store is not local."""
+        if not is_local(self.store):
+            return False
+        self._dest = dest
+        return True
+
+    def fetch(self, ref: SampleRef) -> dict[str, Any]:
+        """One sample's verified, decoded tensors, read into ``read_into_slots``'s buffers if set."""
+        return fetch_sample(self.store, ref, None if self._dest is None else self._dest(ref))
 
     def interrupt(self) -> None:
         """Ask a blocked ``items()`` (on another thread) to return at its next poll."""
@@ -208,7 +225,7 @@ class SampleStream:
             if position is Position.EARLIER:
                 return self._earlier(message, record)
             check_ref(message)
-            tensors = fetch_sample(self.store, message) if self._fetch else {}
+            tensors = self.fetch(message) if self._fetch else {}
         except (DecodeError, PayloadError, CaptureContractError) as exc:
             self._reject(record, exc)
             return None

@@ -33,6 +33,7 @@ LEVELS = {
     "transport": 1,
     "storage": 1,
     "feature_codec": 1,
+    "read_into": 1.5,  # reads storage's files into the stream's batch buffers: above storage, below stream
     "ledger": 2,
     "vocab": 2,
     "stream": 2,

@@ -165,13 +165,17 @@ def _own_sequence(
     return out
 
 
-def _verifier(store: FeatureStore | None) -> Callable[[SampleRef], bool]:
-    """The stream's acceptance test for a ref: its declared tensors, then (with a store) its file."""
+def _verifier(store: FeatureStore | None, trained: set[str]) -> Callable[[SampleRef], bool]:
+    """The stream's acceptance test for a ref: its declared tensors, then (with a store) its file.
+
+    A file that is gone after the ledger trained its sample was deleted by ``retention: delete``
+    once a checkpoint covered it: the trainer verified it then, so the ref counts as the generator's.
+    """
 
     def valid(ref: SampleRef) -> bool:
         try:
             check_ref(ref)
-            if store is not None:
+            if store is not None and not (ref.sample_id in trained and not store.exists(ref.uri)):
                 check_scales(ref, tensors_from_buffer(store.read_verified(ref)))  # as the trainer's decode does
         except (CaptureContractError, PayloadError):
             return False
@@ -219,7 +223,7 @@ def audit_run(
     epochs = sorted({epoch for epoch, _ in trained})
     audit = RunAudit(run_id, [], steps=len(history), epochs=epochs)
     committed: set[str] = set()
-    valid = _verifier(store)
+    valid = _verifier(store, {sample_id for _, sample_id in trained})
     for p in range(count):
         row = PartitionAudit(p)
         source = _own_sequence(prompts[p], run_id, Prompt, "source")

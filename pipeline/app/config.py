@@ -27,6 +27,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.feature_encoding import FEATURE_DTYPE_HELP, FeatureDtype
 from pipeline.core.messages import SettingValue
 from pipeline.generate.backpressure import TrainerWindow, Watermarks, check_watermarks
+from pipeline.generate.intake import check_batch_share
 from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES
 from pipeline.transport.kafka import kafka_client_options
 from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S
@@ -368,13 +369,13 @@ class RunConfig(_Section):
                 f"use a multiple of {t.world_size} partitions",
             )
         try:
-            check_watermarks(
-                Watermarks(high=g.high_watermark, low=g.low_watermark, high_bytes=g.high_watermark_bytes,
-                           low_bytes=g.low_watermark_bytes),
-                TrainerWindow(world_size=t.world_size, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                              prefetch=t.prefetch * t.batch_size),
-                self.data.partitions,
-            )  # fmt: skip
+            marks = Watermarks(high=g.high_watermark, low=g.low_watermark, high_bytes=g.high_watermark_bytes,
+                               low_bytes=g.low_watermark_bytes)  # fmt: skip
+            window = TrainerWindow(world_size=t.world_size, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                                   prefetch=t.prefetch * t.batch_size)  # fmt: skip
+            check_watermarks(marks, window, self.data.partitions)
+            check_batch_share(marks, window, self.data.partitions, self.target.batch_size,
+                              self.data.partitions // g.workers, batch_key="target.batch_size")  # fmt: skip
         except ConfigError as exc:
             key = {"partitions": "data.partitions"}.get(exc.key, exc.key.replace("backpressure.", "generate."))
             fix = exc.fix.replace("backpressure.", "generate.") or "see examples/tiny-cpu.yaml"

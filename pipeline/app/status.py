@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.app.deadletters import ReasonCount, count_by_reason, read_dead_letters
+from pipeline.app.manifest import read_manifest
 from pipeline.app.run_state import RunState, age_s, alive, decide_run_state
 from pipeline.core.errors import RunMismatchError
 from pipeline.core.feedback import format_duration
@@ -58,6 +59,9 @@ class RunStatus:
     prompts: int = 0  # the source's committed prompts
     source_ended: bool = False  # every prompts partition has its end-of-stream marker
     now: float = 0.0
+    epoch: int = 0  # the newest step's epoch (0: the online pass)
+    epochs: int = 1  # the run's train.epochs (from its manifest)
+    passes: int = 0  # sample passes trained so far, every epoch
     groups: dict[str, GroupProgress] = field(default_factory=dict)  # each trainer group's (``train_groups``)
 
     @property
@@ -77,7 +81,8 @@ class RunStatus:
         """Seconds to train what is left, at the recent rate (None: unknown or not running)."""
         if self.state.state != "running" or not self.source_ended or not self.samples_per_s:
             return None
-        left = self.prompts - sum(p.dropped for p in self.partitions) - self.consumed
+        prompts = self.prompts - sum(p.dropped for p in self.partitions)
+        left = prompts - self.consumed if self.epochs == 1 else prompts * self.epochs - self.passes
         return max(0.0, left / self.samples_per_s)
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +94,9 @@ class RunStatus:
             "reason": self.state.reason,
             "summary": self.state.summary,
             "step": self.step,
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "passes": self.passes,
             "prompts": {"total": self.prompts, "source_ended": self.source_ended, "trained": self.consumed},
             "produced": self.produced,
             "consumed": self.consumed,
@@ -210,7 +218,8 @@ def run_status(
     partitions = []
     for p in range(count):
         c = PartitionCounters.from_metadata(commits[p].metadata) if p in commits else PartitionCounters()
-        partitions.append(PartitionStatus(p, c.refs, c.dropped, c.ended, consumed.get(p, 0)))
+        taken = consumed.get(p, 0)  # numbered records passed: an ended partition's marker took one too
+        partitions.append(PartitionStatus(p, c.refs, c.dropped, c.ended, min(taken, c.refs) if c.ended else taken))
     if not full:
         return RunStatus(run_id, partitions, latest.step if latest else None, rate, 0, groups=groups)
     letters = read_dead_letters(transport, run_id, timeout_s=timeout_s)
@@ -221,11 +230,15 @@ def run_status(
     )
     now = time.time() if now is None else now
     lag = sum(p.backlog for p in partitions)
+    manifest = read_manifest(transport, topics)
+    epochs = int((manifest.config or {}).get("train.epochs", 1)) if manifest is not None else 1
     return RunStatus(
         run_id, partitions, latest.step if latest else None, rate, len(letters),
         letters_by_reason=count_by_reason(letters), processes=beats, state=decide_run_state(beats, now=now, lag=lag),
         prompts=sum(c.prompts for c in source.values()),
         source_ended=bool(source) and all(c.ended for c in source.values()), now=now, groups=groups,
+        epoch=latest.epoch if latest else 0, epochs=epochs,
+        passes=latest.step * sum(len(r.sample_ids) for r in latest.ranks) if latest else 0,  # whole steps only
     )  # fmt: skip
 
 
@@ -237,8 +250,10 @@ def _state_line(status: RunStatus) -> str:
     st = status.state
     if st.state == "finished":
         s = st.summary
+        prompts, epochs = s.get("prompts", status.prompts), s.get("epochs", 1)
+        of = f"{prompts:g} prompts" if epochs == 1 else f"{prompts * epochs:g} sample passes ({prompts:g} x {epochs:g} epochs)"
         counts = (
-            f"{s.get('trained', s.get('samples', 0)):g} of {s.get('prompts', status.prompts):g} prompts trained, "
+            f"{s.get('trained', s.get('samples', 0)):g} of {of} trained, "
             f"{s.get('missing', 0):g} missing, {s.get('duplicates', 0):g} duplicates dropped, "
             f"{s.get('tail', 0):g} tail samples not stepped, {s.get('dead_letters', 0):g} dead letters"
         )
@@ -260,7 +275,8 @@ def render_status(status: RunStatus) -> str:
     eta = f", ETA {format_duration(status.eta_s)}" if status.eta_s is not None else ""
     lines = [
         (
-            f"run {status.run_id}: step {status.step if status.step is not None else '-'}, "
+            f"run {status.run_id}: step {status.step if status.step is not None else '-'}"
+            + (f" (epoch {status.epoch + 1} of {status.epochs})" if status.epochs > 1 else "") + ", "
             f"{status.consumed} of {status.produced} produced samples trained{rate}"
         ),
         _state_line(status),

@@ -4,8 +4,8 @@
 committed (the ``refs`` counts in the generators' offset metadata) and what the trainer has
 consumed (the newest ledger record). :class:`Throttle` applies the flow-control policy of
 :mod:`pipeline.generate.backpressure` to one worker's prompt partitions: it pauses those whose
-samples partition reached its cap, resumes them at the low share, and trims every polled batch
-to what each partition may still take.
+samples partition reached its cap, resumes them at the low share, and says how many more prompts
+each partition may take (the worker's intake builds its batches within that).
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from pipeline.core.errors import StreamError
-from pipeline.core.messages import LedgerStep, Prompt
+from pipeline.core.messages import LedgerStep
 from pipeline.core.progress import PartitionCounters
 from pipeline.core.topics import Admin, Committed, Reader, RunTopics, Transport
 from pipeline.core.heartbeat import HeartbeatPublisher
 from pipeline.generate.backpressure import Backlog, FlowControl
 from pipeline.generate.liveness import PauseReport
-from pipeline.generate.planner import Decoded
 from pipeline.generate.stats import GeneratorStats
 from pipeline.ledger import LedgerTail
 
@@ -107,7 +106,7 @@ class BacklogMonitor:
 
 
 class Throttle:
-    """One worker's flow control: pause, resume and trim its prompt partitions by their backlog.
+    """One worker's flow control: which prompt partitions to pause, and how much each may take.
 
     ``counters`` are the worker's own counts of the partitions it owns (queued batches
     included); the rest of the backlog comes from the monitor.
@@ -129,8 +128,8 @@ class Throttle:
         local = {p: c.refs for p, c in counters.items() if p in assigned}
         return self.monitor.backlog(range(self.flow.partitions), local)
 
-    def apply(self, reader: Reader, counters: Mapping[int, PartitionCounters], bytes_per_sample: float) -> None:
-        """Pause the owned partitions whose backlog reached their cap, resume those below low."""
+    def apply(self, reader: Reader, counters: Mapping[int, PartitionCounters], bytes_per_sample: float) -> set[int]:
+        """The owned partitions whose backlog reached their cap (to pause), resumed below low."""
         assigned = reader.assignment()
         want: set[int] = set()
         backlog: dict[int, Backlog] = {}
@@ -140,43 +139,13 @@ class Throttle:
             self.stats.max_backlog = max(self.stats.max_backlog, sum(b.samples for b in backlog.values()))
             ended = {p for p, c in counters.items() if c.ended} | self.monitor.ended
             want = self.flow.update(backlog, bytes_per_sample, ended) & set(assigned)
-        have = set(reader.paused())
-        if want - have:
-            reader.pause(sorted(want - have))
-        if have - want:
-            reader.resume(sorted(have - want))
         self.report.update(want, assigned, backlog)
+        return want
 
-    def trim(
-        self,
-        reader: Reader,
-        decoded: list[Decoded],
-        counters: Mapping[int, PartitionCounters],
-        bytes_per_sample: float,
-    ) -> list[Decoded]:
-        """Keep, per partition, only the prompts its cap still allows; rewind past the cut.
-
-        Markers and bad records cost nothing and pass (an end-of-stream marker must never wait
-        on the trainer), but nothing after a cut does: the partition resumes exactly there.
-        """
-        backlog = self._backlog(reader.assignment(), counters)
-        allowance: dict[int, int] = {}
-        cut: dict[int, int] = {}
-        kept: list[Decoded] = []
-        for record, item in decoded:
-            p = record.partition
-            if p in cut:
-                continue
-            if isinstance(item, Prompt):
-                if p not in allowance:
-                    allowance[p] = self.flow.allowance(p, backlog[p].samples, bytes_per_sample)
-                if allowance[p] <= 0:
-                    cut[p] = record.offset
-                    continue
-                allowance[p] -= 1
-            kept.append((record, item))
-        for p, offset in cut.items():
-            reader.seek(p, offset)
-        if cut:
-            self.stats.trimmed += len(decoded) - len(kept)
-        return kept
+    def allowances(
+        self, assigned: list[int], counters: Mapping[int, PartitionCounters], bytes_per_sample: float
+    ) -> dict[int, int]:
+        """Per owned partition, how many more prompts its cap allows now (own queued batches
+        counted): what the worker's :class:`~pipeline.generate.intake.Intake` may take."""
+        backlog = self._backlog(assigned, counters)
+        return {p: self.flow.allowance(p, backlog[p].samples, bytes_per_sample) for p in assigned}

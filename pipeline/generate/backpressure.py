@@ -19,10 +19,10 @@ proportion to what its rank needs from it for one optimizer step plus prefetch (
 that), and a configuration where that cannot hold is refused at start (:func:`check_watermarks`).
 When a partition ends, its share goes to the open partitions of the same rank.
 
-A worker trims every polled batch to what each partition's share still allows (counting its own
-captured but uncommitted batches) and seeks back past the cut, so the backlog of a partition
-never exceeds its share and the total never exceeds the high watermark, with any number of
-workers (each partition has one owner). End-of-stream markers always pass: the trainer needs them
+A worker builds every batch within what each partition's share still allows (counting its own
+captured but uncommitted batches), holding the rest of what it polled for later
+(:mod:`pipeline.generate.intake`), so the backlog of a partition never exceeds its share and the
+total never exceeds the high watermark, with any number of workers (each partition has one owner). End-of-stream markers always pass: the trainer needs them
 to finish. The partition is paused at its cap and resumed at its share of the low watermark.
 
 Bytes watermarks use the worker's measured bytes per sample; as in SpecForge they can never cap
@@ -215,7 +215,7 @@ class FlowControl:
     Each open partition gets a share of the watermarks in proportion to what its rank needs from
     it (shares sum to at most the watermark less what ended partitions still hold, and each is at
     least the need: see :func:`check_watermarks`). :meth:`allowance` caps how many more samples a
-    partition may take now (the worker trims a polled batch to it), so the total backlog never
+    partition may take now (the worker builds its batches within it), so the total backlog never
     exceeds the high watermark, or, once ended partitions hold most of it, the trainer window
     on top of what they hold (:func:`peak_backlog`); :meth:`update` latches a pause at the cap
     and releases it at the low share.

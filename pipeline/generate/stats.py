@@ -27,6 +27,6 @@ class GeneratorStats:
     paused_s: float = 0.0  # closed pauses; an open one started at paused_since
     paused_since: float | None = None  # time.monotonic() when every owned partition paused; None: running
     max_backlog: int = 0
-    trimmed: int = 0  # polled records left for later because their partition was at its cap
+    reread: int = 0  # polled records dropped uncaptured to be read again (a reposition: rebalance, abort)
     wall_s: float = 0.0
     busy_s: float = 0.0  # from the first polled prompt to the last commit: steady-state time

@@ -2,8 +2,9 @@
 
 Consume-transform-produce, exactly once, in Kafka transactions:
 
-1. poll a batch of prompt records (``read_committed``), trimmed to what each partition's share of
-   the backpressure watermark still allows (:mod:`pipeline.generate.backpressure`);
+1. poll prompt records (``read_committed``) and take a batch round-robin over the partitions,
+   within what each partition's share of the backpressure watermark still allows
+   (:mod:`pipeline.generate.intake`, :mod:`pipeline.generate.backpressure`);
 2. capture the target's hidden states for the prompts (the main thread: compute);
 3. hand the batch to the writer thread (:mod:`pipeline.generate.writer`), which writes each
    sample's safetensors file to its deterministic path (complete before its ref), then in one
@@ -43,8 +44,9 @@ from pipeline.generate.backpressure import FlowControl
 from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.config import GeneratorConfig
 from pipeline.generate.eval_capture import capture_eval_set
+from pipeline.generate.intake import Intake, check_batch_share
 from pipeline.generate.liveness import generator_heartbeat
-from pipeline.generate.planner import BatchPlanner, Decoded, decode_prompts
+from pipeline.generate.planner import BatchPlanner, Decoded
 from pipeline.generate.stats import GeneratorStats
 from pipeline.generate.writer import BatchWriter, PlannedBatch
 from pipeline.storage import FeatureStore
@@ -84,6 +86,7 @@ class GeneratorWorker:
             max_prompt_tokens=config.max_prompt_tokens,
         )  # fmt: skip
         self._throttle: Throttle | None = None  # only with backpressure
+        self._intake = Intake(config.batch_size, config.run_id)  # polled, not yet captured prompts, per partition
         self._partition_count = 0
         self._done_checked_at = 0.0
         self._first_records_at: float | None = None
@@ -138,6 +141,8 @@ class GeneratorWorker:
         if cfg.backpressure is not None:
             assert cfg.trainer is not None
             flow = FlowControl(cfg.backpressure, cfg.trainer, self._partition_count)
+            if cfg.partitions is not None:  # group mode: checked where the generator count is known
+                check_batch_share(cfg.backpressure, cfg.trainer, self._partition_count, cfg.batch_size, len(cfg.partitions))
             monitor = BacklogMonitor(
                 self.transport, self.topics, interval_s=cfg.backpressure.check_interval_s, admin=self._admin,
                 groups=cfg.trainer_groups,
@@ -196,22 +201,15 @@ class GeneratorWorker:
                 if not self._writer.take_reset():
                     return
                 continue
-            if self._throttle is not None:
-                self._throttle.apply(self._reader, self._local_counters(), self._planner.bytes_per_sample)
-            records = self._reader.poll(cfg.poll_timeout_s, max_records=cfg.batch_size)
+            records, decoded = self._intake.poll(
+                self._reader, self._throttle, self._local_counters, self._planner.bytes_per_sample,
+                timeout_s=cfg.poll_timeout_s, current=lambda: self._epoch == self._synced_epoch,
+            )  # fmt: skip
             if records and self._first_records_at is None:
                 self._first_records_at = time.perf_counter()
-            with self._lock:
-                epoch = self._epoch
-            if not records or epoch != self._synced_epoch:
-                continue  # records of a changed assignment: the resync re-reads them
-            decoded = decode_prompts(records, cfg.run_id)
-            if self._throttle is not None:
-                decoded = self._throttle.trim(
-                    self._reader, decoded, self._local_counters(), self._planner.bytes_per_sample
-                )
             if not decoded:
                 continue
+            epoch = self._synced_epoch  # the intake hands out records of the synced epoch only
             group = self._reader.group_metadata()
             batch = self._plan(decoded, epoch, group)
             with self._lock:
@@ -347,6 +345,7 @@ class GeneratorWorker:
             epoch = self._epoch
             self._counters.clear()
         self._drain_or_fail()  # queued batches are stale now: dropped without writing
+        self.stats.reread += self._intake.clear()  # polled but not captured: read again from the commit
         self._writer.take_reset()
         assigned = self._reader.assignment()
         committed = self._reader.committed(assigned)

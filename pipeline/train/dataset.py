@@ -32,6 +32,7 @@ from pipeline.core.messages import SampleRef
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.train.collate import Batch, collate
 from pipeline.train.distributed import Vote
+from pipeline.train.slots import BatchSlots
 
 __all__ = (
     "ItemSource",
@@ -147,6 +148,9 @@ class Prefetcher:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self._check_ref = check_ref
+        self._slots = BatchSlots.install(  # hidden states read straight into reused (pinned) batch buffers
+            source, batch_size, max_length=max_length, dtype=dtype, pin=pin_memory, keep=max(1, depth) + 10
+        )  # up to: the queue, the one being filled, the step's grad_accum (<= 8) and one being dropped
         self._queue: queue.Queue[MicroBatch | StreamEnd | _Failure] = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -214,6 +218,8 @@ class Prefetcher:
                 if self._check_ref is not None:
                     self._check_ref(item.ref)
                 pending.append(item)
+                if self._slots is not None:
+                    self._slots.row = len(pending)
                 if len(pending) == self.batch_size:
                     micro = self._collate(pending, started)
                     pending = []
@@ -238,7 +244,8 @@ class Prefetcher:
                 logger.warning("closing the sample stream failed: %s", exc)
 
     def _collate(self, items: list[StreamItem], started: float) -> MicroBatch:
-        batch = collate([i.tensors for i in items], max_length=self.max_length, dtype=self.dtype)
+        out = None if self._slots is None else self._slots.take()
+        batch = collate([i.tensors for i in items], max_length=self.max_length, dtype=self.dtype, out=out)
         if self.pin_memory:
             batch = _pinned(batch)
         return MicroBatch(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -74,6 +74,15 @@ class EpochedSource:
         self._letters = 0  # dead letters of later epochs since this source was opened
         self._interrupted = threading.Event()
         self._listing: ItemSource | None = None
+
+    def read_into_slots(self, dest: Callable[[SampleRef], Mapping[str, Any] | None]) -> bool:
+        """The prefetcher's reused batch buffers (:mod:`pipeline.train.slots`), for the online pass
+        and the later epochs alike; False where the live stream cannot read into them."""
+        install, fetch = getattr(self._live, "read_into_slots", None), getattr(self._live, "fetch", None)
+        if install is None or fetch is None or not install(dest):
+            return False
+        self._fetch = fetch  # the same fetch (every check, decoded), into the buffers
+        return True
 
     @property
     def dead_letters(self) -> int:

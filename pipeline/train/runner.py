@@ -171,7 +171,7 @@ def final_counters(result: TrainResult, rank: int) -> dict[str, int | float]:
     c = result.completeness
     if c is not None:
         out.update(prompts=c.prompts, trained=c.trained, missing=c.missing, duplicates=c.duplicates,
-                   tail=c.tail, dead_letters=c.dead_letters)  # fmt: skip
+                   tail=c.tail, dead_letters=c.dead_letters, epochs=c.epochs)  # fmt: skip
     return out
 
 

@@ -336,11 +336,13 @@ class LocalKafka:
 
 @contextlib.contextmanager
 def env_or_local_broker() -> Iterator[str]:
-    """``KAFKA_BOOTSTRAP_SERVERS`` if set, else a throwaway local broker for the block."""
+    """``KAFKA_BOOTSTRAP_SERVERS`` if set, else a throwaway local broker for the block, whose
+    directory (topics, logs: up to hundreds of MB) is removed once the broker has stopped."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
-    with LocalKafka(Path(tempfile.mkdtemp(prefix="specstream-kafka-"))) as local:
+    scratch = tempfile.TemporaryDirectory(prefix="specstream-kafka-", ignore_cleanup_errors=True)
+    with scratch as workdir, LocalKafka(Path(workdir)) as local:  # the broker stops before the removal
         yield local.bootstrap
 
 

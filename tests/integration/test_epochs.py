@@ -71,9 +71,17 @@ def test_three_epochs_run_the_target_once_and_train_every_sample_once_per_epoch(
     trained = _epoch_counts(kafka, run_id)
     assert set(trained.values()) == {1}
     assert Counter(epoch for epoch, _ in trained) == {e: conversations for e in range(EPOCHS)}
-    audit = audit_run(kafka, run_id)
+    # With the store, as `specstream audit --config` runs it: files retention deleted after training
+    # are the generators' refs, not foreign records.
+    audit = audit_run(kafka, run_id, store=FeatureStore(str(tmp_path / "features"), run_id))
     assert audit.ok and audit.epochs == list(range(EPOCHS)), audit.to_json()
+    assert audit.total("refs") == conversations and audit.total("foreign_samples") == 0
     assert audit.total("trained_once") == conversations * EPOCHS and audit.total("never_trained") == 0
+    from pipeline.app.status import render_status, run_status
+
+    shown = render_status(run_status(kafka, run_id))
+    assert f"step {conversations * EPOCHS // 2} (epoch 3 of 3), {conversations} of {conversations} produced" in shown
+    assert f"{conversations * EPOCHS} of {conversations * EPOCHS} sample passes ({conversations} x 3 epochs) trained" in shown
     # Retention delete: the features went, but only after the last epoch read them.
     assert FeatureStore(str(tmp_path / "features"), run_id).list() == []
 

@@ -34,28 +34,31 @@ MARKS = Watermarks(high=24, low=12, check_interval_s=0.05)
 WINDOW = TrainerWindow(world_size=1, batch_size=STEP, grad_accum=1, prefetch=4)
 
 
-def slow_trainer(kafka: KafkaSettings, store: FeatureStore, run_id: str, consumed: list[int], stop: threading.Event) -> list[str]:
+def slow_trainer(
+    kafka: KafkaSettings, store: FeatureStore, run_id: str, consumed: list[int], stop: threading.Event,
+    *, partitions: int = 4, prompts: int = PROMPTS, pace_s: float = 0.02,
+) -> list[str]:  # fmt: skip
     """Reads every partition, one step of STEP samples at a time, and logs each step."""
     ledger = PlainProducer(kafka)
-    stream = SampleStream(kafka, store, run_id, range(4), idle_timeout_s=60)
+    stream = SampleStream(kafka, store, run_id, range(partitions), idle_timeout_s=60)
     ids: list[str] = []
     try:
         for step, item in enumerate(stream, start=1):
             ids.append(item.ref.prompt_id)
-            stop.wait(0.02)  # the slow consumer: compute time per sample, not synchronisation
-            if len(ids) % STEP == 0 or len(ids) == PROMPTS:
+            stop.wait(pace_s)  # the slow consumer: compute time per sample, not synchronisation
+            if len(ids) % STEP == 0 or len(ids) == prompts:
                 state = stream.state()
                 record = LedgerStep(
                     run_id=run_id, step=len(ids) // STEP + 1, epoch=0, lr=0.0, created_at=now(),
                     metrics=StepMetrics(loss=0.0, ploss=[0.0], acc=[0.0]),
                     ranks=[RankProgress(rank=0, sample_ids=[], next_offsets=[
                         PartitionOffset(partition=p, offset=state.positions[p], records=state.consumed(p))
-                        for p in range(4)
+                        for p in range(partitions)
                     ])],
                 )  # fmt: skip
                 ledger.send(f"{run_id}.ledger", encode(record), partition=0)
                 ledger.flush()
-                consumed[0] = sum(state.consumed(p) for p in range(4))
+                consumed[0] = sum(state.consumed(p) for p in range(partitions))
     finally:
         stream.close()
         ledger.close()

@@ -1,0 +1,269 @@
+"""The trainer's read path (issue 13.3): today's get + collate against reading into reused slots.
+
+Three sides, alternated (rotated order) in one process over the same stored files, several repeats:
+
+- ``today``: ``FeatureStore.get`` (a fresh buffer per sample, CRC over it) + ``collate`` (fresh
+  zero-filled batch tensors, a copy of every hidden state) (+ on CUDA a pinned copy of the batch);
+- ``slots``: :func:`pipeline.read_into.read_into` each sample's hidden states straight into its row
+  of a reused (on CUDA pinned) batch buffer, CRC over each chunk as it lands, and the collate pads;
+- ``plain``: read every file into one reused buffer (no checks, no tensors): what storage delivers
+  to a reader that does nothing else, the ceiling.
+
+Reported per side: CPU seconds per GB read (the process's CPU time, all threads) and GB/s, min /
+median / max over repeats, the user-space bytes copied per sample (counted from the code path), and
+one rank's deliverable samples/s through the real :class:`~pipeline.train.dataset.Prefetcher` over a
+:class:`~pipeline.stream.SampleStream` (in-process broker), with and without slots, next to the plain
+reader. Files sit in the page cache (written just before): the figures are the reader's CPU cost,
+which is what limits a rank when storage is fast.
+
+    python benchmarks/bench_read_path.py --samples 16 --batch 4 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.core.messages import EndOfStream, SampleRef, TargetInfo, encode
+from pipeline.core.topics import RunTopics
+from pipeline.read_into import read_into
+from pipeline.storage import FeatureStore
+from pipeline.stream import SampleStream
+from pipeline.train.collate import collate
+from pipeline.train.dataset import MicroBatch, Prefetcher, StreamEnd, _pinned
+from pipeline.train.slots import BatchSlots
+from pipeline.transport.memory import MemoryBroker
+
+RUN = "bench-read"
+
+
+def target(hidden: int) -> TargetInfo:
+    return TargetInfo(
+        model_id="llama-3.1-8b-shape", revision="bench", num_layers=32, aux_layer_ids=[1, 15, 28],
+        hidden_size=hidden, vocab_size=128256, dtype="bfloat16",
+    )  # fmt: skip
+
+
+def write_samples(root: Path, samples: int, tokens: int, hidden: int) -> tuple[FeatureStore, list[SampleRef]]:
+    store = FeatureStore(str(root), RUN, durable=False)
+    refs = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(samples):
+        stored = store.put(0, f"s{i}", {
+            "input_ids": torch.randint(0, 128256, (tokens,), generator=g),
+            "loss_mask": torch.ones(tokens, dtype=torch.uint8),
+            "aux_hidden_states": torch.randn(tokens, 3 * hidden, generator=g).bfloat16(),
+            "final_hidden_states": torch.randn(tokens, hidden, generator=g).bfloat16(),
+        })  # fmt: skip
+        refs.append(SampleRef(
+            run_id=RUN, sample_id=f"s{i}", prompt_id=f"p{i}", producer_id="bench", uri=stored.uri,
+            nbytes=stored.nbytes, checksum=stored.checksum, num_tokens=tokens, tensors=stored.tensors,
+            target=target(hidden), created_at=0.0, seq=i,
+        ))  # fmt: skip
+    return store, refs
+
+
+# --- the sides: each reads every sample once into batches of ``batch`` -------------------------
+
+
+def today(store: FeatureStore, refs: list[SampleRef], batch: int, pin: bool) -> None:
+    for start in range(0, len(refs) - batch + 1, batch):
+        out = collate([store.get(r) for r in refs[start : start + batch]])
+        if pin:
+            out = _pinned(out)
+
+
+def slots_side(store: FeatureStore, refs: list[SampleRef], batch: int, pin: bool, slots: BatchSlots) -> None:
+    for start in range(0, len(refs) - batch + 1, batch):
+        samples = []
+        for k, ref in enumerate(refs[start : start + batch]):
+            slots.row = k
+            samples.append(read_into(store, ref, slots.dest(ref)))
+        out = collate(samples, out=slots.take())
+        if pin:
+            out = _pinned(out)  # a no-op on tensors already pinned
+
+
+def plain(store: FeatureStore, refs: list[SampleRef], buffer: bytearray) -> None:
+    view = memoryview(buffer)
+    for ref in refs:
+        with open(store.resolve(ref.uri), "rb", buffering=0) as f:
+            got = 0
+            while got < ref.nbytes:
+                n = f.readinto(view[got : ref.nbytes])
+                if not n:
+                    break
+                got += n
+
+
+@dataclass
+class Figures:
+    cpu_s_per_gb: list[float]
+    gb_s: list[float]
+
+
+def timed(run: Callable[[], None], gb: float, figures: Figures) -> None:
+    cpu, wall = time.process_time(), time.perf_counter()
+    run()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    figures.cpu_s_per_gb.append(cpu / gb)
+    figures.gb_s.append(gb / wall)
+
+
+# --- deliverable samples/s of one rank: the real prefetcher over the real stream ----------------
+
+
+class _NoSlots:
+    """A stream without ``read_into_slots``: the prefetcher falls back to today's path."""
+
+    def __init__(self, stream: SampleStream) -> None:
+        self._s = stream
+        self.dead_letters = self.dropped_upstream = 0
+
+    def items(self):
+        return self._s.items()
+
+    def state(self):
+        return self._s.state()
+
+    def summary(self):
+        return self._s.summary()
+
+    def close(self) -> None:
+        self._s.close()
+
+    def interrupt(self) -> None:
+        self._s.interrupt()
+
+
+def deliverable(
+    store: FeatureStore, refs: list[SampleRef], count: int, batch: int, pin: bool, use_slots: bool
+) -> float:
+    """Samples/s the prefetcher hands a training loop that drops each micro-batch at once."""
+    broker = MemoryBroker()
+    topics = RunTopics(RUN)
+    broker.admin().ensure_run_topics(topics, 1)
+    producer = broker.plain_producer()
+    for i in range(count):  # the stored files over and over: long enough for the buffers to be reused
+        ref = refs[i % len(refs)].model_copy(update={"sample_id": f"s{i}", "seq": i})
+        producer.send(topics.samples, encode(ref), partition=0)
+    producer.send(
+        topics.samples,
+        encode(EndOfStream(run_id=RUN, stage="generate", partition=0, count=count, seq=count)),
+        partition=0,
+    )
+    stream = SampleStream(broker, store, RUN, [0], idle_timeout_s=60, poll_timeout_s=0.05)
+    source = stream if use_slots else _NoSlots(stream)
+    started = time.perf_counter()
+    prefetcher = Prefetcher(source, batch_size=batch, depth=4, pin_memory=pin).start()
+    delivered = 0
+    try:
+        while True:
+            got = prefetcher.get(60.0)
+            if got is None:
+                raise TimeoutError("no micro-batch within 60 s")
+            if isinstance(got, StreamEnd):
+                break
+            assert isinstance(got, MicroBatch)
+            delivered += len(got.samples)
+    finally:
+        prefetcher.close()
+    if use_slots and prefetcher._slots is None:
+        raise RuntimeError("the stream did not read into slots")
+    return delivered / (time.perf_counter() - started)
+
+
+def copied_bytes(ref: SampleRef, pin: bool) -> dict[str, int]:
+    """User-space bytes written per sample on each path (a full-length sample: no padding)."""
+    hidden = sum(
+        ref.tensors[n].shape[0] * ref.tensors[n].shape[1] * 2
+        for n in ("aux_hidden_states", "final_hidden_states")
+    )
+    today_bytes = ref.nbytes + hidden + hidden + (hidden if pin else 0)  # read + zero-fill + copy (+ pin)
+    return {"today": today_bytes, "slots": ref.nbytes, "plain": ref.nbytes}
+
+
+def spread(values: list[float], fmt: str = "8.2f") -> str:
+    return f"{min(values):{fmt}} / {statistics.median(values):{fmt}} / {max(values):{fmt}}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--stream", type=int, default=64, help="samples per deliverable-rate run (files reused)"
+    )
+    parser.add_argument("--pin", choices=("auto", "yes", "no"), default="auto", help="pinned batches (CUDA)")
+    args = parser.parse_args()
+    pin = torch.cuda.is_available() if args.pin == "auto" else args.pin == "yes"
+    root = Path(tempfile.mkdtemp(prefix="bench-read-path-"))
+    try:
+        store, refs = write_samples(root, args.samples, args.tokens, args.hidden)
+        gb = sum(r.nbytes for r in refs) / 1e9
+        slots = BatchSlots(args.batch, max_length=args.tokens, dtype=None, pin=pin, keep=2)
+        buffer = bytearray(refs[0].nbytes)
+        sides: dict[str, Callable[[], None]] = {
+            "today": lambda: today(store, refs, args.batch, pin),
+            "slots": lambda: slots_side(store, refs, args.batch, pin, slots),
+            "plain": lambda: plain(store, refs, buffer),
+        }
+        figures = {name: Figures([], []) for name in sides}
+        rates: dict[str, list[float]] = {"today": [], "slots": []}
+        for side in sides.values():
+            side()  # warm: page cache, allocator, slots
+        for i in range(args.repeats):
+            names = list(sides)[i % 3 :] + list(sides)[: i % 3]  # rotated: no side always first
+            for name in names:
+                timed(sides[name], gb, figures[name])
+            for name in ("today", "slots") if i % 2 == 0 else ("slots", "today"):
+                rates[name].append(
+                    deliverable(store, refs, args.stream, args.batch, pin, use_slots=name == "slots")
+                )
+            print(
+                f"repeat {i}: "
+                + ", ".join(f"{n} {figures[n].cpu_s_per_gb[-1]:.3f} CPU s/GB" for n in sides)
+                + f"; load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+        copies = copied_bytes(refs[0], pin)
+        mb = refs[0].nbytes / 1e6
+        print(
+            f"\n{args.samples} samples x {mb:.1f} MB ({args.tokens} tokens, hidden {args.hidden}, bf16), "
+            f"batch {args.batch}, pinned {pin}, {args.repeats} repeats, min / median / max; "
+            f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+        )
+        print(f"  {'side':<6} {'CPU s per GB':>28} {'GB/s (wall)':>28} {'bytes copied/sample':>22}")
+        for name, fig in figures.items():
+            print(
+                f"  {name:<6} {spread(fig.cpu_s_per_gb, '8.3f'):>28} {spread(fig.gb_s):>28} "
+                f"{copies[name] / 1e6:>17.1f} MB ({copies[name] / refs[0].nbytes:.1f}x)"
+            )
+        ratio = [t / s for t, s in zip(figures["today"].cpu_s_per_gb, figures["slots"].cpu_s_per_gb)]
+        print(f"  CPU per GB, today / slots: {spread(ratio)}  (goal >= 2)")
+        plain_rate = [g * 1e9 / refs[0].nbytes for g in figures["plain"].gb_s]
+        print(
+            f"one rank's deliverable samples/s ({args.stream} samples, prefetcher over the stream, depth 4):"
+        )
+        print(f"  today  {spread(rates['today'], '8.1f')}\n  slots  {spread(rates['slots'], '8.1f')}")
+        print(f"  plain reader (no checks, no batches): {spread(plain_rate, '8.1f')}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
