@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -190,8 +192,8 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def generator_cmd(config: Path, first: int, threads: int) -> list[str]:
-    if threads == 1:
-        return [specstream(), "generate", "--config", str(config), "--worker-id", f"g{first}"]
+    if threads == 1:  # --verbose: the assignment lines count the group's rebalances
+        return [specstream(), "generate", "--config", str(config), "--worker-id", f"g{first}", "--verbose"]
     ids = ",".join(f"g{first + t}" for t in range(threads))
     return [sys.executable, str(Path(__file__).resolve()), "--generator-threads", str(config), ids]
 
@@ -210,6 +212,7 @@ def run_generator_threads(config: str, ids: str) -> None:
     from pipeline.app.config_file import load_config  # lazy: start-up, only in the generator process
     from pipeline.app.generate_job import configured_generator  # lazy: as above
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, stop = load_config(Path(config)), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stats: dict[str, int] = {}
@@ -272,6 +275,7 @@ class Result:
     trainer_rss_mb: float = 0.0
     trainer_total_rss_mb: float = 0.0
     rebalance: dict[str, float] = field(default_factory=dict)
+    assignments: int = 0  # the most partition assignments one generator worker went through
     error: str = ""
 
 
@@ -303,6 +307,15 @@ def _steps(out: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _assignments(workdir: Path) -> int:
+    """The most rebalances one worker went through: its ``partitions [...] assigned`` lines."""
+    counts: dict[str, int] = {}
+    for log in workdir.glob("gen*.log"):
+        for worker in re.findall(r"(\S+): partitions \[[^\]]*\] assigned", log.read_text(errors="replace")):
+            counts[worker] = counts.get(worker, 0) + 1
+    return max(counts.values(), default=0)
 
 
 def _log_bytes(broker_data: Path | None, run_id: str) -> int:
@@ -383,6 +396,7 @@ def run_point(point: Point, bootstrap: str, broker_pid: int | None, broker_data:
         result.trainer_rss_mb = sampler.peak["trainer"] * mb
         result.trainer_total_rss_mb = sampler.peak["trainer_total"] * mb
         result.broker_fds = sampler.peak["broker_fds"]
+        result.assignments = _assignments(workdir)
         result.broker_log_mb = _log_bytes(broker_data, run_id) * mb
     except Exception as exc:  # noqa: BLE001 - one point's failure is its row, not the end of the grid
         result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -488,7 +502,7 @@ def observe_event(point: Point, config: Path, run_id: str, bootstrap: str, workd
 # --- the grid ------------------------------------------------------------------------------------
 
 HEADER = ("point", "done", "trained", "first step s", "wall s", "e2e /s", "steady /s", "ms/sample",
-          "broker cpu s", "broker rss MB", "broker log MB", "broker fds", "gen rss MB", "rank rss MB (all ranks)", "rebalance")  # fmt: skip
+          "broker cpu s", "broker rss MB", "broker log MB", "broker fds", "gen rss MB", "rank rss MB (all ranks)", "assignments", "rebalance")  # fmt: skip
 
 
 def row(r: Result) -> tuple[str, ...]:
@@ -501,7 +515,7 @@ def row(r: Result) -> tuple[str, ...]:
     ranks = f"{f(r.trainer_rss_mb, 0)} ({f(r.trainer_total_rss_mb, 0)})"
     return (r.point, done, trained, f(r.first_step_s), f(r.wall_s), f(r.e2e_per_s), f(r.steady_per_s),
             f(r.per_sample_ms, 2), f(r.broker_cpu_s), f(r.broker_rss_mb, 0), f(r.broker_log_mb, 2), str(r.broker_fds),
-            f(r.generator_rss_mb, 0), ranks, rebalance)  # fmt: skip
+            f(r.generator_rss_mb, 0), ranks, str(r.assignments), rebalance)  # fmt: skip
 
 
 def print_row(cells: tuple[str, ...]) -> None:
