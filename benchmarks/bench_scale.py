@@ -98,6 +98,26 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def _mem(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, USS) in bytes: RSS counts torch's shared libraries in every process (about
+    0.5 GB each); PSS splits shared pages among their processes (sums to the machine's use);
+    USS is what the process alone holds."""
+    values: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                    values[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0, 0
+    return (
+        values.get("Rss", 0),
+        values.get("Pss", 0),
+        values.get("Private_Clean", 0) + values.get("Private_Dirty", 0),
+    )
+
+
 def _fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -130,18 +150,15 @@ def _children(pid: int) -> list[int]:
 
 
 class Sampler:
-    """Peak RSS per role (broker, generator, trainer) every ``interval_s``, on a thread."""
+    """Peak memory per role (broker; generator processes; trainer ranks) and the broker's open
+    files, every ``interval_s``, on a thread."""
 
     def __init__(self, broker_pid: int | None, interval_s: float = 0.5) -> None:
         self.broker_pid, self.interval_s = broker_pid, interval_s
         self.roles: dict[str, list[int]] = {"generator": [], "trainer": []}  # launcher pids
-        self.peak: dict[str, int] = {
-            "broker": 0,
-            "broker_fds": 0,
-            "generator": 0,
-            "trainer": 0,
-            "trainer_total": 0,
-        }
+        self.peak: dict[str, int] = {"broker": 0, "broker_fds": 0}
+        for role in self.roles:
+            self.peak.update({f"{role}_rss": 0, f"{role}_uss": 0, f"{role}_pss_all": 0})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -158,13 +175,16 @@ class Sampler:
             if self.broker_pid:
                 self.peak["broker"] = max(self.peak["broker"], _rss(self.broker_pid))
                 self.peak["broker_fds"] = max(self.peak["broker_fds"], _fds(self.broker_pid))
-            for pid in list(self.roles["generator"]):
-                self.peak["generator"] = max(self.peak["generator"], _rss(pid))
-            for pid in list(self.roles["trainer"]):
-                ranks = _children(pid) or [pid]  # torchrun's ranks, or the one process
-                sizes = [_rss(r) for r in ranks]
-                self.peak["trainer"] = max(self.peak["trainer"], *sizes)
-                self.peak["trainer_total"] = max(self.peak["trainer_total"], sum(sizes))
+            for role, launchers in self.roles.items():
+                # torchrun's ranks are its children; a generator process is its own launcher
+                pids = [
+                    c for p in list(launchers) for c in (_children(p) if role == "trainer" else []) or [p]
+                ]
+                sizes = [_mem(p) for p in pids]
+                if sizes:
+                    self.peak[f"{role}_rss"] = max(self.peak[f"{role}_rss"], *(m[0] for m in sizes))
+                    self.peak[f"{role}_uss"] = max(self.peak[f"{role}_uss"], *(m[2] for m in sizes))
+                    self.peak[f"{role}_pss_all"] = max(self.peak[f"{role}_pss_all"], sum(m[1] for m in sizes))
 
 
 # --- the run's stages --------------------------------------------------------------------------
@@ -271,9 +291,12 @@ class Result:
     broker_rss_mb: float = 0.0
     broker_log_mb: float = 0.0
     broker_fds: int = 0
-    generator_rss_mb: float = 0.0
-    trainer_rss_mb: float = 0.0
-    trainer_total_rss_mb: float = 0.0
+    generator_rss_mb: float = 0.0  # peak of one process
+    generator_uss_mb: float = 0.0  # peak of one process
+    generators_pss_mb: float = 0.0  # peak of all generator processes together
+    trainer_rss_mb: float = 0.0  # peak of one rank
+    trainer_uss_mb: float = 0.0
+    trainers_pss_mb: float = 0.0  # all ranks together
     rebalance: dict[str, float] = field(default_factory=dict)
     assignments: int = 0  # the most partition assignments one generator worker went through
     error: str = ""
@@ -392,9 +415,12 @@ def run_point(point: Point, bootstrap: str, broker_pid: int | None, broker_data:
                 result.steady_per_s = samples / (steps[hi]["time"] - steps[lo]["time"])
         mb = 1 / 2**20
         result.broker_rss_mb = sampler.peak["broker"] * mb
-        result.generator_rss_mb = sampler.peak["generator"] * mb
-        result.trainer_rss_mb = sampler.peak["trainer"] * mb
-        result.trainer_total_rss_mb = sampler.peak["trainer_total"] * mb
+        result.generator_rss_mb = sampler.peak["generator_rss"] * mb
+        result.generator_uss_mb = sampler.peak["generator_uss"] * mb
+        result.generators_pss_mb = sampler.peak["generator_pss_all"] * mb
+        result.trainer_rss_mb = sampler.peak["trainer_rss"] * mb
+        result.trainer_uss_mb = sampler.peak["trainer_uss"] * mb
+        result.trainers_pss_mb = sampler.peak["trainer_pss_all"] * mb
         result.broker_fds = sampler.peak["broker_fds"]
         result.assignments = _assignments(workdir)
         result.broker_log_mb = _log_bytes(broker_data, run_id) * mb
@@ -502,7 +528,8 @@ def observe_event(point: Point, config: Path, run_id: str, bootstrap: str, workd
 # --- the grid ------------------------------------------------------------------------------------
 
 HEADER = ("point", "done", "trained", "first step s", "wall s", "e2e /s", "steady /s", "ms/sample",
-          "broker cpu s", "broker rss MB", "broker log MB", "broker fds", "gen rss MB", "rank rss MB (all ranks)", "assignments", "rebalance")  # fmt: skip
+          "broker cpu s", "broker rss MB", "broker log MB", "broker fds",
+          "gen MB rss/uss (pss all)", "rank MB rss/uss (pss all)", "assignments", "rebalance")  # fmt: skip
 
 
 def row(r: Result) -> tuple[str, ...]:
@@ -512,10 +539,11 @@ def row(r: Result) -> tuple[str, ...]:
     rebalance = " ".join(f"{k} {v:.1f}s" for k, v in r.rebalance.items()) or "-"
     done = "yes" if r.completed else f"NO {r.error[:60]}".strip()
     trained = r.trained.replace(" prompts trained", "") or "-"
-    ranks = f"{f(r.trainer_rss_mb, 0)} ({f(r.trainer_total_rss_mb, 0)})"
+    gens = f"{f(r.generator_rss_mb, 0)}/{f(r.generator_uss_mb, 0)} ({f(r.generators_pss_mb, 0)})"
+    ranks = f"{f(r.trainer_rss_mb, 0)}/{f(r.trainer_uss_mb, 0)} ({f(r.trainers_pss_mb, 0)})"
     return (r.point, done, trained, f(r.first_step_s), f(r.wall_s), f(r.e2e_per_s), f(r.steady_per_s),
             f(r.per_sample_ms, 2), f(r.broker_cpu_s), f(r.broker_rss_mb, 0), f(r.broker_log_mb, 2), str(r.broker_fds),
-            f(r.generator_rss_mb, 0), ranks, str(r.assignments), rebalance)  # fmt: skip
+            gens, ranks, str(r.assignments), rebalance)  # fmt: skip
 
 
 def print_row(cells: tuple[str, ...]) -> None:
