@@ -298,6 +298,7 @@ class Result:
     trainer_uss_mb: float = 0.0
     trainers_pss_mb: float = 0.0  # all ranks together
     rebalance: dict[str, float] = field(default_factory=dict)
+    load: float = 0.0  # the machine's 1-minute load average at the point's end (2 cores)
     assignments: int = 0  # the most partition assignments one generator worker went through
     error: str = ""
 
@@ -431,6 +432,7 @@ def run_point(point: Point, bootstrap: str, broker_pid: int | None, broker_data:
         for proc in procs:
             _kill_group(proc)
         result.broker_cpu_s = (cpu_seconds(broker_pid) - broker_cpu0) if broker_pid else 0.0
+        result.load = os.getloadavg()[0]
         shutil.rmtree(workdir, ignore_errors=True)
     return result
 
@@ -529,7 +531,7 @@ def observe_event(point: Point, config: Path, run_id: str, bootstrap: str, workd
 
 HEADER = ("point", "done", "trained", "first step s", "wall s", "e2e /s", "steady /s", "ms/sample",
           "broker cpu s", "broker rss MB", "broker log MB", "broker fds",
-          "gen MB rss/uss (pss all)", "rank MB rss/uss (pss all)", "assignments", "rebalance")  # fmt: skip
+          "gen MB rss/uss (pss all)", "rank MB rss/uss (pss all)", "assignments", "load", "rebalance")  # fmt: skip
 
 
 def row(r: Result) -> tuple[str, ...]:
@@ -543,7 +545,7 @@ def row(r: Result) -> tuple[str, ...]:
     ranks = f"{f(r.trainer_rss_mb, 0)}/{f(r.trainer_uss_mb, 0)} ({f(r.trainers_pss_mb, 0)})"
     return (r.point, done, trained, f(r.first_step_s), f(r.wall_s), f(r.e2e_per_s), f(r.steady_per_s),
             f(r.per_sample_ms, 2), f(r.broker_cpu_s), f(r.broker_rss_mb, 0), f(r.broker_log_mb, 2), str(r.broker_fds),
-            gens, ranks, str(r.assignments), rebalance)  # fmt: skip
+            gens, ranks, str(r.assignments), f(r.load), rebalance)  # fmt: skip
 
 
 def print_row(cells: tuple[str, ...]) -> None:
