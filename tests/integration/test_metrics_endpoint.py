@@ -48,7 +48,7 @@ def served_port(proc: subprocess.Popen[str]) -> int:
 
 
 def test_generator_and_trainer_metrics_move_during_a_run(kafka, run_id, tmp_path, tiny_target_dir) -> None:
-    path = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=192,
+    path = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=384,
                         generate={"high_watermark": 16, "low_watermark": 8})  # fmt: skip
     wanted = free_port()
     generator = spawn(["generate", "--config", str(path), "--worker-id", "gen-m", "--metrics-port", str(wanted)])
@@ -79,8 +79,14 @@ def test_generator_and_trainer_metrics_move_during_a_run(kafka, run_id, tmp_path
         while not all(moved(role, n) for role, (_, _, names) in watched.items() for n in names):
             assert time.monotonic() < deadline, f"not all figures moved: {seen}"
             for role, (port, proc, names) in watched.items():
+                if all(moved(role, n) for n in names):
+                    continue  # seen enough of it: it may finish its work now (a fast generator does)
                 assert proc.poll() is None, f"{role} exited first: {proc.communicate()[0][-4000:]}"
-                last[role] = scrape(port)
+                try:
+                    last[role] = scrape(port)
+                except OSError:  # the process ended during the scrape: say so, with its output
+                    assert proc.poll() is None, f"{role} exited first: {proc.communicate()[0][-4000:]}"
+                    raise
                 for name in names:
                     seen.setdefault((role, name), set()).add(total(last[role], name))
             time.sleep(0.2)  # polling observable counters, not timing a race
