@@ -146,6 +146,8 @@ def _evaluator(
         path=settings.eval_metrics_path,
         on_eval=on_eval,
     )
+
+
 def _process_id(group: str | None, rank: int) -> str:
     """A rank's heartbeat id: ``rank-N``, or ``<group>.rank-N`` for a group of several."""
     return f"{group}.rank-{rank}" if group else f"rank-{rank}"
