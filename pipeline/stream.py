@@ -21,11 +21,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy, dead_letter
+from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy, send_dead_letter
 from pipeline.core.eos import Completeness, CompletenessTracker, PartitionState, Position
 from pipeline.core.errors import CaptureContractError, DecodeError, ForeignRecord, PayloadError, StreamError
 from pipeline.core.features import check_ref
-from pipeline.core.messages import EndOfStream, SampleRef, decode, encode
+from pipeline.core.messages import EndOfStream, SampleRef, decode
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import Producer, Record, RunTopics, Transport
 from pipeline.feature_codec import decode_features
@@ -265,9 +265,8 @@ class SampleStream:
         logger.warning("dead letter %s:%d: %s", record.partition, record.offset, error)
         self.tracker.foreign(record.partition)
         self.dead_letters += 1
-        if self._dlq is not None:  # keyed by the record: a resume that re-reads it writes the same key
-            key = f"{record.topic}:{record.partition}:{record.offset}".encode()
-            self._dlq.send(self.topics.dlq, encode(dead_letter(self.run_id, record, error)), partition=0, key=key)
+        if self._dlq is not None:
+            send_dead_letter(self._dlq, self.run_id, record, error)
         self.policy.record(valid=False, reason=str(error))
 
     def summary(self) -> Completeness:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.core.errors import StreamError
-from pipeline.core.messages import DeadLetter, now
-from pipeline.core.topics import Record
+from pipeline.core.messages import DeadLetter, encode, now
+from pipeline.core.topics import Producer, Record, RunTopics
 
-__all__ = ("PAYLOAD_LIMIT", "dead_letter", "stage_of", "DeadLetterLimits", "DeadLetterPolicy", "DeadLetterLimitExceeded")
+__all__ = ("PAYLOAD_LIMIT", "dead_letter", "send_dead_letter", "stage_of", "DeadLetterLimits", "DeadLetterPolicy", "DeadLetterLimitExceeded")
 
 #: How much of a bad record's payload a dead letter keeps (the rest is marked truncated).
 PAYLOAD_LIMIT = 64 * 1024
@@ -31,6 +31,16 @@ def dead_letter(run_id: str, record: Record, error: Exception, sample_id: str | 
         sample_id=sample_id,
         created_at=now(),
     )
+
+
+def send_dead_letter(
+    producer: Producer, run_id: str, record: Record, error: Exception, sample_id: str | None = None
+) -> None:
+    """Send a trainer-side dead letter to the run's DLQ, keyed by the record's place: a resume (or a
+    later epoch) that letters the same record again writes the same key, and ``audit`` counts it once."""
+    key = f"{record.topic}:{record.partition}:{record.offset}".encode()
+    letter = dead_letter(run_id, record, error, sample_id)
+    producer.send(RunTopics(run_id).dlq, encode(letter), partition=0, key=key)
 
 
 def stage_of(source_topic: str) -> str:

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.deadletter import dead_letter
+from pipeline.core.deadletter import send_dead_letter
 from pipeline.core.eos import Completeness
 from pipeline.core.errors import PayloadError, StreamError
 from pipeline.core.messages import SampleRef, encode
 from pipeline.core.progress import StreamItem, StreamState
-from pipeline.core.topics import Producer, Record, RunTopics
+from pipeline.core.topics import Producer, Record
 from pipeline.train.dataset import ItemSource
 
 __all__ = ("EpochedSource", "epoch_order", "letter_again")
@@ -170,8 +170,5 @@ class EpochedSource:
 
 
 def letter_again(dlq: Producer, topic: str, item: StreamItem, error: Exception, run_id: str) -> None:
-    """Dead-letter a sample whose payload failed in a later epoch, keyed by its record like the
-    live stream's letters (``audit`` counts a record once however many epochs letter it)."""
-    record = Record(topic, item.partition, item.offset, None, encode(item.ref))
-    key = f"{topic}:{item.partition}:{item.offset}".encode()
-    dlq.send(RunTopics(run_id).dlq, encode(dead_letter(run_id, record, error, item.ref.sample_id)), partition=0, key=key)
+    """Dead-letter a sample whose payload failed in a later epoch, as the live stream letters a record."""
+    send_dead_letter(dlq, run_id, Record(topic, item.partition, item.offset, None, encode(item.ref)), error, item.ref.sample_id)
