@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import statistics
-import tempfile
 import threading
 import time
 import uuid
@@ -36,6 +33,8 @@ from pipeline.devkit.chats import markov_conversations, write_jsonl
 from pipeline.devkit.target import TINY_AUX_LAYER_IDS, build_tiny_target
 from pipeline.generate.hf import HFTarget
 from pipeline.transport.broker import env_or_local_broker as broker
+
+from _stats import alternate, print_ratios, print_spread, scratch, session  # benchmarks/, beside this file
 
 
 def count_forwards() -> Callable[[], int]:
@@ -78,7 +77,8 @@ def make_config(root: Path, bootstrap: str, data: Path, target: Path, args: argp
 
 def later_wait_share(config: RunConfig, first_pass_steps: int) -> float:
     """The data-wait share of step time over the steps after the online pass."""
-    rows = [json.loads(line) for line in open(Path(config.train.output_dir) / "metrics.jsonl")]
+    with open(Path(config.train.output_dir) / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
     later = [r for r in rows if r["step"] > first_pass_steps]
     step_s = sum(r["step_s"] for r in later)
     return sum(r["data_wait_frac"] * r["step_s"] for r in later) / step_s if step_s else 0.0
@@ -97,10 +97,6 @@ def one_run(config: RunConfig, forwards: Callable[[], int], first_pass_steps: in
     return out
 
 
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=256)
@@ -111,8 +107,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(tempfile.mkdtemp(prefix="bench-epochs-"))
-    try:
+    title = (f"{args.conversations} conversations x {args.epochs} epochs, batch {args.batch}, TTT {args.ttt_steps}, "
+             f"tiny target on CPU, {args.threads} torch threads per run")  # fmt: skip
+    with session(title), scratch("bench-epochs-") as root, broker() as bootstrap:
         target = build_tiny_target()
         once, repeated = root / "once.jsonl", root / "repeated.jsonl"
         conversations = markov_conversations(args.conversations, seed=0)
@@ -120,31 +117,17 @@ def main() -> None:
         write_jsonl(conversations * args.epochs, str(repeated))
         forwards = count_forwards()
         pass_steps = args.conversations // args.batch
-        load = os.getloadavg()[0]
-        sides: dict[str, list[dict[str, float]]] = {"online x E": [], "epochs: E": []}
-        with broker() as bootstrap:
-            runs = {
-                "online x E": lambda: one_run(make_config(root, bootstrap, repeated, target, args, 1), forwards, pass_steps),
-                "epochs: E": lambda: one_run(make_config(root, bootstrap, once, target, args, args.epochs), forwards, pass_steps),
-            }
-            for repeat in range(args.repeats):
-                order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
-                for name in order:
-                    sides[name].append(runs[name]())
-        base, subject = sides["online x E"], sides["epochs: E"]
-        print(f"{args.conversations} conversations x {args.epochs} epochs, batch {args.batch}, TTT {args.ttt_steps}, "
-              f"tiny target on CPU, {args.threads} torch threads per run, {args.repeats} repeats (min/median/max); "
-              f"load {load:.1f} at start, {os.getloadavg()[0]:.1f} at end, {os.cpu_count()} CPUs")  # fmt: skip
-        for name, runs_ in sides.items():
-            print(f"  {name:11}: target forwards {spread([r['forwards'] for r in runs_], '{:.0f}')}, "
-                  f"steps {spread([r['steps'] for r in runs_], '{:.0f}')}, wall {spread([r['wall_s'] for r in runs_], '{:.1f}')} s, "
-                  f"data wait after the first pass {spread([100 * r['later_wait'] for r in runs_])} %")  # fmt: skip
-        ratios = [s["wall_s"] / b["wall_s"] for s, b in zip(subject, base, strict=True)]
-        forward_ratio = statistics.median(s["forwards"] for s in subject) / statistics.median(b["forwards"] for b in base)
-        print(f"  target forwards, epochs/online: {forward_ratio:.3f} (1/E = {1 / args.epochs:.3f})")
-        print(f"  wall time, epochs/online      : {spread(ratios)} (goal <= 0.5 for E = 4)")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+
+        def side(data: Path, epochs: int) -> Callable[[], dict[str, float]]:
+            return lambda: one_run(make_config(root, bootstrap, data, target, args, epochs), forwards, pass_steps)
+
+        results = alternate({"online x E": side(repeated, 1), "epochs: E": side(once, args.epochs)}, args.repeats,
+                            show="wall_s", fmt="{:.1f}")  # fmt: skip
+        print_spread(results, "forwards", label="target forwards (counted at the HF capture)", fmt="{:8.0f}")
+        print_spread(results, "wall_s", label="wall time, s", fmt="{:8.1f}")
+        print_spread(results, "later_wait", label="data-wait share after the first pass", fmt="{:8.4f}")
+        print_ratios(results, "online x E", "forwards", goal=f"1/E = {1 / args.epochs:.3f}")
+        print_ratios(results, "online x E", "wall_s", goal="<= 0.5 for E = 4 where target and trainer cost alike")
 
 
 if __name__ == "__main__":

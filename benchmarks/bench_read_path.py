@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,6 +41,8 @@ from pipeline.train.collate import collate
 from pipeline.train.dataset import MicroBatch, Prefetcher, StreamEnd, _pinned
 from pipeline.train.slots import BatchSlots
 from pipeline.transport.memory import MemoryBroker
+
+from _stats import spread as min_median_max  # benchmarks/, beside this file
 
 RUN = "bench-read"
 
@@ -193,7 +194,7 @@ def copied_bytes(ref: SampleRef, pin: bool) -> dict[str, int]:
 
 
 def spread(values: list[float], fmt: str = "8.2f") -> str:
-    return f"{min(values):{fmt}} / {statistics.median(values):{fmt}} / {max(values):{fmt}}"
+    return " / ".join(f"{v:{fmt}}" for v in min_median_max(values))
 
 
 def main() -> None:
