@@ -33,7 +33,6 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
 
 import torch
 from _stats import alternate, print_ratios, print_spread, scratch, session  # benchmarks/, beside this file
@@ -44,6 +43,7 @@ from pipeline.app.manifest import claim_run
 from pipeline.app.runtime import build_online_run
 from pipeline.app.settings import trainer_settings
 from pipeline.devkit.chats import markov_conversations, write_jsonl
+from pipeline.devkit.storage_peak import StoragePeak
 from pipeline.devkit.target import TINY_AUX_LAYER_IDS, build_tiny_target
 from pipeline.transport.broker import env_or_local_broker as broker
 
@@ -108,38 +108,6 @@ def make_config(
 def first_step_time(config: RunConfig) -> float:
     with open(Path(config.train.output_dir) / "metrics.jsonl") as f:
         return float(json.loads(f.readline())["time"])
-
-
-class StoragePeak:
-    """The largest total size of the feature files under a root, sampled every ``every_s``."""
-
-    def __init__(self, root: str, every_s: float = 0.2) -> None:
-        self.root, self.every_s, self.peak = root, every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def size(self) -> int:
-        total = 0
-        for directory, _dirs, files in os.walk(self.root):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(directory, name)).st_size
-                except FileNotFoundError:  # deleted by retention between listing and stat
-                    pass
-        return total
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.peak = max(self.peak, self.size())
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.peak = max(self.peak, self.size())
 
 
 def interleaved(config: RunConfig) -> dict[str, float]:

@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.app.config_deadletters import DeadLetterSection
 from pipeline.app.config_groups import GROUPS_HELP, check_train_groups
 from pipeline.app.config_monitor import MonitorSection
 from pipeline.app.config_topics import TopicsSection
 
-from pipeline.core.deadletter import DeadLetterLimits
 from pipeline.core.errors import ConfigError
 from pipeline.core.feature_encoding import FEATURE_DTYPE_HELP, FeatureDtype
 from pipeline.core.messages import SettingValue
@@ -149,25 +149,6 @@ class DataSection(_Section):
         default=DEFAULT_MAX_LINE_BYTES, gt=0,
         description="a longer JSONL line is dead-lettered unread (memory stays bounded by config)",
     )  # fmt: skip
-
-
-class DeadLetterSection(_Section):
-    """How much bad input a stage tolerates before it stops (Arroyo's DLQ limit)."""
-
-    max_invalid_ratio: float = Field(
-        default=DeadLetterLimits.max_invalid_ratio, gt=0, le=1,
-        description="stop a stage when more than this share of its records is dead-lettered",
-    )  # fmt: skip
-    max_consecutive: int = Field(
-        default=DeadLetterLimits.max_consecutive, gt=0, description="stop a stage after this many bad records in a row"
-    )
-    min_records: int = Field(
-        default=DeadLetterLimits.min_records, gt=0, description="records a stage takes before the ratio applies"
-    )
-
-    def limits(self) -> DeadLetterLimits:
-        """The stages' own form of these settings."""
-        return DeadLetterLimits(self.max_invalid_ratio, self.max_consecutive, self.min_records)
 
 
 class TargetSection(_Section):
