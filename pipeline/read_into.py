@@ -51,7 +51,7 @@ def read_into(
     A ``dest`` tensor must be contiguous with the stored dtype and shape, else that tensor is
     decoded as ``get`` would. Raises what ``get`` raises; ``dest`` holds garbage after a failure.
     """
-    if not dest or not is_local(store) or ref.run_id != store.run_id:
+    if not dest or not is_local(store) or not store.holds(ref.run_id):
         return store.get(ref)
     try:
         with open(store.resolve(ref.uri), "rb", buffering=0) as f:

@@ -33,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.core.errors import ConfinementError, IntegrityError
 from pipeline.core.messages import SampleRef, TensorSpec
+from pipeline.core.topics import REGEN_SUFFIX
 
 __all__ = ("FeatureStore", "StoredFeature", "SafetensorsLayout", "checksum_of", "parse_header", "tensors_from_buffer")
 
@@ -197,9 +198,14 @@ class FeatureStore:
 
     # --- read ----------------------------------------------------------------------------
 
+    def holds(self, run_id: str) -> bool:
+        """Whether refs of ``run_id`` name files here: the run's own, and its regeneration
+        sub-run's (a storage budget's later captures go to the run's own store)."""
+        return run_id in (self.run_id, f"{self.run_id}{REGEN_SUFFIX}")
+
     def read_verified(self, ref: SampleRef) -> np.ndarray:
         """The file's bytes after checking size, checksum and header against the ref."""
-        if ref.run_id != self.run_id:
+        if not self.holds(ref.run_id):
             raise ConfinementError(f"ref of run {ref.run_id!r} read from run {self.run_id!r}")
         path = self.resolve(ref.uri)
         try:

@@ -72,11 +72,18 @@ class SampleStream:
         dedup_window: int = 65536,
         dead_letters: DeadLetterLimits = DeadLetterLimits(),
         fetch: bool = True,
+        keep_share: int | None = None,
     ) -> None:
         """``fetch=False`` hands out the accepted refs without their payloads (``tensors`` empty):
-        later epochs list the online pass's samples this way, then fetch them in their own order."""
+        later epochs list the online pass's samples this way, then fetch them in their own order.
+
+        ``keep_share``: the bytes of each partition's samples a storage budget keeps for later
+        epochs (None: all). A sample is kept when it still fits the share in the partition's own
+        order (first fit), decided before its payload is read, so that the online pass and every
+        later listing of it decide alike; the others are handed out ``kept=False``."""
         self.run_id = run_id
         self._fetch = fetch
+        self._keep_share = keep_share
         self.policy = DeadLetterPolicy("train", dead_letters)
         self.store = store
         self._dest: Callable[[SampleRef], Mapping[str, Any] | None] | None = None  # see read_into_slots
@@ -225,6 +232,7 @@ class SampleStream:
             if position is Position.EARLIER:
                 return self._earlier(message, record)
             check_ref(message)
+            kept = self._keep(p, message.nbytes)
             tensors = self.fetch(message) if self._fetch else {}
         except (DecodeError, PayloadError, CaptureContractError) as exc:
             self._reject(record, exc)
@@ -233,7 +241,40 @@ class SampleStream:
         self._remember(message.sample_id, message.checksum)
         self.tracker.used(p, message.seq)
         self.policy.record(valid=True)
-        return StreamItem(message, tensors, p, record.offset)
+        return StreamItem(message, tensors, p, record.offset, kept=kept)
+
+    def _keep(self, partition: int, nbytes: int) -> bool:
+        """Whether the partition's share of the storage budget still holds this sample."""
+        if self._keep_share is None:
+            return True
+        st = self.tracker.state(partition)
+        if st.kept_bytes + nbytes > self._keep_share:
+            return False
+        st.kept_bytes += nbytes
+        return True
+
+    def arrivals(self) -> Iterator[StreamItem]:
+        """The own samples in the order they arrive, until every partition has ended.
+
+        For a consumer that imposes its own order (regenerated samples, taken in an epoch's
+        permutation): nothing waits on one partition while another has records. A record after
+        its partition's marker is foreign. Returns when interrupted."""
+        while not self.tracker.all_ended():
+            ready = next((p for p in self.partitions if self._buffers[p]), None)
+            if ready is None:
+                if self._interrupted.is_set():
+                    return
+                for record in self._reader.poll(self._poll_timeout_s):
+                    self._buffers[record.partition].append(record)
+                continue
+            record = self._buffers[ready].popleft()
+            if self.tracker.ended(ready):
+                self._reject(record, ForeignRecord(f"a record after the end-of-stream marker of partition {ready}"))
+                continue
+            item = self._handle(record)
+            self.positions[ready] = record.offset + 1
+            if item is not None:
+                yield item
 
     def _end(self, marker: EndOfStream, partition: int) -> None:
         """The partition's own marker ends it (a failed one fails the run); others are foreign."""

@@ -10,6 +10,8 @@ generators, dead letters by stage and reason, and foreign records.
 
 A loss is a prompt with neither a ref nor a dead letter, or a gap in a partition's numbered refs;
 a repeat is a sample trained twice in one epoch, or a trained sample that no committed ref names.
+Under a storage budget a sample captured again for a later epoch (the ``<run>.regen`` sub-run)
+counts as its prompt's sample in that epoch.
 Either makes the audit fail (exit 1). Samples not trained yet (a run stopped by ``max_steps``, or
 the tail that cannot fill a global step) are reported, not failed: a resume trains them.
 """
@@ -24,7 +26,7 @@ from typing import Any
 from pipeline.core.deadletter import stage_of
 from pipeline.core.errors import CaptureContractError, DecodeError, OptionError, PayloadError, StreamError
 from pipeline.core.features import check_ref
-from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, SampleRef, decode
+from pipeline.core.messages import DeadLetter, EndOfStream, Prompt, SampleRef, decode, sample_id_for
 from pipeline.core.topics import Record, RunTopics, Transport, read_to_end
 from pipeline.feature_codec import check_scales
 from pipeline.ledger import effective_history, read_ledger
@@ -207,6 +209,7 @@ def audit_run(
     topics = RunTopics(run_id)
     with transport.admin() as admin:
         count = admin.partition_count(topics.samples)
+        regenerated = admin.partition_count(topics.regen.samples) is not None
         groups = sorted(t.removeprefix(f"{topics.ledger}.") for t in admin.topics() if t.startswith(f"{topics.ledger}."))
     if count is None:
         raise StreamError(f"run {run_id} has no topics on this broker (no {topics.samples})")
@@ -215,6 +218,7 @@ def audit_run(
                           "name one of them (a run without train_groups: no --group)")  # fmt: skip
     prompts = _by_partition(transport, topics.prompts, count, timeout_s)
     samples = _by_partition(transport, topics.samples, count, timeout_s)
+    again = _by_partition(transport, topics.regen.samples, count, timeout_s) if regenerated else None
     history = effective_history(read_ledger(transport, run_id, timeout_s=timeout_s, group=group))
     trained: Counter[tuple[int, str]] = Counter()
     for step in history:
@@ -235,10 +239,16 @@ def audit_run(
         row.duplicates, row.foreign_samples = gen.duplicates, gen.foreign
         row.generators_ended = gen.marker is not None
         row.dropped = gen.marker.dropped if gen.marker is not None else 0
+        if again is not None:  # a storage budget's captures for later epochs: each stands for its prompt's sample
+            regen = _own_sequence(again[p], topics.regen.run_id, SampleRef, "generate", valid)
+            committed.update(ref.sample_id for ref in regen.own)
+            row.missing_refs += regen.gaps
+            row.duplicates, row.foreign_samples = row.duplicates + regen.duplicates, row.foreign_samples + regen.foreign
         for ref in gen.own:
             committed.add(ref.sample_id)
             for epoch in epochs or [ref.epoch]:  # once per epoch the run trained in
-                times = trained[(epoch, ref.sample_id)]
+                again_id = sample_id_for(topics.regen.run_id, epoch, ref.prompt_id)
+                times = trained[(epoch, ref.sample_id)] + trained[(epoch, again_id)]
                 row.trained_once += times == 1
                 row.trained_repeatedly += times > 1
                 row.never_trained += times == 0

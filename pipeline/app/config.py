@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.app.config_budget import BUDGET_HELP, check_budget
 from pipeline.app.config_deadletters import DeadLetterSection
 from pipeline.app.config_groups import GROUPS_HELP, check_train_groups
 from pipeline.app.config_monitor import MonitorSection
@@ -49,6 +50,7 @@ FINGERPRINT_KEYS = (
     "target.dtype",
     "target.aux_layer_ids",
     "storage.dtype",
+    "storage.max_bytes",
     "train.world_size",
     "train.batch_size",
     "train.grad_accum",
@@ -69,7 +71,8 @@ FINGERPRINT_KEYS = (
 )
 
 # Keys fingerprinted after runs existed are left out at their default: older manifests still match.
-_ADDED_LATER: dict[str, Any] = {"storage.dtype": "as_captured", "train.epochs": 1, "train_groups": {}}
+_ADDED_LATER: dict[str, Any] = {"storage.dtype": "as_captured", "storage.max_bytes": None, "train.epochs": 1,
+                                "train_groups": {}}
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -130,6 +133,7 @@ class StorageSection(_Section):
         "retained checkpoint needs them",
     )
     dtype: FeatureDtype = Field(default="as_captured", description=FEATURE_DTYPE_HELP)
+    max_bytes: int | None = Field(default=None, ge=0, description=BUDGET_HELP)
 
 
 class DataSection(_Section):
@@ -364,8 +368,8 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _groups(self) -> RunConfig:
-        return check_train_groups(self)
+    def _groups_and_budget(self) -> RunConfig:
+        return check_budget(check_train_groups(self))
 
     @property
     def global_batch(self) -> int:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from pipeline.app.config import RunConfig, fingerprint_differences
+from pipeline.app.config_budget import regenerates
 from pipeline.app.config_groups import topic_policy
 from pipeline.core.errors import ConfigError, RunMismatchError, StreamError
 from pipeline.core.messages import RunManifest, decode, encode, now
@@ -32,6 +33,8 @@ def claim_run(transport: Transport, config: RunConfig) -> RunManifest:
         _refuse_mismatch(existing, config, fix="use a new run_id, or restore the original config to resume")
     with transport.admin() as admin:
         admin.ensure_run_topics(topics, config.data.partitions, topic_policy(config))
+        if regenerates(config):  # created now: the generators wait on it from the end of their pass
+            admin.ensure_run_topics(topics.regen, config.data.partitions, topic_policy(config))
     if existing is not None:
         return existing
     return write_manifest(transport, config)

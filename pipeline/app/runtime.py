@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import threading
 import time
@@ -37,6 +36,7 @@ from pipeline.app.config import RunConfig
 from pipeline.app.config_groups import group_config, group_names
 from pipeline.app.group_threads import run_groups
 from pipeline.app.interleave import run_interleaved
+from pipeline.app.config_budget import peak_samples, target_width
 from pipeline.app.manifest import claim_run
 from pipeline.app.phases import Phases
 from pipeline.app.preflight import preflight
@@ -52,7 +52,6 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.feature_encoding import bytes_per_token
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.generate.backend import TargetBackend
-from pipeline.generate.backpressure import peak_backlog
 from pipeline.generate.worker import GeneratorStats, GeneratorWorker
 from pipeline.source.stage import SourceResult, SourceStage
 from pipeline.storage import FeatureStore
@@ -160,25 +159,15 @@ class OnlineRun:
         checkpoint). The generators keep at most ``peak_backlog`` samples produced but not yet
         stepped: the high watermark (the trainer's prefetch and the batches in flight included),
         plus one trainer window that the end of a partition can add."""
-        c = self.config
-        if c.storage.retention == "retain" or not c.train.save_interval:
-            return None
-        flow = generator_settings(c, "projection", None)
-        assert flow.backpressure is not None and flow.trainer is not None
-        kept = c.train.keep_last * c.train.save_interval * c.global_batch
-        return kept, peak_backlog(flow.backpressure, flow.trainer, c.data.partitions)
+        return peak_samples(self.config)
 
     def projected_storage(self, avg_tokens: float) -> str:
         """DESIGN 4.4: exact resume keeps checkpoint intervals of features on storage."""
         c = self.config
-        hidden, dtype_bytes = 0, 2
-        config_file = Path(str(c.target.model)) / "config.json"
-        if config_file.is_file():
-            target = json.loads(config_file.read_text())
-            hidden = int(target.get("hidden_size") or target.get("text_config", {}).get("hidden_size", 0))
-            dtype_bytes = 4 if (c.target.dtype or target.get("torch_dtype") or target.get("dtype")) == "float32" else 2
-        if not hidden:
+        width = target_width(c)
+        if width is None:
             return "projected peak feature storage: unknown (no hidden size in the target config)"
+        hidden, dtype_bytes = width
         per_sample = avg_tokens * bytes_per_token(hidden, dtype_bytes, c.storage.dtype)  # aux 3H + final H, ids, mask
         projected = self.projected_peak_samples()
         if projected is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_budget import feature_budget, regenerates
 from pipeline.app.config_file import bootstrap_origin
 from pipeline.app.config_groups import widest_train
 from pipeline.core.topics import RunTopics
@@ -93,6 +94,7 @@ def generator_settings(cfg: RunConfig, worker_id: str, partitions: list[int] | N
         max_prompt_tokens=cfg.data.max_length,
         wait_for_source_s=g.wait_for_source_s,
         eval_run_id=_eval_run_id(cfg),
+        regen_run_id=_regen_run_id(cfg),
         heartbeat_interval_s=cfg.monitor.heartbeat_interval_s,
         storage_dtype=cfg.storage.dtype,
         trainer_groups=tuple(cfg.train_groups),
@@ -113,7 +115,7 @@ def trainer_settings(
     from pipeline.train.config import TrainerSettings  # lazy: start-up, torch loads only when the trainer runs
     from pipeline.app.outputs import is_url, local_outputs, output_options, output_path  # lazy: start-up, as above
 
-    t = cfg.train
+    t, budget = cfg.train, feature_budget(cfg)
     out = local_outputs(cfg)  # output_dir itself, or the local mirror of an output_dir URL
     cosine = t.lr_schedule == "cosine" and bool(schedule_steps or t.max_steps)
     return TrainerSettings(
@@ -158,12 +160,20 @@ def trainer_settings(
         publish_url=t.output_dir if is_url(t.output_dir) else None,
         group=group,
         retention_groups=groups,
+        keep_share=budget.keep_share if budget is not None else None,
+        regen_window=budget.window if budget is not None else 1,
+        transaction_timeout_ms=cfg.broker.transaction_timeout_ms,
     )
 
 
 def _eval_run_id(cfg: RunConfig) -> str | None:
     """The held-out set's sub-run (``RunTopics.eval``), when ``data.eval_path`` gives one."""
     return RunTopics(cfg.run_id).eval.run_id if cfg.data.eval_path else None
+
+
+def _regen_run_id(cfg: RunConfig) -> str | None:
+    """The regeneration sub-run (``RunTopics.regen``): later epochs under a storage budget."""
+    return RunTopics(cfg.run_id).regen.run_id if regenerates(cfg) else None
 
 
 def vocab_mapping_url(cfg: RunConfig, storage_root_url: str) -> str:

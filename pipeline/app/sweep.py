@@ -53,20 +53,24 @@ class SweepReport:
 
 
 def committed_uris(transport: Transport, run_id: str, *, timeout_s: float = 600.0) -> set[str]:
-    """Every uri a committed ref of ``run_id`` names on its samples topic (read to its end)."""
+    """Every uri a committed ref of ``run_id`` names on its samples topic (read to its end), and on
+    its regeneration sub-run's, whose files are in the run's own store."""
     topics = RunTopics(run_id)
     with transport.admin() as admin:
         count = admin.partition_count(topics.samples)
+        regen = admin.partition_count(topics.regen.samples)  # a storage budget's captures for later epochs
     if count is None:
         raise StreamError(f"run {run_id} has no topics on this broker (no {topics.samples})")
     uris: set[str] = set()
-    for record in read_to_end(transport, topics.samples, range(count), timeout_s=timeout_s):
-        try:
-            message = decode(record.value or b"")
-        except DecodeError:
-            continue  # garbage names no file
-        if isinstance(message, SampleRef) and message.run_id == run_id:
-            uris.add(message.uri)
+    sources = [(topics.samples, run_id, count)] + ([(topics.regen.samples, topics.regen.run_id, regen)] if regen else [])
+    for topic, runs, partitions in sources:
+        for record in read_to_end(transport, topic, range(partitions), timeout_s=timeout_s):
+            try:
+                message = decode(record.value or b"")
+            except DecodeError:
+                continue  # garbage names no file
+            if isinstance(message, SampleRef) and message.run_id == runs:
+                uris.add(message.uri)
     return uris
 
 

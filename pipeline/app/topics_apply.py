@@ -11,6 +11,7 @@ is reported with the tool that changes it.
 from __future__ import annotations
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_budget import regenerates
 from pipeline.app.config_groups import topic_policy
 from pipeline.core.topic_plan import config_changes, run_topic_plan
 from pipeline.core.topics import RunTopics
@@ -25,6 +26,8 @@ def apply_run_topics(admin: KafkaAdmin, config: RunConfig) -> list[str]:
     plan = run_topic_plan(topics, config.data.partitions, policy)
     if config.data.eval_path:  # the held-out set's sub-run: one partition of each
         plan.update(run_topic_plan(topics.eval, 1, policy))
+    if regenerates(config):  # later epochs under a storage budget: the regeneration sub-run
+        plan.update(run_topic_plan(topics.regen, config.data.partitions, policy))
     created = set(admin.ensure_topics(plan))  # refuses another partition count, creates the rest
     lines = []
     for name, spec in plan.items():

@@ -48,6 +48,7 @@ class PartitionState:
     duplicates: int = 0
     foreign: int = 0
     marker: EndOfStream | None = None
+    kept_bytes: int = 0  # bytes of the samples a storage budget keeps for later epochs
 
     @property
     def ended(self) -> bool:
@@ -66,6 +67,7 @@ class PartitionState:
             "missing": self.missing,
             "duplicates": self.duplicates,
             "foreign": self.foreign,
+            **({"kept_bytes": self.kept_bytes} if self.kept_bytes else {}),
             "marker": encode(self.marker).decode() if self.marker is not None else None,
         }
 
@@ -82,6 +84,7 @@ class PartitionState:
             duplicates=int(data["duplicates"]),
             foreign=int(data["foreign"]),
             marker=marker,
+            kept_bytes=int(data.get("kept_bytes", 0)),  # absent in checkpoints taken before budgets
         )
 
 

@@ -105,6 +105,9 @@ class Prompt(Message):
     loss_mask: Annotated[list[Annotated[int, Field(ge=0, le=1)]], Field(min_length=1)]
     source: dict[str, str] = Field(default_factory=dict)
     seq: NonNegative | None = None  # position in the source's own output of this partition
+    # The training epoch a regenerated prompt is captured for (``storage.max_bytes``: a sample
+    # the budget did not keep is captured again for each later epoch); 0: the online pass.
+    epoch: NonNegative = 0
 
     @model_validator(mode="after")
     def _same_length(self) -> Prompt:

@@ -140,6 +140,9 @@ class StreamItem:
     partition: int
     offset: int
     epoch: int = 0  # the training epoch it is handed out for (0: the online pass)
+    # False: a storage budget (``storage.max_bytes``) does not keep its file for later epochs,
+    # which capture it again; retention may delete it once this pass has trained it.
+    kept: bool = True
 
 
 @dataclass

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = (
     "MAX_RECORD_BYTES",
     "EVAL_SUFFIX",
+    "REGEN_SUFFIX",
     "RunTopics",
     "Record",
     "Committed",
@@ -49,6 +50,9 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 
 #: The eval set's sub-run id is the run id with this suffix (``RunTopics.eval``).
 EVAL_SUFFIX = ".eval"
+
+#: The sub-run that captures again, for later epochs, the samples a storage budget did not keep.
+REGEN_SUFFIX = ".regen"
 
 #: Where a reader starts: the group's committed offsets, the beginning, the end, or explicit offsets.
 Start = Literal["committed", "earliest", "latest"]
@@ -122,6 +126,13 @@ class RunTopics:
         """The held-out eval set's topics: a sub-run ``<run>.eval`` of one partition, so its
         prompts, samples, counts and features never mix with the training ones."""
         return RunTopics(f"{self.run_id}{EVAL_SUFFIX}")
+
+    @property
+    def regen(self) -> RunTopics:
+        """The regeneration sub-run ``<run>.regen`` (``storage.max_bytes``): trainer ranks publish
+        there the prompts of the samples the budget did not keep, once per later epoch, and the
+        generators capture them again through the same exactly-once path."""
+        return RunTopics(f"{self.run_id}{REGEN_SUFFIX}")
 
     @property
     def eval_prompts(self) -> str:

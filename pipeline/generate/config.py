@@ -41,6 +41,7 @@ class GeneratorConfig:
     max_prompt_tokens: int | None = None  # longer prompts are refused before the forward
     wait_for_source_s: float = 600.0  # at start, how long to wait for the run's prompts topic
     eval_run_id: str | None = None  # the eval sub-run captured first (``pipeline.generate.eval_capture``)
+    regen_run_id: str | None = None  # served after the run's own prompts (``pipeline.generate.regen_capture``)
     heartbeat_interval_s: float | None = None  # publish a heartbeat this often (None: none)
     storage_dtype: FeatureDtype = "as_captured"  # how the hidden states are stored (storage.dtype)
     trainer_groups: tuple[str, ...] = ()  # backpressure follows the slowest of these (none: the one trainer)

@@ -120,7 +120,7 @@ class BatchPlanner:
                 counters[p] = replace(c, ended=True)
                 batch.ended.append(p)
             elif isinstance(item, Prompt):
-                sample_id = sample_id_for(self.run_id, self.epoch, item.prompt_id)
+                sample_id = sample_id_for(self.run_id, item.epoch or self.epoch, item.prompt_id)
                 tensors = features.get(id(item))  # None: refused before the capture
                 try:
                     if tensors is None:

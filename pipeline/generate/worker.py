@@ -47,6 +47,7 @@ from pipeline.generate.eval_capture import capture_eval_set
 from pipeline.generate.intake import Intake, check_batch_share
 from pipeline.generate.liveness import generator_heartbeat
 from pipeline.generate.planner import BatchPlanner, Decoded
+from pipeline.generate.regen_capture import serve_regeneration
 from pipeline.generate.stats import GeneratorStats
 from pipeline.generate.writer import BatchWriter, PlannedBatch
 from pipeline.storage import FeatureStore
@@ -70,6 +71,7 @@ class GeneratorWorker:
         self.topics = RunTopics(config.run_id)
         self.stats = GeneratorStats()
         self.eval_stats: GeneratorStats | None = None  # the eval set's capture (not in ``stats``)
+        self.regen_stats: GeneratorStats | None = None  # later epochs' captures under a budget (nor these)
         self._lock = threading.Lock()
         self._epoch = 0  # bumped on every assignment change and rewind
         self._synced_epoch = -1  # the epoch our positions and counters were last resynced at
@@ -109,6 +111,8 @@ class GeneratorWorker:
                 if self._open(stop):  # False: stopped while waiting for the run's prompts topic
                     self._loop(stop)
                     self._finish()
+                    self.close(backend=False)  # leave the run's group, keep the target for the sub-run
+                    self.regen_stats = serve_regeneration(self, stop)
             except FencedError as exc:
                 raise self._fenced(exc) from exc
             finally:
@@ -249,8 +253,8 @@ class GeneratorWorker:
             self.stats.busy_s = time.perf_counter() - self._first_records_at
         self._writer.raise_if_failed()
 
-    def close(self) -> None:
-        """Abort anything open, leave the group, close the clients (idempotent)."""
+    def close(self, *, backend: bool = True) -> None:
+        """Abort anything open, leave the group, close the clients and the target (idempotent)."""
         writer, self._writer = self._writer, None
         if writer is not None:
             with self._lock:
@@ -268,7 +272,8 @@ class GeneratorWorker:
             self._admin.close()
             self._admin = None
         self._claims.release()  # after the producer's close: nothing of ours is open any more
-        self.backend.close()
+        if backend:
+            self.backend.close()
 
     def _claim_holds(self) -> bool:
         """Whether a batch may still commit under our claim; a batch dropped because it may not

@@ -334,7 +334,7 @@ class BatchWriter:
                     run_id=self.run_id,
                     sample_id=item.sample_id,
                     prompt_id=item.prompt.prompt_id,
-                    epoch=self.epoch,
+                    epoch=item.prompt.epoch or self.epoch,
                     producer_id=self.producer_id,
                     uri=s.uri,
                     nbytes=s.nbytes,

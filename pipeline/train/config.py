@@ -74,6 +74,9 @@ class TrainerSettings:
     publish_url: str | None = None  # output_dir on an object store: rank 0 copies its metrics there
     group: str | None = None  # this trainer's group of the run's ``train_groups`` (None: the run's only trainer)
     retention_groups: tuple[str, ...] = ()  # every declared group: retention ``delete`` waits for all of them
+    keep_share: int | None = None  # storage.max_bytes: bytes of each partition kept for later epochs (None: all)
+    regen_window: int = 1  # under a budget: regenerated samples a rank asks for ahead of its training
+    transaction_timeout_ms: int = 60_000  # the regeneration publisher's transactions
 
     @property
     def tracker_root(self) -> str | None:
@@ -152,6 +155,8 @@ class TrainerSettings:
             # One epoch keeps the field checkpoints had before epochs existed, so they still resume.
             **({"epochs": self.epochs} if self.epochs != 1 else {"epoch": 0}),
             "bf16": self.bf16,
+            # Which samples a budget keeps is decided in the stream: another share is another run.
+            **({"keep_share": self.keep_share} if self.keep_share is not None else {}),
         }
 
 

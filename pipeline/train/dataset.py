@@ -72,6 +72,7 @@ class SampleInfo:
     uri: str
     num_tokens: int
     epoch: int = 0  # the training epoch it was read for (0: the online pass)
+    kept: bool = True  # False: no later epoch reads this file (a storage budget captures it again)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class Tail:
 
 def _info(item: StreamItem) -> SampleInfo:
     ref = item.ref
-    return SampleInfo(ref.sample_id, item.partition, item.offset, ref.uri, ref.num_tokens, item.epoch)
+    return SampleInfo(ref.sample_id, item.partition, item.offset, ref.uri, ref.num_tokens, item.epoch, item.kept)
 
 
 def _pinned(batch: Batch) -> Batch:

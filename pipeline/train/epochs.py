@@ -7,6 +7,10 @@ deterministic merge, without payloads, so a resume lists exactly what an uninter
 listed), then each epoch takes them in a permutation seeded by ``(seed, epoch)`` and fetches and
 verifies every payload again when its turn comes (the prefetcher runs ahead of the trainer).
 
+Under a storage budget (``storage.max_bytes``) the samples the online pass did not keep are
+captured again for each later epoch (:mod:`pipeline.train.regenerate`) and taken at their turn
+in the same order, so an epoch never lacks a sample.
+
 The stream state carries the epoch and the position in its order, so a checkpoint anywhere in
 any epoch resumes exactly. Micro-batches may span an epoch boundary: every sample is trained
 exactly once per epoch, and only the last epoch can leave a tail.
@@ -29,6 +33,7 @@ from pipeline.core.messages import SampleRef, encode
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import Producer, Record
 from pipeline.train.dataset import ItemSource
+from pipeline.train.regenerate import Need, Regenerator, regeneration_needs
 
 __all__ = ("EpochedSource", "epoch_order", "letter_again")
 
@@ -47,6 +52,8 @@ class EpochedSource:
     :param open_listing: opens a payload-free stream of the rank's partitions from the start
     :param fetch: fetches and verifies one sample's payload (``FeatureStore.get``)
     :param reject: dead-letters a sample whose payload fails its checks in a later epoch
+    :param regenerate: under a storage budget, makes the rank's :class:`Regenerator` for these
+        needs (None: every sample is kept)
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class EpochedSource:
         seed: int,
         state: StreamState | None = None,
         reject: Callable[[StreamItem, Exception], None] | None = None,
+        regenerate: Callable[[list[Need]], Regenerator] | None = None,
     ) -> None:
         if epochs < 1:
             raise ValueError("epochs must be at least 1")
@@ -74,6 +82,8 @@ class EpochedSource:
         self._letters = 0  # dead letters of later epochs since this source was opened
         self._interrupted = threading.Event()
         self._listing: ItemSource | None = None
+        self._regenerate = regenerate
+        self._regenerator: Regenerator | None = None
 
     def read_into_slots(self, dest: Callable[[SampleRef], Mapping[str, Any] | None]) -> bool:
         """The prefetcher's reused batch buffers (:mod:`pipeline.train.slots`), for the online pass
@@ -105,14 +115,24 @@ class EpochedSource:
         samples = self._list()
         if samples is None:
             return
+        needs, taken = self._start_regeneration(samples)
         while self.epoch < self.epochs:
             order = epoch_order(len(samples), self.seed, self.epoch)
             if self.position == 0:
-                logger.info("epoch %d of %d: %d samples from retained features", self.epoch + 1, self.epochs, len(order))
+                again = sum(1 for n in needs if n.epoch == self.epoch)
+                logger.info("epoch %d of %d: %d samples from retained features, %d captured again",
+                            self.epoch + 1, self.epochs, len(order) - again, again)  # fmt: skip
             while self.position < len(order):
                 if self._interrupted.is_set():
                     return
                 listed = samples[order[self.position]]
+                if not listed.kept:
+                    assert self._regenerator is not None
+                    regenerated = self._regenerator.take(taken)
+                    if regenerated is None:
+                        return  # interrupted: the position stays at this need
+                    taken += 1
+                    listed = replace(listed, ref=regenerated.ref, kept=False)
                 self.position += 1
                 try:
                     tensors = self._fetch(listed.ref)
@@ -125,6 +145,21 @@ class EpochedSource:
                 self.replayed += 1
                 yield replace(listed, tensors=tensors, epoch=self.epoch)
             self.epoch, self.position = self.epoch + 1, 0
+
+    def _start_regeneration(self, samples: list[StreamItem]) -> tuple[list[Need], int]:
+        """The rank's needs from here on and how many of them are behind the resume point."""
+        if self._regenerate is None:
+            if any(not s.kept for s in samples):
+                raise StreamError(
+                    "the run's storage budget (storage.max_bytes) did not keep every sample for later epochs, and "
+                    "this reader cannot capture them again (a replay: their files were deleted once trained)"
+                )
+            return [], 0
+        needs = regeneration_needs(samples, lambda e: epoch_order(len(samples), self.seed, e), self.epochs)
+        taken = sum(1 for n in needs if (n.epoch, n.position) < (self.epoch, self.position))
+        self._regenerator = self._regenerate(needs)
+        self._regenerator.start(taken)
+        return needs, taken
 
     def _list(self) -> list[StreamItem] | None:
         """The online pass's samples of this rank, in their stream order (None: interrupted)."""
@@ -160,13 +195,15 @@ class EpochedSource:
     def interrupt(self) -> None:
         """Ask a blocked ``items()`` (on the prefetch thread) to return at its next poll."""
         self._interrupted.set()
-        for stream in (self._live, self._listing):
+        for stream in (self._live, self._listing, self._regenerator):
             interrupt = getattr(stream, "interrupt", None)  # in-memory sources never block
             if interrupt is not None:
                 interrupt()
 
     def close(self) -> None:
         self._live.close()
+        if self._regenerator is not None:
+            self._regenerator.close()
 
 
 def letter_again(dlq: Producer, topic: str, item: StreamItem, error: Exception, run_id: str) -> None:

@@ -27,6 +27,7 @@ from pipeline.train.config import TrainerSettings
 from pipeline.train.dataset import ItemSource
 from pipeline.train.distributed import DistContext, init_distributed
 from pipeline.train.epochs import EpochedSource, letter_again
+from pipeline.train.regenerate import Need, Regenerator
 from pipeline.train.evaluate import Evaluator, OnEval
 from pipeline.train.group_retention import GroupRelease
 from pipeline.train.model import ModelSpec, build_draft
@@ -242,7 +243,17 @@ def run_trainer(
                 idle_timeout_s=settings.idle_timeout_s,
                 dead_letters=settings.dead_letters,
                 fetch=fetch,
+                keep_share=settings.keep_share,
             )
+
+        def regenerate(needs: list[Need]) -> Regenerator:
+            sub = topics.regen.run_id  # its refs are read without payloads; the files are in the run's store
+            return Regenerator(
+                transport, settings.run_id, partitions, num_partitions, needs, rank=dist.rank,
+                window=settings.regen_window, transaction_timeout_ms=settings.transaction_timeout_ms,
+                open_arrivals=lambda: SampleStream(transport, store, sub, partitions, dlq=dlq, idle_timeout_s=None,
+                                                   dead_letters=settings.dead_letters, fetch=False),
+            )  # fmt: skip
 
         def open_source(state: StreamState | None) -> ItemSource:
             if settings.epochs == 1:
@@ -256,6 +267,7 @@ def run_trainer(
                 state=state,
                 reject=(lambda item, exc: letter_again(dlq, topics.samples, item, exc, settings.run_id))
                 if dlq is not None else None,
+                regenerate=regenerate if settings.keep_share is not None and record else None,
             )
 
         ledger = committer = None

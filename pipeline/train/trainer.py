@@ -345,9 +345,10 @@ class Trainer:
         return mine, len(tail.samples)
 
     def _done_with(self, samples: list[SampleInfo]) -> list[str]:
-        """The feature uris no later epoch reads again: retention may delete them after the next checkpoint."""
+        """The feature uris no later epoch reads again: retention may delete them after the next
+        checkpoint (a file a storage budget did not keep, or a regenerated one, is read once)."""
         last = self.config.epochs - 1
-        return [s.uri for s in samples if s.epoch == last]
+        return [s.uri for s in samples if s.epoch == last or not s.kept]
 
     def _evaluate(self) -> None:
         assert self.evaluator is not None
