@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.app.config_budget import HEADER_BYTES, feature_budget
 from pipeline.app.config_file import load_config
 from pipeline.core.features import AUX_HIDDEN, FINAL_HIDDEN, INPUT_IDS, LOSS_MASK
 from pipeline.core.messages import Prompt, SampleRef, TargetInfo, TensorSpec, encode
@@ -60,20 +61,34 @@ def test_the_production_example_sizes_add_up(monkeypatch: pytest.MonkeyPatch) ->
     assert at_max == 1023 and at_max >= window and f"{at_max / window:.1f}x" in text
     assert g.high_watermark_bytes // g.high_watermark == 32 << 20  # the count cap bites below 32 MiB per sample
 
-    samples = t.max_steps * cfg.global_batch if t.max_steps else 0
-    assert samples == 1_600_000
+    samples = t.max_steps * cfg.global_batch if t.max_steps else 0  # sample passes
+    assert samples == 1_600_000 and t.epochs == 10
+    prompts = samples // t.epochs
+    assert prompts in stated
     kept = t.keep_last * t.save_interval * cfg.global_batch
     assert kept in stated and f"{kept * sample / 1e12:.2f} TB" in text
-    assert f"{samples * sample / 1e12:.0f} TB" in text  # what `retain` would keep
+    assert f"{prompts * sample / 1e12:.1f} TB" in text  # what `retain` would keep
 
-    per_partition = samples / cfg.data.partitions
+    budget = feature_budget(cfg, (HIDDEN, 2))  # what storage.max_bytes reserves and keeps, as the trainer divides it
+    assert budget is not None and budget.sample_bytes == sample + HEADER_BYTES and budget.sample_bytes in stated
+    assert budget.transient_samples in stated and f"{budget.reserve / 1e12:.2f} TB" in text
+    assert f"{budget.keep_share * cfg.data.partitions / 1e12:.2f} TB" in text and f"{budget.keep_share / 1e9:.1f} GB" in text
+    average = _ref(800).nbytes + HEADER_BYTES
+    kept_avg = budget.keep_share * cfg.data.partitions // average
+    assert abs(kept_avg - 144_200) < 100 and f"({round(100 * kept_avg / prompts)} %)" in text
+    passes = prompts + (prompts - kept_avg) * (t.epochs - 1)
+    assert abs(passes - 302_000) < 1000 and f"({passes / samples:.2f}x)" in text
+
+    per_partition = samples / cfg.data.partitions  # refs, online and captured again: at most one per pass
     ref_bytes = len(encode(ref))
     assert ref_bytes < 1000 and per_partition * ref_bytes < topics.samples_retention_bytes
     longest_ids = [128000 + i % 256 for i in range(length)]  # 6-digit token ids: the longest JSON
     prompt = Prompt(run_id=cfg.run_id, prompt_id="chats-000001234567", input_ids=longest_ids,
                     loss_mask=[i % 2 for i in range(length)], source={"line": "1234567"}, seq=1234567)  # fmt: skip
     prompt_bytes = len(encode(prompt))
-    assert f"<= {prompt_bytes / 1000:.1f} KB" in text and per_partition * prompt_bytes < topics.prompts_retention_bytes
-    assert f"{per_partition * prompt_bytes / 1e9:.2f} GB per partition" in text
-    assert f"{samples * prompt_bytes / 1e9 * 3:.0f} GB" in text  # prompts retained on 3 replicas
+    prompts_per_partition = prompts / cfg.data.partitions
+    assert f"<= {prompt_bytes / 1000:.1f} KB" in text
+    assert prompts_per_partition * prompt_bytes < topics.prompts_retention_bytes
+    assert f"{prompts_per_partition * prompt_bytes / 1e9:.2f} GB per partition" in text
+    assert f"{prompts * prompt_bytes / 1e9 * 3:.1f} GB" in text  # prompts retained on 3 replicas
     assert topics.replication_factor == 3 and topics.min_insync_replicas == 2
