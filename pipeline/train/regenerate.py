@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.core.errors import StreamError
+from pipeline.core.errors import DecodeError, StreamError
 from pipeline.core.messages import EndOfStream, Prompt, decode, encode
 from pipeline.core.progress import SourceCounters, StreamItem, read_source_counters
 from pipeline.core.topics import Committed, RunTopics, TransactionalProducer, Transport, read_to_end
@@ -172,7 +172,7 @@ class Regenerator:
             for record in read_to_end(self.transport, RunTopics(self.run_id).prompts, self.partitions):
                 try:
                     message = decode(record.value or b"")
-                except Exception:  # the source's stray records were dead-lettered by the generators
+                except DecodeError:  # a stray record on the prompts topic: the generators dead-lettered it
                     continue
                 if isinstance(message, Prompt) and message.run_id == self.run_id and message.prompt_id in wanted:
                     self._prompts.setdefault(message.prompt_id, message)
