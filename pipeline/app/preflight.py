@@ -17,6 +17,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.app.config import RunConfig
+from pipeline.app.config_budget import feature_budget
 from pipeline.core.errors import ConfigError
 from pipeline.core.topics import Transport
 
@@ -26,7 +27,8 @@ STAGES = ("source", "generate", "train")
 
 
 def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
-    """The model directory, the data (source), the storage root, the devices of the stages here.
+    """The model directory, a storage budget, the data (source), the storage root, the devices of
+    the stages here.
 
     ``stages`` are the ones this process runs: ``source``, ``generate``, ``train``, or ``export``
     (which only reads the storage).
@@ -41,6 +43,7 @@ def check_local(config: RunConfig, stages: Collection[str] = STAGES) -> None:
                 "point it at a local Hugging Face model directory (downloaded beforehand: nothing is "
                 "fetched at run time)",
             )
+    feature_budget(config)  # a storage budget the run could not keep: refused before anything is written
     if "source" in stages:
         inputs = {"data.path": (config.data.path, "point it at a JSONL file of conversations")}
         if config.data.eval_path:
