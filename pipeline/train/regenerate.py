@@ -109,7 +109,6 @@ class Regenerator:
         self._floor = 0
         self._arrivals: Iterator[StreamItem] | None = None
         self._arrived: dict[int, StreamItem] = {}  # need index -> its regenerated ref
-        self.regenerated = 0
 
     # --- publishing --------------------------------------------------------------------
 
@@ -205,7 +204,6 @@ class Regenerator:
                 raise StreamError(f"{self.topics.samples}: sample {item.ref.sample_id} is no need of this rank")
             if k >= self._floor:  # the ones before the resume point were trained before it
                 self._arrived[k] = item
-        self.regenerated += 1
         return self._arrived.pop(j)
 
     def interrupt(self) -> None:
