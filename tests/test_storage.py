@@ -204,3 +204,17 @@ def test_the_size_is_checked_before_the_file_is_read(store: FeatureStore, monkey
     monkeypatch.setattr(store, "_read", lambda *a: pytest.fail("read a file whose size is wrong"))
     with pytest.raises(IntegrityError, match="its ref says 1000000000000"):
         store.get(ref)
+
+
+def test_tensors_of_a_local_get_are_writable_and_writing_them_leaves_the_file_alone(tmp_path: Path) -> None:
+    store = FeatureStore(str(tmp_path), "run1")
+    stored = store.put(0, "s1", sample())
+    path = Path(store.resolve(stored.uri))
+    before = path.read_bytes()
+    got = store.get(ref_for(store, stored))
+    got["aux_hidden_states"].fill_(7.0)  # the mapping is private: the page is copied, not the file
+    assert path.read_bytes() == before
+    assert torch.equal(store.get(ref_for(store, stored))["aux_hidden_states"], sample()["aux_hidden_states"])
+    os.unlink(path)  # removed under a reader (retention): the mapping keeps its pages
+    assert bool((got["aux_hidden_states"] == 7.0).all())
+    assert torch.equal(got["final_hidden_states"], sample()["final_hidden_states"])
