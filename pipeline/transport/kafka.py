@@ -888,6 +888,10 @@ _NETWORK = _NetworkTrouble()
 logging.getLogger("kafka.net").addHandler(_NETWORK)
 
 
+#: A plain producer looks over its unflushed futures when this many have piled up.
+_PRUNE_PENDING_AT = 1024
+
+
 class PlainProducer:
     """Idempotent producer for records that need no transaction."""
 
@@ -907,7 +911,9 @@ class PlainProducer:
             ),
             settings,
         )
-        self._pending: list[Any] = []  # futures of records sent since the last flush
+        self._pending: list[Any] = []  # futures of records sent since the last flush, not known delivered
+        self._delivered = 0  # records sent since the last flush whose futures were forgotten: delivered
+        self._prune_at = _PRUNE_PENDING_AT
 
     def send(
         self, topic: str, value: bytes, *, partition: int | None = None, key: bytes | None = None
@@ -915,7 +921,17 @@ class PlainProducer:
         with _translated(self.settings, "WRITE"):
             future = self._producer.send(topic, value=value, key=key, partition=partition)
         self._pending.append(future)
+        if len(self._pending) >= self._prune_at:
+            self._forget_delivered()
         return future
+
+    def _forget_delivered(self) -> None:
+        """Drop the futures of delivered records: a run that flushes rarely (the ledger between
+        checkpoints, ``save_interval: 0``) must not hold a future per record it ever sent."""
+        kept = [f for f in self._pending if not f.is_done or f.failed()]
+        self._delivered += len(self._pending) - len(kept)
+        self._pending = kept
+        self._prune_at = max(_PRUNE_PENDING_AT, 2 * len(kept))  # amortised: records still in flight stay
 
     def flush(self, timeout_s: float = 30.0, *, ride_out: bool = True) -> None:
         """Block until every record sent so far is on the broker; raise if any was not.
@@ -931,14 +947,13 @@ class PlainProducer:
             with _translated(self.settings, "WRITE"):
                 self._producer.flush(timeout=timeout_s)
         pending, self._pending = self._pending, []
+        sent, self._delivered, self._prune_at = len(pending) + self._delivered, 0, _PRUNE_PENDING_AT
         failed = [f for f in pending if not f.is_done or f.failed()]
         if failed:
             first = failed[0].exception if failed[0].is_done else "not delivered before the flush timeout"
             if isinstance(first, AuthorizationError):
                 raise denied(first, _user_of(self.settings), "WRITE")
-            raise TransportError(
-                f"{len(failed)} of {len(pending)} records were not delivered: {first}", retriable=True
-            )
+            raise TransportError(f"{len(failed)} of {sent} records were not delivered: {first}", retriable=True)
 
     def close(self, timeout_s: float = 10.0) -> None:
         _close_quietly(self._producer, timeout_s)
