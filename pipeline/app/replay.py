@@ -25,6 +25,7 @@ from pipeline.app.train_job import check_world_size, launched_world_size
 from pipeline.core.errors import ConfigError, OptionError, RunMismatchError
 from pipeline.ledger import effective_history, read_ledger
 from pipeline.train.distributed import init_distributed
+from pipeline.train.metrics import read_metrics
 from pipeline.train.runner import run_trainer, single_rank
 
 __all__ = ("ReplayReport", "check_output_dir", "replay_run")
@@ -99,7 +100,7 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         else single_rank(config.train.device)  # the live run's device: the same kernels, the same bits
     )
     try:
-        result = run_trainer(
+        run_trainer(
             settings,
             transport=online.transport,
             storage_root=config.storage.root,
@@ -113,7 +114,7 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         dist.close()
     if not dist.is_main:  # rank 0 holds the metrics of every step
         return ReplayReport(len(history), len(history), None, output_dir, is_main=False)
-    replayed = {r.step: r.loss for r in result.metrics}
+    replayed = {row["step"]: row["loss"] for row in read_metrics(settings.metrics_path)}  # every step, not the last few
     identical, first = 0, None
     for step in history:
         got = replayed.get(step.step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,11 @@ from pipeline.train.metrics import MetricsLog, ProgressBar, RankTiming, StepReco
 from pipeline.train.resume import LedgerSink
 from pipeline.train.trackers import Trackers
 
-__all__ = ("rank_progress", "StepReporter")
+__all__ = ("RECENT_STEPS", "StepReporter", "rank_progress")
+
+#: Step rows kept in memory (the live metrics endpoint and the result read the latest); every
+#: row is in the metrics JSONL. A run of millions of steps must not hold one object per step.
+RECENT_STEPS = 10_000
 
 #: An evaluator's callback, ``(step, figures)`` (``pipeline.train.evaluate.OnEval``).
 OnEval = Callable[[int, dict[str, float]], None]
@@ -58,7 +63,7 @@ class StepReporter:
         self.config = config
         self.ledger = ledger
         self.totals = ThroughputTotals()  # every rank's timings
-        self.records: list[StepRecord] = []
+        self.records: deque[StepRecord] = deque(maxlen=RECENT_STEPS)
         self.metrics = MetricsLog(config.metrics_path if is_main else None)
         self.progress = ProgressBar(
             enabled=config.progress and is_main, total=config.max_steps or config.total_schedule_steps,

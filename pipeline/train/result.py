@@ -112,6 +112,6 @@ class TrainResult:
     completeness: RunCompleteness | None = None
     checkpoint: str | None = None
     data_wait_frac: float = 0.0  # this rank's share of step time spent waiting for data
-    metrics: list[StepRecord] = field(default_factory=list)
+    metrics: list[StepRecord] = field(default_factory=list)  # the latest steps' rows (all: metrics.jsonl)
     eval: dict[str, float] | None = None  # the final evaluation on the held-out set (rank 0)
     eval_step: int | None = None  # the step it was taken at

@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -128,7 +128,7 @@ class Trainer:
         self._resumed_end = False
         self._own_step_s = 0.0  # this rank's own timings, for its exit log
         self._own_wait_s = 0.0
-        self.records: list[StepRecord] = []  # rank 0: this run's metric rows
+        self.records: Sequence[StepRecord] = ()  # rank 0: the latest metric rows (report.RECENT_STEPS)
 
     # --- setup ---------------------------------------------------------------------------
 
