@@ -1,9 +1,10 @@
-"""The trainer's read path (issue 13.3): today's get + collate against reading into reused slots.
+"""The trainer's read path (issue 13.3): get + collate against reading into reused slots.
 
 Three sides, alternated (rotated order) in one process over the same stored files, several repeats:
 
-- ``today``: ``FeatureStore.get`` (a fresh buffer per sample, CRC over it) + ``collate`` (fresh
-  zero-filled batch tensors, a copy of every hidden state) (+ on CUDA a pinned copy of the batch);
+- ``get``: ``FeatureStore.get`` (the file mapped, CRC over the mapping; before issue 13 a fresh
+  buffer per sample) + ``collate`` (fresh zero-filled batch tensors, a copy of every hidden state)
+  (+ on CUDA a pinned copy of the batch): the path without slots;
 - ``slots``: :func:`pipeline.read_into.read_into` each sample's hidden states straight into its row
   of a reused (on CUDA pinned) batch buffer, CRC over each chunk as it lands, and the collate pads;
 - ``plain``: read every file into one reused buffer (no checks, no tensors): what storage delivers
@@ -13,10 +14,14 @@ Reported per side: CPU seconds per GB read (the process's CPU time, all threads)
 median / max over repeats, the user-space bytes copied per sample (counted from the code path), and
 one rank's deliverable samples/s through the real :class:`~pipeline.train.dataset.Prefetcher` over a
 :class:`~pipeline.stream.SampleStream` (in-process broker), with and without slots, next to the plain
-reader. Files sit in the page cache (written just before): the figures are the reader's CPU cost,
-which is what limits a rank when storage is fast.
+reader. By default files sit in the page cache (written just before): the figures are the
+reader's CPU cost, which is what limits a rank when storage is fast. With ``--cold`` every file is
+evicted from the page cache (fsync + ``posix_fadvise(DONTNEED)``) before every pass, so each side
+reads from the device: the plain reader's rate is then what the storage delivers, and the
+deliverable runs read each file once (``--stream`` is the number of files).
 
     python benchmarks/bench_read_path.py --samples 16 --batch 4 --repeats 5
+    python benchmarks/bench_read_path.py --samples 32 --batch 4 --repeats 3 --cold
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def write_samples(root: Path, samples: int, tokens: int, hidden: int) -> tuple[F
 # --- the sides: each reads every sample once into batches of ``batch`` -------------------------
 
 
-def today(store: FeatureStore, refs: list[SampleRef], batch: int, pin: bool) -> None:
+def get_side(store: FeatureStore, refs: list[SampleRef], batch: int, pin: bool) -> None:
     for start in range(0, len(refs) - batch + 1, batch):
         out = collate([store.get(r) for r in refs[start : start + batch]])
         if pin:
@@ -106,6 +111,17 @@ def plain(store: FeatureStore, refs: list[SampleRef], buffer: bytearray) -> None
                 got += n
 
 
+def evict(store: FeatureStore, refs: list[SampleRef]) -> None:
+    """Drop the files from the page cache (written back first: dirty pages cannot be dropped)."""
+    for ref in refs:
+        fd = os.open(store.resolve(ref.uri), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 @dataclass
 class Figures:
     cpu_s_per_gb: list[float]
@@ -124,7 +140,7 @@ def timed(run: Callable[[], None], gb: float, figures: Figures) -> None:
 
 
 class _NoSlots:
-    """A stream without ``read_into_slots``: the prefetcher falls back to today's path."""
+    """A stream without ``read_into_slots``: the prefetcher falls back to get + collate."""
 
     def __init__(self, stream: SampleStream) -> None:
         self._s = stream
@@ -189,8 +205,9 @@ def copied_bytes(ref: SampleRef, pin: bool) -> dict[str, int]:
         ref.tensors[n].shape[0] * ref.tensors[n].shape[1] * 2
         for n in ("aux_hidden_states", "final_hidden_states")
     )
-    today_bytes = ref.nbytes + hidden + hidden + (hidden if pin else 0)  # read + zero-fill + copy (+ pin)
-    return {"today": today_bytes, "slots": ref.nbytes, "plain": ref.nbytes}
+    # get maps the file (no copy; before issue 13 it read it into a fresh buffer: + ref.nbytes)
+    get_bytes = hidden + hidden + (hidden if pin else 0)  # zero-fill + copy (+ pin)
+    return {"get": get_bytes, "slots": ref.nbytes, "plain": ref.nbytes}
 
 
 def spread(values: list[float], fmt: str = "8.2f") -> str:
@@ -210,6 +227,7 @@ def main() -> None:
         "--stream", type=int, default=64, help="samples per deliverable-rate run (files reused)"
     )
     parser.add_argument("--pin", choices=("auto", "yes", "no"), default="auto", help="pinned batches (CUDA)")
+    parser.add_argument("--cold", action="store_true", help="evict the files before each pass (read the disk)")
     args = parser.parse_args()
     pin = torch.cuda.is_available() if args.pin == "auto" else args.pin == "yes"
     root = Path(tempfile.mkdtemp(prefix="bench-read-path-"))
@@ -219,22 +237,26 @@ def main() -> None:
         slots = BatchSlots(args.batch, max_length=args.tokens, dtype=None, pin=pin, keep=2)
         buffer = bytearray(refs[0].nbytes)
         sides: dict[str, Callable[[], None]] = {
-            "today": lambda: today(store, refs, args.batch, pin),
+            "get": lambda: get_side(store, refs, args.batch, pin),
             "slots": lambda: slots_side(store, refs, args.batch, pin, slots),
             "plain": lambda: plain(store, refs, buffer),
         }
         figures = {name: Figures([], []) for name in sides}
-        rates: dict[str, list[float]] = {"today": [], "slots": []}
+        rates: dict[str, list[float]] = {"get": [], "slots": []}
+        stream = len(refs) if args.cold else args.stream  # cold: each file once, or it is cached again
+        prepare = (lambda: evict(store, refs)) if args.cold else (lambda: None)
         for side in sides.values():
             side()  # warm: page cache, allocator, slots
         for i in range(args.repeats):
             names = list(sides)[i % 3 :] + list(sides)[: i % 3]  # rotated: no side always first
             for name in names:
+                prepare()
                 timed(sides[name], gb, figures[name])
-            for name in ("today", "slots") if i % 2 == 0 else ("slots", "today"):
-                rates[name].append(
-                    deliverable(store, refs, args.stream, args.batch, pin, use_slots=name == "slots")
-                )
+            for name in ("get", "slots") if i % 2 == 0 else ("slots", "get"):
+                prepare()
+                slotted = name == "slots"
+                rates[name].append(deliverable(store, refs, stream, args.batch, pin, use_slots=slotted))
+
             print(
                 f"repeat {i}: "
                 + ", ".join(f"{n} {figures[n].cpu_s_per_gb[-1]:.3f} CPU s/GB" for n in sides)
@@ -245,7 +267,8 @@ def main() -> None:
         mb = refs[0].nbytes / 1e6
         print(
             f"\n{args.samples} samples x {mb:.1f} MB ({args.tokens} tokens, hidden {args.hidden}, bf16), "
-            f"batch {args.batch}, pinned {pin}, {args.repeats} repeats, min / median / max; "
+            f"batch {args.batch}, pinned {pin}, {'cold (from the device)' if args.cold else 'page cache'}, "
+            f"{args.repeats} repeats, min / median / max; "
             f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
         )
         print(f"  {'side':<6} {'CPU s per GB':>28} {'GB/s (wall)':>28} {'bytes copied/sample':>22}")
@@ -254,14 +277,14 @@ def main() -> None:
                 f"  {name:<6} {spread(fig.cpu_s_per_gb, '8.3f'):>28} {spread(fig.gb_s):>28} "
                 f"{copies[name] / 1e6:>17.1f} MB ({copies[name] / refs[0].nbytes:.1f}x)"
             )
-        ratio = [t / s for t, s in zip(figures["today"].cpu_s_per_gb, figures["slots"].cpu_s_per_gb)]
-        print(f"  CPU per GB, today / slots: {spread(ratio)}  (goal >= 2)")
-        plain_rate = [g * 1e9 / refs[0].nbytes for g in figures["plain"].gb_s]
-        print(
-            f"one rank's deliverable samples/s ({args.stream} samples, prefetcher over the stream, depth 4):"
-        )
-        print(f"  today  {spread(rates['today'], '8.1f')}\n  slots  {spread(rates['slots'], '8.1f')}")
-        print(f"  plain reader (no checks, no batches): {spread(plain_rate, '8.1f')}")
+        ratio = [t / s for t, s in zip(figures["get"].cpu_s_per_gb, figures["slots"].cpu_s_per_gb)]
+        print(f"  CPU per GB, get / slots: {spread(ratio)}")
+        print(f"one rank's deliverable samples/s ({stream} samples, prefetcher over the stream, depth 4):")
+        print(f"  get    {spread(rates['get'], '8.1f')}\n  slots  {spread(rates['slots'], '8.1f')}")
+        plain_rates = [g * 1e9 / refs[0].nbytes for g in figures["plain"].gb_s]
+        print(f"  plain reader (no checks, no batches): {spread(plain_rates, '8.1f')}")
+        share = [s / p for s, p in zip(rates["slots"], plain_rates)]
+        print(f"  slots / plain reader, per repeat: {spread(share)}  (goal >= 1 where storage limits)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
