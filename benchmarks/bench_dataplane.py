@@ -14,9 +14,11 @@ kafka-python, side by side in one process.
    - ``save_file``: safetensors ``save_file`` + fsync, ``load_file``;
    - ``safe_open``: the same file, read with ``safe_open`` (mmap) + ``get_tensor`` per tensor.
 
-   The peers get the same durability for the file (fsync) and the same verification as far as
-   their API allows: a CRC-32C over every tensor's bytes computed on write and checked on read
-   (specstream's covers the header too). They skip the atomic rename and the directory fsync.
+   The peers get the same durability (the file fsynced, then its directory: a new file's name
+   survives a crash only once the directory is synced, which specstream's put does after its
+   rename) and the same verification as far as their API allows: a CRC-32C over every tensor's
+   bytes computed on write and checked on read (specstream's covers the header too). They skip
+   the atomic rename (a crash can leave a partial file under the final name).
    Rows run alternately in rotated order; min / median / max MB/s and ratios per repeat.
 2. Refs: small sample-ref records through our transactional producer and read_committed reader
    (with strict encode/decode), against raw kafka-python (idempotent producer, default consumer).
@@ -205,7 +207,7 @@ def row_specstream_store(case: Case) -> dict[str, float]:
 
 def _peer(case: Case, save: Callable[[dict[str, torch.Tensor], Path], None],
           load: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, float]:  # fmt: skip
-    """A peer format: save + fsync with a CRC-32C of the tensors, load + the same CRC checked."""
+    """A peer format: save + fsync (file, directory) with a CRC-32C of the tensors; load + CRC check."""
     crcs: list[int] = []
 
     def write() -> None:
@@ -213,6 +215,7 @@ def _peer(case: Case, save: Callable[[dict[str, torch.Tensor], Path], None],
             crcs.append(tensor_crc(t))
             save(t, case.root / f"{i}.bin")
             _fsync_path(case.root / f"{i}.bin")
+            _fsync_path(case.root)  # the new name: equal durability with specstream's put
 
     def read() -> None:
         for i, crc in enumerate(crcs):
