@@ -20,6 +20,7 @@ the data plane. Each point reports:
 
     python benchmarks/bench_scale.py --grid small            # one CI-sized point
     python benchmarks/bench_scale.py --grid full --json scale.json
+    python benchmarks/bench_scale.py --grid growth          # the cost per sample at 1k, 10k, 100k
     python benchmarks/bench_scale.py --point 64,4x1,2,1024   # partitions,GxT,ranks,samples
 
 Every temp directory and the throwaway broker are removed at exit (``--keep`` keeps the directory).
@@ -78,12 +79,13 @@ def parse_point(text: str) -> Point:
 
 GRIDS: dict[str, list[str]] = {
     "small": ["4,1,1,64"],
-    # the grid first (small to large), then the rebalance points, then the cost growth; 100k
-    # samples (``--point 4,2,1,100000``) is left out: about half an hour on a 2-core machine
+    # the grid first (small to large), then the rebalance points, then the cost growth to 10k;
+    # ``growth`` takes it to 100k samples (about 15 minutes for that point on a 2-core machine)
     "full": [
         "4,1,1,512", "16,4,2,1024", "64,4,2,1024", "64,16,2,1024", "64,4x4,4,2048", "256,16,8,2048",
         "256,16x4,8,4096", "16,2,1,1024,join", "16,2,1,1024,kill", "4,2,1,1000", "4,2,1,10000",
     ],
+    "growth": ["4,2,1,1000", "4,2,1,10000", "4,2,1,100000"],
 }  # fmt: skip
 
 
