@@ -32,10 +32,15 @@ from pipeline.core.errors import IntegrityError
 from pipeline.core.messages import SampleRef
 from pipeline.storage import FeatureStore, parse_header, tensors_from_buffer
 
-__all__ = ("CHUNK_BYTES", "is_local", "read_into")
+__all__ = ("CHUNK_BYTES", "FIRST_READ_BYTES", "is_local", "read_into")
 
 #: Read (and checksum) this much at a time: it stays in L2 between the copy and the CRC.
 CHUNK_BYTES = 1 << 20
+#: The first read, from offset 0: the length, the header and the first data. After a small first
+#: read (the 8-byte length, then the header; 16 or 64 KiB too) the chunked reads that follow
+#: swung between a third of a cold disk's rate and all of it from pass to pass; a whole chunk
+#: first held them at 0.9-1.0x of one-call reads (bench_read_path.py --cold).
+FIRST_READ_BYTES = 1 << 20
 _MAX_HEADER = 16 * 1024 * 1024
 
 
@@ -60,9 +65,6 @@ def read_into(
                 os.fstat(f.fileno()).st_size != ref.nbytes
             ):  # before allocating: a ref cannot make us read a huge file
                 return store.get(ref)
-            # Ask for the whole file now: read chunk by chunk from a cold device, the kernel's
-            # readahead alone fell to a third of a one-call reader's rate in half the passes.
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
             out = _read(f, ref, dest)
     except OSError:  # missing, a directory, unreadable: get says which, in its words
         out = None
@@ -76,12 +78,15 @@ def _read(f: BinaryIO, ref: SampleRef, dest: Mapping[str, torch.Tensor]) -> dict
         return None
     # Untouched pages of an np.empty are never faulted in: the ranges read into ``dest`` cost no memory.
     buffer = np.empty(nbytes, dtype=np.uint8)
-    crc = _fill(f, memoryview(buffer)[:8], 0, ref)
+    done = min(max(FIRST_READ_BYTES, 8), nbytes)  # bytes of the file already in ``buffer``
+    crc = _fill(f, memoryview(buffer)[:done], 0, ref)
     (size,) = struct.unpack("<Q", buffer[:8].tobytes())
     if size > min(_MAX_HEADER, nbytes - 8):
         return None
     base = 8 + size
-    crc = _fill(f, memoryview(buffer)[8:base], crc, ref)
+    if base > done:
+        crc = _fill(f, memoryview(buffer)[done:base], crc, ref)
+        done = base
     try:
         if parse_header(buffer[:base]) != ref.tensors:
             return None
@@ -104,17 +109,19 @@ def _read(f: BinaryIO, ref: SampleRef, dest: Mapping[str, torch.Tensor]) -> dict
         return None
     out: dict[str, torch.Tensor] = {}
     for name in order:
-        start, end = offsets[name]
+        start, end = base + offsets[name][0], base + offsets[name][1]  # in the file
         target = dest.get(name)
         view = views[name]
         if target is None or not _fits(target, view):
             target = view
-            sink = memoryview(buffer)[base + start : base + end]
+            sink = memoryview(buffer)[start:end]
         else:
             sink = (
                 memoryview(target.reshape(-1).view(torch.uint8).numpy()) if end > start else memoryview(b"")
             )
-        crc = _fill(f, sink, crc, ref)
+            ahead = max(0, min(end, done) - start)  # bytes the first read already brought (checksummed)
+            sink[:ahead] = memoryview(buffer)[start : start + ahead]
+        crc = _fill(f, sink[max(0, done - start) :], crc, ref)
         out[name] = target
     got = f"crc32c:{crc:08x}"
     if got != ref.checksum:

@@ -37,11 +37,14 @@ def _rewrite(store: FeatureStore, stored: StoredFeature, change: Callable[[bytea
     store.fs.pipe_file(path, change(data))
 
 
-@pytest.mark.parametrize("chunk", [7, 1 << 20])
+@pytest.mark.parametrize("chunk", [7, 300, 400, 650, 700, 1 << 20])
 def test_the_tensors_are_gets_and_the_hidden_states_are_the_destinations(
     local: FeatureStore, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(read_into_module, "CHUNK_BYTES", chunk)  # many chunks: the CRC runs on across them
+    # Many chunks: the CRC runs on across them. The first read is one chunk from offset 0, and
+    # ends in the header (7, 300), in a tensor (400, 650, 700) or past the end (774 bytes here).
+    monkeypatch.setattr(read_into_module, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(read_into_module, "FIRST_READ_BYTES", chunk)
     tensors = sample(6)
     stored = local.put(0, "s1", tensors)
     ref = ref_for(local, stored)
