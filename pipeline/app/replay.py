@@ -114,7 +114,8 @@ def replay_run(config: RunConfig, output_dir: str, *, stop: threading.Event | No
         dist.close()
     if not dist.is_main:  # rank 0 holds the metrics of every step
         return ReplayReport(len(history), len(history), None, output_dir, is_main=False)
-    replayed = {row["step"]: row["loss"] for row in read_metrics(settings.metrics_path)}  # every step, not the last few
+    # every step from the replay's own metrics file (the result holds only the latest rows)
+    replayed = {row["step"]: row["loss"] for row in read_metrics(settings.metrics_path)}
     identical, first = 0, None
     for step in history:
         got = replayed.get(step.step)

@@ -953,7 +953,9 @@ class PlainProducer:
             first = failed[0].exception if failed[0].is_done else "not delivered before the flush timeout"
             if isinstance(first, AuthorizationError):
                 raise denied(first, _user_of(self.settings), "WRITE")
-            raise TransportError(f"{len(failed)} of {sent} records were not delivered: {first}", retriable=True)
+            raise TransportError(
+                f"{len(failed)} of {sent} records were not delivered: {first}", retriable=True
+            )
 
     def close(self, timeout_s: float = 10.0) -> None:
         _close_quietly(self._producer, timeout_s)
