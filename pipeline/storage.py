@@ -242,16 +242,11 @@ class FeatureStore:
         return int(info["size"])
 
     def _read(self, path: str, expected: int) -> np.ndarray:
-        """One writable buffer the tensors can view without a copy.
-
-        A local file is mapped copy-on-write rather than read: its pages are the page cache's
-        (no copy, no allocation), the checksum pass faults them in, and a tensor written to gets
-        a private page. Nothing ever writes a feature file after its rename (every attempt has
-        its own name), so the verified bytes cannot change under the mapping; only a file cut
-        short by hand while a reader holds it would fault (SIGBUS) rather than fail a check.
-        """
+        """A writable buffer the tensors view. A local file is mapped copy-on-write (no copy; a
+        tensor written to gets a private page): feature files are never written after their
+        rename; one cut short by hand under a reader would fault (SIGBUS), not fail a check."""
         if self._local:
-            if expected == 0:  # mmap refuses an empty file; the header check then says what is wrong
+            if expected == 0:  # mmap refuses an empty file; the header check says what is wrong
                 return np.empty(0, dtype=np.uint8)
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
