@@ -21,7 +21,7 @@ reads from the device: the plain reader's rate is then what the storage delivers
 deliverable runs read each file once (``--stream`` is the number of files).
 
     python benchmarks/bench_read_path.py --samples 16 --batch 4 --repeats 5
-    python benchmarks/bench_read_path.py --samples 32 --batch 4 --repeats 3 --cold
+    python benchmarks/bench_read_path.py --samples 96 --batch 4 --repeats 3 --cold
 """
 
 from __future__ import annotations
@@ -256,7 +256,6 @@ def main() -> None:
                 prepare()
                 slotted = name == "slots"
                 rates[name].append(deliverable(store, refs, stream, args.batch, pin, use_slots=slotted))
-
             print(
                 f"repeat {i}: "
                 + ", ".join(f"{n} {figures[n].cpu_s_per_gb[-1]:.3f} CPU s/GB" for n in sides)
