@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
-import time
+import threading
 from typing import Annotated, Optional
 
 import typer
@@ -40,21 +41,25 @@ def status(
     if not watch:
         typer.echo(show())
         return
+    # Ctrl-C sets a flag the loop checks, not a KeyboardInterrupt: raised inside kafka-python's
+    # event loop (which catches BaseException) it was swallowed and --watch went on forever.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         if sys.stdout.isatty() and not json_out:
             from rich.live import Live  # lazy: start-up, only for --watch on a terminal
             from rich.text import Text  # lazy: start-up, only for --watch on a terminal
 
             with Live(Text(show()), auto_refresh=False) as live:
-                while True:
-                    time.sleep(interval)
+                while not stop.wait(interval):
                     live.update(Text(show()), refresh=True)
-        while True:  # not a terminal (or --json): one view after another, line-oriented
+            return
+        while not stop.is_set():  # not a terminal (or --json): one view after another, line-oriented
             typer.echo(show() + ("" if json_out else "\n"), nl=True)
             sys.stdout.flush()
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+            stop.wait(interval)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def audit(
