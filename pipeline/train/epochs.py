@@ -84,6 +84,7 @@ class EpochedSource:
         self._listing: ItemSource | None = None
         self._regenerate = regenerate
         self._regenerator: Regenerator | None = None
+        self._hint: Callable[[SampleRef], None] | None = None  # starts the disk on the next file
 
     def read_into_slots(self, dest: Callable[[SampleRef], Mapping[str, Any] | None]) -> bool:
         """The prefetcher's reused batch buffers (:mod:`pipeline.train.slots`), for the online pass
@@ -92,6 +93,7 @@ class EpochedSource:
         if install is None or fetch is None or not install(dest):
             return False
         self._fetch = fetch  # the same fetch (every check, decoded), into the buffers
+        self._hint = getattr(self._live, "hint", None)
         return True
 
     @property
@@ -134,6 +136,9 @@ class EpochedSource:
                     taken += 1
                     listed = replace(listed, ref=regenerated.ref, kept=False)
                 self.position += 1
+                upcoming = samples[order[self.position]] if self.position < len(order) else None
+                if self._hint is not None and upcoming is not None and upcoming.kept:
+                    self._hint(upcoming.ref)  # the disk starts on it while this one is read and checked
                 try:
                     tensors = self._fetch(listed.ref)
                 except PayloadError as exc:

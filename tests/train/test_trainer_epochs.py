@@ -108,3 +108,33 @@ def test_the_state_carries_the_epoch_and_position(tmp_path: Path) -> None:
     resumed = [(i.epoch, i.ref.sample_id) for i in epoched(state).items()]
     assert resumed == rest  # the same order from the same point
     assert len(fetched) == 4 + 26  # later epochs fetch each payload again; the online pass did not
+
+
+def test_later_epochs_request_each_next_file_before_reading_this_one() -> None:
+    """With reads into slots, the next sample of the epoch's order is hinted (the disk starts on it)
+    before the current one is fetched: the online pass's own stream does the same."""
+    events: list[tuple[str, str]] = []
+
+    class Live(MemorySource):
+        def read_into_slots(self, dest: object) -> bool:
+            return True
+
+        def fetch(self, ref: SampleRef) -> dict[str, torch.Tensor]:
+            events.append(("fetch", ref.sample_id))
+            return _fetch(ref)
+
+        def hint(self, ref: SampleRef) -> None:
+            events.append(("hint", ref.sample_id))
+
+    source = EpochedSource(
+        Live("run", LENGTHS), open_listing=lambda: MemorySource("run", LENGTHS), fetch=_fetch, epochs=2,
+        seed=0,
+    )
+    assert source.read_into_slots(lambda ref: None)
+    got = [(item.epoch, item.ref.sample_id) for item in source.items()]
+    later = [sample_id for epoch, sample_id in got if epoch == 1]
+    assert len(later) == len(LENGTHS) and later != sorted(later)  # epoch 1, in its own order
+    assert [s for kind, s in events if kind == "fetch"] == later
+    assert [s for kind, s in events if kind == "hint"] == later[1:]  # each after the first, once
+    for previous, sample_id in zip(later, later[1:]):  # hinted before the one before it is read
+        assert events.index(("hint", sample_id)) < events.index(("fetch", previous))
