@@ -1,6 +1,6 @@
 """The trainer's read path (issue 13.3): get + collate against reading into reused slots.
 
-Three sides, alternated (rotated order) in one process over the same stored files, several repeats:
+The sides, alternated (rotated order) in one process over the same stored files, several repeats:
 
 - ``get``: ``FeatureStore.get`` (the file mapped, CRC over the mapping; before issue 13 a fresh
   buffer per sample) + ``collate`` (fresh zero-filled batch tensors, a copy of every hidden state)
@@ -8,7 +8,10 @@ Three sides, alternated (rotated order) in one process over the same stored file
 - ``slots``: :func:`pipeline.read_into.read_into` each sample's hidden states straight into its row
   of a reused (on CUDA pinned) batch buffer, CRC over each chunk as it lands, and the collate pads;
 - ``plain``: read every file into one reused buffer (no checks, no tensors): what storage delivers
-  to a reader that does nothing else, the ceiling.
+  to a reader that does nothing else, the ceiling;
+- ``hinted`` (``--cold`` only): the plain reader asking for the next file while it reads this one
+  (:func:`pipeline.read_into.will_read`, as the stream and the ``slots`` side do): the disk's rate
+  with a request always queued, which a one-file-at-a-time reader does not reach.
 
 Reported per side: CPU seconds per GB read (the process's CPU time, all threads) and GB/s, min /
 median / max over repeats, the user-space bytes copied per sample (counted from the code path), and
@@ -39,7 +42,7 @@ import torch
 
 from pipeline.core.messages import EndOfStream, SampleRef, TargetInfo, encode
 from pipeline.core.topics import RunTopics
-from pipeline.read_into import read_into
+from pipeline.read_into import read_into, will_read
 from pipeline.storage import FeatureStore
 from pipeline.stream import SampleStream
 from pipeline.train.collate import collate
@@ -92,6 +95,8 @@ def slots_side(store: FeatureStore, refs: list[SampleRef], batch: int, pin: bool
     for start in range(0, len(refs) - batch + 1, batch):
         samples = []
         for k, ref in enumerate(refs[start : start + batch]):
+            if start + k + 1 < len(refs):
+                will_read(store, refs[start + k + 1])  # as the stream does: the next file, hinted
             slots.row = k
             samples.append(read_into(store, ref, slots.dest(ref)))
         out = collate(samples, out=slots.take())
@@ -99,9 +104,11 @@ def slots_side(store: FeatureStore, refs: list[SampleRef], batch: int, pin: bool
             out = _pinned(out)  # a no-op on tensors already pinned
 
 
-def plain(store: FeatureStore, refs: list[SampleRef], buffer: bytearray) -> None:
+def plain(store: FeatureStore, refs: list[SampleRef], buffer: bytearray, hinted: bool = False) -> None:
     view = memoryview(buffer)
-    for ref in refs:
+    for i, ref in enumerate(refs):
+        if hinted and i + 1 < len(refs):
+            will_read(store, refs[i + 1])
         with open(store.resolve(ref.uri), "rb", buffering=0) as f:
             got = 0
             while got < ref.nbytes:
@@ -207,7 +214,7 @@ def copied_bytes(ref: SampleRef, pin: bool) -> dict[str, int]:
     )
     # get maps the file (no copy; before issue 13 it read it into a fresh buffer: + ref.nbytes)
     get_bytes = hidden + hidden + (hidden if pin else 0)  # zero-fill + copy (+ pin)
-    return {"get": get_bytes, "slots": ref.nbytes, "plain": ref.nbytes}
+    return {"get": get_bytes, "slots": ref.nbytes, "plain": ref.nbytes, "hinted": ref.nbytes}
 
 
 def spread(values: list[float], fmt: str = "8.2f") -> str:
@@ -241,21 +248,29 @@ def main() -> None:
             "slots": lambda: slots_side(store, refs, args.batch, pin, slots),
             "plain": lambda: plain(store, refs, buffer),
         }
+        if args.cold:  # the disk's rate with the next file always requested: a reader can beat "plain"
+            sides["hinted"] = lambda: plain(store, refs, buffer, hinted=True)
         figures = {name: Figures([], []) for name in sides}
-        rates: dict[str, list[float]] = {"get": [], "slots": []}
+        deliverable_baselines = [n for n in ("plain", "hinted") if n in sides]
+        rates: dict[str, list[float]] = {n: [] for n in ("get", "slots", *deliverable_baselines)}
         stream = len(refs) if args.cold else args.stream  # cold: each file once, or it is cached again
         prepare = (lambda: evict(store, refs)) if args.cold else (lambda: None)
         for side in sides.values():
             side()  # warm: page cache, allocator, slots
         for i in range(args.repeats):
-            names = list(sides)[i % 3 :] + list(sides)[: i % 3]  # rotated: no side always first
+            k = i % len(sides)
+            names = list(sides)[k:] + list(sides)[:k]  # rotated: no side always first
             for name in names:
                 prepare()
                 timed(sides[name], gb, figures[name])
-            for name in ("get", "slots") if i % 2 == 0 else ("slots", "get"):
+            for name in names:  # each deliverable run beside a plain pass: a virtual disk's rate drifts
                 prepare()
-                slotted = name == "slots"
-                rates[name].append(deliverable(store, refs, stream, args.batch, pin, use_slots=slotted))
+                if name in rates:
+                    rates[name].append(deliverable(store, refs, stream, args.batch, pin, name == "slots"))
+                elif name in deliverable_baselines:
+                    started = time.perf_counter()
+                    sides[name]()
+                    rates[name].append(len(refs) / (time.perf_counter() - started))
             print(
                 f"repeat {i}: "
                 + ", ".join(f"{n} {figures[n].cpu_s_per_gb[-1]:.3f} CPU s/GB" for n in sides)
@@ -278,12 +293,17 @@ def main() -> None:
             )
         ratio = [t / s for t, s in zip(figures["get"].cpu_s_per_gb, figures["slots"].cpu_s_per_gb)]
         print(f"  CPU per GB, get / slots: {spread(ratio)}")
+        wall = [s / p for s, p in zip(figures["slots"].gb_s, figures["plain"].gb_s)]
+        print(f"  GB/s, slots / plain, per repeat: {spread(wall)}")
         print(f"one rank's deliverable samples/s ({stream} samples, prefetcher over the stream, depth 4):")
         print(f"  get    {spread(rates['get'], '8.1f')}\n  slots  {spread(rates['slots'], '8.1f')}")
-        plain_rates = [g * 1e9 / refs[0].nbytes for g in figures["plain"].gb_s]
-        print(f"  plain reader (no checks, no batches): {spread(plain_rates, '8.1f')}")
-        share = [s / p for s, p in zip(rates["slots"], plain_rates)]
+        print(f"  plain reader (no checks, no batches), passes beside them: {spread(rates['plain'], '8.1f')}")
+        share = [s / p for s, p in zip(rates["slots"], rates["plain"])]
         print(f"  slots / plain reader, per repeat: {spread(share)}  (goal >= 1 where storage limits)")
+        if "hinted" in rates:
+            print(f"  plain reader hinting the next file: {spread(rates['hinted'], '8.1f')}")
+            versus = [s / h for s, h in zip(rates["slots"], rates["hinted"])]
+            print(f"  slots / hinted plain reader, per repeat: {spread(versus)}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
