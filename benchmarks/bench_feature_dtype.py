@@ -16,7 +16,8 @@ at thousands of times the typical magnitude), which the tiny target does not hav
 The wall time printed per run is no comparison: the first run pays the process's warm-up, and the
 development machine is shared. The losses and accuracies repeat exactly from run to run (CPU).
 
-    python benchmarks/bench_feature_dtype.py            # 768 conversations, about 3 minutes
+    python benchmarks/bench_feature_dtype.py            # 768 conversations, about a minute
+    python benchmarks/bench_feature_dtype.py --keep     # keep the features and outputs (else removed)
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +41,8 @@ from pipeline.core.features import AUX_HIDDEN, FINAL_HIDDEN
 from pipeline.feature_codec import FP8, FP8_MAX, encode_features
 from pipeline.storage import FeatureStore, tensors_from_buffer
 from pipeline.transport.broker import env_or_local_broker as broker
+
+from _stats import scratch  # benchmarks/, beside this file
 
 DTYPES = ("as_captured", "bf16", "fp8_e4m3")
 
@@ -109,18 +111,23 @@ def main() -> None:
     )
     parser.add_argument("--conversations", type=int, default=768)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (features, outputs)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-feature-dtype-"))
     results: dict[str, dict[str, float]] = {}
     configs: dict[str, RunConfig] = {}
-    with broker() as bootstrap:
+    scales: dict[str, dict[str, tuple[float, float]]] = {}
+    with scratch("bench-feature-dtype-", keep=args.keep) as work, broker() as bootstrap:
         base = quickstart_config(work / "quickstart", conversations=args.conversations, bootstrap=bootstrap)
         for dtype in args.dtypes:
             configs[dtype] = variant(base, work, dtype)
             results[dtype] = run_once(configs[dtype], bootstrap)
             r = results[dtype]
             print(f"{dtype:>11}: {r['steps']:.0f} steps in {r['wall_s']:.1f} s", flush=True)
+        if "as_captured" in configs:  # read from the stored captures, before the directory goes
+            for label, massive in (("the tiny target's captures", 0.0), ("+ a 1,000x RMS activation", 1e3),
+                                   ("+ a 10,000x RMS activation", 1e4)):  # fmt: skip
+                scales[label] = scale_errors(configs["as_captured"], massive=massive)
     print(
         f"\nquickstart shape, {args.conversations} conversations, seed {base.train.seed}, one run per dtype:"
     )
@@ -133,14 +140,9 @@ def main() -> None:
         print(f"{dtype:>11} {r['loss']:7.3f} {r['acc0']:7.3f} {r['tail_loss']:7.3f} {r['tail_acc0']:7.3f} "
               f"{r['bytes_per_sample']:13,.0f} {ratio:>11}")  # fmt: skip
     print("(loss, acc0: the last step; loss*, acc0*: the mean over the last 10 % of steps)")
-    if "as_captured" in configs:
-        for label, massive in (("the tiny target's captures", 0.0), ("+ a 1,000x RMS activation", 1e3),
-                               ("+ a 10,000x RMS activation", 1e4)):  # fmt: skip
-            errs = scale_errors(configs["as_captured"], massive=massive)
-            line = ", ".join(f"{k}: mean {m:.4f}, worst {w:.4f}" for k, (m, w) in errs.items())
-            print(f"fp8 relative row error on {label}: {line}")
-    print(f"work directory: {work}")
-
+    for label, errs in scales.items():
+        line = ", ".join(f"{k}: mean {m:.4f}, worst {w:.4f}" for k, (m, w) in errs.items())
+        print(f"fp8 relative row error on {label}: {line}")
 
 if __name__ == "__main__":
     main()
