@@ -179,25 +179,21 @@ class SampleStream:
             record = self._next_record(p)
             if record is None:  # interrupted
                 return
-            self._hint_upcoming(self._after_open(p))
+            self._hint_upcoming(self._turn(self._after(p)))
             item = self._handle(record)
             self.positions[p] = record.offset + 1
             if item is not None:
                 self.cursor = self._after(p)
                 yield item
 
-    def _turn(self) -> int:
-        """The open partition whose turn it is: the cursor, or the next open one after it."""
+    def _turn(self, start: int | None = None) -> int:
+        """The open partition whose turn it is: the cursor (or ``start``), or the next open one after it."""
+        start = self.cursor if start is None else start
         open_ = [p for p in self.partitions if not self.tracker.ended(p)]
         for p in open_:
-            if p >= self.cursor:
+            if p >= start:
                 return p
         return open_[0]
-
-    def _after_open(self, partition: int) -> int | None:
-        """The open partition whose turn follows ``partition``'s (itself when it is the only one)."""
-        open_ = [p for p in self.partitions if not self.tracker.ended(p)]
-        return next((p for p in open_ if p > partition), open_[0] if open_ else None)
 
     def _hint_upcoming(self, partition: int | None) -> None:
         """Hint the file of ``partition``'s next buffered sample before this one is fetched: on a
