@@ -41,7 +41,9 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline.core.errors import BrokerError
-from pipeline.transport.broker_security import plain_properties, scram_format_args, scram_properties
+from pipeline.transport.broker_security import (
+    SCRAM_MECHANISM, plain_properties, scram_format_args, scram_properties,
+)
 from pipeline.transport.kafka_jars import KAFKA_VERSION, install, libs_dir, libs_ready
 
 __all__ = ("DEFAULT_PORTS", "STOP_TIMEOUT_S", "LocalKafka", "env_or_local_broker", "free_port")
@@ -292,6 +294,7 @@ class LocalKafka:
         self.bootstrap = f"127.0.0.1:{bport}"
         self.sasl_bootstrap = f"127.0.0.1:{sport}" if sport else ""
         self._wait_ready(bport)
+        self._wait_login()
         self.startup_seconds = time.monotonic() - started
         logger.info("Kafka %s ready at %s in %.1f s", self.version, self.bootstrap, self.startup_seconds)
         return self.bootstrap
@@ -315,6 +318,29 @@ class LocalKafka:
         raise BrokerError(
             f"Kafka did not open {port} within {_READY_TIMEOUT_S:.0f} s; log tail:\n{self.log_tail()}"
         )
+
+    def _wait_login(self) -> None:
+        """With a SASL listener, ready means a login completes there: the plain port opens first,
+        and on a loaded machine a client's first SASL handshake could outlast its 10 s timeout."""
+        users = self.sasl_users or self.scram_users
+        if not users:
+            return
+        from pipeline.transport.kafka import KafkaSettings  # lazy: start-up, only a SASL broker logs in
+
+        user, password = next(iter(users.items()))
+        options = {"security.protocol": "SASL_PLAINTEXT", "sasl.username": user, "sasl.password": password,
+                   "sasl.mechanism": "PLAIN" if self.sasl_users else SCRAM_MECHANISM}  # fmt: skip
+        settings = KafkaSettings(self.sasl_bootstrap, options, outage_budget_s=0.0)
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while True:
+            try:
+                with settings.admin():
+                    return
+            except BrokerError as exc:  # the handshake timed out, or the listener is not open yet
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise BrokerError(f"no SASL login at {self.sasl_bootstrap} within "
+                                      f"{_READY_TIMEOUT_S:.0f} s: {exc}") from None  # fmt: skip
 
     def log_tail(self, lines: int = 40) -> str:
         try:
