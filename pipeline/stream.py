@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -105,6 +106,10 @@ class SampleStream:
         self._peeked: dict[tuple[int, int], Any] = {}  # (partition, offset) -> the decoded message
         if state is not None:
             self._restore(state)
+        # Every turn looks these up: kept here, not rebuilt per sample (O(partitions) each, 256 in
+        # production). The stream alone pauses and resumes its reader, so its set is the reader's.
+        self._open = self.tracker.open_partitions()
+        self._paused: set[int] = set()
         self._dlq = dlq
         self._idle_timeout_s = idle_timeout_s
         self._poll_timeout_s = poll_timeout_s
@@ -174,7 +179,7 @@ class SampleStream:
 
     def items(self) -> Iterator[StreamItem]:
         """Yield until every partition has ended; raise ``StreamError`` on a broken stream."""
-        while not self.tracker.all_ended():
+        while self._open:
             p = self._turn()
             record = self._next_record(p)
             if record is None:  # interrupted
@@ -188,12 +193,8 @@ class SampleStream:
 
     def _turn(self, start: int | None = None) -> int:
         """The open partition whose turn it is: the cursor (or ``start``), or the next open one after it."""
-        start = self.cursor if start is None else start
-        open_ = [p for p in self.partitions if not self.tracker.ended(p)]
-        for p in open_:
-            if p >= start:
-                return p
-        return open_[0]
+        i = bisect_left(self._open, self.cursor if start is None else start)
+        return self._open[i] if i < len(self._open) else self._open[0]
 
     def _hint_upcoming(self, partition: int | None) -> None:
         """Hint the file of ``partition``'s next buffered sample before this one is fetched: on a
@@ -218,8 +219,8 @@ class SampleStream:
         return decode(record.value or b"") if message is None else message
 
     def _after(self, partition: int) -> int:
-        later = [p for p in self.partitions if p > partition]
-        return later[0] if later else self.partitions[0]
+        i = bisect_right(self.partitions, partition)
+        return self.partitions[i] if i < len(self.partitions) else self.partitions[0]
 
     def _next_record(self, partition: int) -> Record | None:
         buffer = self._buffers[partition]
@@ -227,23 +228,29 @@ class SampleStream:
         while not buffer:
             if self._interrupted.is_set():
                 return None
-            if partition in self._reader.paused():
-                self._reader.resume([partition])
+            if partition in self._paused:
+                self._resume(partition)
             records = self._reader.poll(self._poll_timeout_s)
             for record in records:
                 self._buffers[record.partition].append(record)
-            full = [p for p, b in self._buffers.items() if len(b) >= self._max_buffered and p != partition]
+            full = [p for p, b in self._buffers.items()
+                    if len(b) >= self._max_buffered and p != partition and p not in self._paused]  # fmt: skip
             if full:
                 self._reader.pause(full)
+                self._paused.update(full)
             if not buffer and deadline is not None and time.monotonic() > deadline:
                 raise StreamError(
                     f"no record for {self._idle_timeout_s:.0f} s on partition {partition} of "
                     f"{self.topics.samples} (open: {self.tracker.open_partitions()}); is a generator running?"
                 )
         record = buffer.popleft()
-        if len(buffer) < self._max_buffered // 2 and partition in self._reader.paused():
-            self._reader.resume([partition])
+        if len(buffer) < self._max_buffered // 2 and partition in self._paused:
+            self._resume(partition)
         return record
+
+    def _resume(self, partition: int) -> None:
+        self._reader.resume([partition])
+        self._paused.discard(partition)
 
     def _handle(self, record: Record) -> StreamItem | None:
         """Accept the record as the partition's next own sample, or account for it otherwise."""
@@ -318,6 +325,7 @@ class SampleStream:
             raise ForeignRecord(f"an end-of-stream marker at seq {marker.seq}, after seq {st.next_seq - 1} arrived")
         self.dropped_upstream += marker.dropped
         self.tracker.end(marker, partition)
+        self._open.remove(partition)
         if st.missing:
             logger.error("partition %d ended with %d of its samples missing", partition, st.missing)
 

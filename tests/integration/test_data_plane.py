@@ -273,6 +273,29 @@ def test_stream_state_resumes_exactly_and_keeps_deduplicating(kafka, run_topics,
     assert (summary.used, summary.duplicates, summary.missing) == (6, 1, 0)
 
 
+def test_partitions_take_turns_and_an_ended_one_leaves_the_rotation(kafka, run_topics, storage_root) -> None:
+    """The fixed order exact resume relies on: one sample per open partition per turn; a partition
+    leaves the turns at its marker (an empty one at once), and a partition flooded far past the
+    stream's buffer is read in turn all the same."""
+    run_id = run_topics.run_id
+    store = FeatureStore(storage_root, run_id)
+    counts = {0: 5, 1: 2, 2: 0, 3: 9}
+    _commit(kafka, run_topics, run_topics.samples, {
+        p: [encode(_stored_ref(store, run_id, f"p{p}-{i}", seq=i)) for i in range(n)] + [_closed(run_id, "generate", p, n)]
+        for p, n in counts.items()
+    })  # fmt: skip
+    stream = SampleStream(kafka, store, run_id, range(4), idle_timeout_s=30, max_buffered=2, max_poll_records=4)
+    try:
+        order = [(item.partition, item.ref.seq) for item in stream]
+    finally:
+        stream.close()
+    assert order == [
+        (0, 0), (1, 0), (3, 0), (0, 1), (1, 1), (3, 1), (0, 2), (3, 2), (0, 3), (3, 3), (0, 4), (3, 4),
+        (3, 5), (3, 6), (3, 7), (3, 8),
+    ]  # fmt: skip
+    assert stream.summary().used == sum(counts.values())
+
+
 def test_interrupt_unblocks_a_stream_waiting_for_data(kafka, run_topics, storage_root) -> None:
     stream = SampleStream(kafka, FeatureStore(storage_root, run_topics.run_id), run_topics.run_id, [0], idle_timeout_s=60)
     result: list[object] = []
