@@ -1,12 +1,13 @@
 """Flow control against the partition count: one generator feeding one trainer over 4 vs 64 partitions.
 
 Issue 13 item 4: at 64 partitions the backpressure share per partition (high watermark 256 / 64 =
-4) is below the generator's batch of 8. This runs, alternately in one process and on one broker,
-a synthetic generator (the real worker, default watermarks) and a trainer stand-in that reads
-every samples partition round-robin (the real ``SampleStream``), spends ``--compute-ms`` per
-sample and reports its progress in the ledger once per step, as the trainer does. Per point and
-repeat: samples/s from the first sample read to the last, the trainer's share of time waiting
-for data, the worker's batches (mean size), pauses and prompts read twice. Prints min/median/max.
+4) is below the generator's batch of 8. This runs, alternately in one process, each run on a
+broker of its own, a synthetic generator (the real worker, default watermarks) and a trainer
+stand-in that reads every samples partition round-robin (the real ``SampleStream``), spends
+``--compute-ms`` per sample and reports its progress in the ledger once per step, as the
+trainer does. Per point and repeat: samples/s from the first sample read to the last, the
+trainer's share of time waiting for data, the worker's batches (mean size), pauses and prompts
+read twice. Prints min/median/max.
 
     python benchmarks/bench_partitions.py --samples 512 --repeats 3 --partitions 4 64
 """
@@ -128,15 +129,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-partitions-"))
     results: dict[int, list[dict[str, float]]] = {p: [] for p in args.partitions}
     try:
-        with LocalKafka(work / "broker") as local:
-            for r in range(args.repeats):
-                order = args.partitions if r % 2 == 0 else list(reversed(args.partitions))
-                for p in order:  # alternated, rotated: neither point always runs first
+        for r in range(args.repeats):
+            order = args.partitions if r % 2 == 0 else list(reversed(args.partitions))
+            for p in order:  # alternated, rotated: neither point always runs first
+                # A fresh broker per run: one that still hosts the earlier runs' topics completes
+                # transactions over many partitions slower (CONCURRENT_TRANSACTIONS retries), so
+                # whichever point ran later paid for the others.
+                with LocalKafka(work / f"broker-{r}-{p}") as local:
                     res = one_run(local.bootstrap, work / "features", p, args)
-                    results[p].append(res)
-                    print(f"repeat {r} partitions {p}: {res['samples']:.0f} of {args.samples}, "
-                          f"{res['rate']:.1f} samples/s, wait {res['wait']:.0%}, samples/transaction {res['mean_batch']:.1f}, "
-                          f"pauses {res['pauses']:.0f}, re-read {res['reread']:.0f}", flush=True)  # fmt: skip
+                shutil.rmtree(work / f"broker-{r}-{p}", ignore_errors=True)
+                results[p].append(res)
+                print(f"repeat {r} partitions {p}: {res['samples']:.0f} of {args.samples}, "
+                      f"{res['rate']:.1f} samples/s, wait {res['wait']:.0%}, samples/transaction {res['mean_batch']:.1f}, "
+                      f"pauses {res['pauses']:.0f}, re-read {res['reread']:.0f}", flush=True)  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"load average {os.getloadavg()[0]:.2f}; min / median / max over {args.repeats} repeats")
