@@ -24,16 +24,23 @@ from typing import Any
 
 from pipeline.core.deadletter import DeadLetterLimits, DeadLetterPolicy, send_dead_letter
 from pipeline.core.eos import Completeness, CompletenessTracker, PartitionState, Position
-from pipeline.core.errors import CaptureContractError, DecodeError, ForeignRecord, PayloadError, StreamError
+from pipeline.core.errors import (
+    CaptureContractError,
+    DecodeError,
+    ForeignRecord,
+    PayloadError,
+    SpecstreamError,
+    StreamError,
+)
 from pipeline.core.features import check_ref
 from pipeline.core.messages import EndOfStream, SampleRef, decode
 from pipeline.core.progress import StreamItem, StreamState
-from pipeline.core.topics import Producer, Record, RunTopics, Transport
+from pipeline.core.topics import Admin, Producer, Record, RunTopics, Transport
 from pipeline.feature_codec import decode_features
 from pipeline.read_into import is_local, read_into, will_read
 from pipeline.storage import FeatureStore
 
-__all__ = ("SampleStream", "fetch_sample")
+__all__ = ("SampleStream", "describe_wait", "fetch_sample")
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,22 @@ def fetch_sample(
     back to the capture's dtype; the hidden states read straight into ``dest``'s tensors where they
     fit (:func:`pipeline.read_into.read_into`)."""
     return decode_features(ref, read_into(store, ref, dest))
+
+
+def describe_wait(admin: Admin, topic: str, partition: int, at: int) -> tuple[str, bool]:
+    """Why a ``read_committed`` reader at offset ``at`` gets nothing, and whether records it cannot
+    see are there, from the broker's two ends of the partition: nothing written, records held back
+    by an open transaction, or records the client has not fetched. A stall names its cause."""
+    stable = admin.end_offsets(topic, [partition])[partition]
+    end = admin.end_offsets(topic, [partition], committed_only=False)[partition]
+    if stable > at:
+        return (f"the broker holds committed records {at}..{stable - 1} that this reader has not received "
+                "(a client fetch stall)"), True  # fmt: skip
+    if end > at:
+        why = (f"records {at}..{end - 1} are in a transaction still open (a generator mid-batch, or one that "
+               "died: the broker aborts its transaction after broker.transaction_timeout_ms)")  # fmt: skip
+        return why, True
+    return f"nothing written after offset {at}; is a generator running?", False
 
 
 class SampleStream:
@@ -74,9 +97,13 @@ class SampleStream:
         dead_letters: DeadLetterLimits = DeadLetterLimits(),
         fetch: bool = True,
         keep_share: int | None = None,
+        stall_report_s: float = 60.0,
     ) -> None:
         """``fetch=False`` hands out the accepted refs without their payloads (``tensors`` empty):
         later epochs list the online pass's samples this way, then fetch them in their own order.
+
+        ``stall_report_s``: while one partition keeps the stream waiting, every this many seconds
+        a warning says what the broker holds for it (:func:`describe_wait`).
 
         ``keep_share``: the bytes of each partition's samples a storage budget keeps for later
         epochs (None: all). A sample is kept when it still fits the share in the partition's own
@@ -112,6 +139,8 @@ class SampleStream:
         self._paused: set[int] = set()
         self._dlq = dlq
         self._idle_timeout_s = idle_timeout_s
+        self._stall_report_s = stall_report_s
+        self._transport = transport
         self._poll_timeout_s = poll_timeout_s
         self._max_buffered = max_buffered
         self._buffers: dict[int, deque[Record]] = {p: deque() for p in self.partitions}
@@ -224,7 +253,9 @@ class SampleStream:
 
     def _next_record(self, partition: int) -> Record | None:
         buffer = self._buffers[partition]
-        deadline = None if self._idle_timeout_s is None else time.monotonic() + self._idle_timeout_s
+        since = time.monotonic()
+        deadline = None if self._idle_timeout_s is None else since + self._idle_timeout_s
+        report_at = since + self._stall_report_s
         while not buffer:
             if self._interrupted.is_set():
                 return None
@@ -238,15 +269,31 @@ class SampleStream:
             if full:
                 self._reader.pause(full)
                 self._paused.update(full)
-            if not buffer and deadline is not None and time.monotonic() > deadline:
+            if buffer:
+                break
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise StreamError(
                     f"no record for {self._idle_timeout_s:.0f} s on partition {partition} of "
-                    f"{self.topics.samples} (open: {self.tracker.open_partitions()}); is a generator running?"
+                    f"{self.topics.samples} (open: {self._open}): {self._describe_wait(partition)[0]}"
                 )
+            if now > report_at:
+                why, held = self._describe_wait(partition)
+                level = logging.WARNING if held else logging.INFO
+                logger.log(level, "waiting %.0f s for partition %d of %s: %s",
+                           now - since, partition, self.topics.samples, why)  # fmt: skip
+                report_at = now + self._stall_report_s
         record = buffer.popleft()
         if len(buffer) < self._max_buffered // 2 and partition in self._paused:
             self._resume(partition)
         return record
+
+    def _describe_wait(self, partition: int) -> tuple[str, bool]:
+        try:
+            with self._transport.admin() as admin:
+                return describe_wait(admin, self.topics.samples, partition, self.positions[partition])
+        except SpecstreamError as exc:
+            return f"the broker did not say what it holds ({exc})", False
 
     def _resume(self, partition: int) -> None:
         self._reader.resume([partition])

@@ -24,6 +24,7 @@ __all__ = (
     "specstream_command",
     "spawn",
     "wait_exit",
+    "condensed_hang",
     "wait_for_output",
     "one_error",
     "tree_state",
@@ -102,8 +103,27 @@ def wait_exit(proc: subprocess.Popen[str], timeout_s: float = 180.0) -> tuple[in
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-        raise AssertionError(f"process did not exit within {timeout_s} s:\n{out[-12000:]}") from None
+        raise AssertionError(f"process did not exit within {timeout_s} s:\n{condensed_hang(out)}") from None
     return proc.returncode, out
+
+
+_THREAD = re.compile(r"^(?:Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):$", re.M)
+
+
+def condensed_hang(out: str, budget: int = 12000) -> str:
+    """What a hung process printed, made to fit a test report: the end of its log (what it did
+    last) and the stacks of the threads that were doing something; a Kafka client's own network
+    thread, parked in ``select`` with no frame of ours, is only counted. A hang in CI is then
+    diagnosable from the report alone."""
+    first = _THREAD.search(out)
+    if first is None:
+        return out[-budget:]
+    log, stacks = out[: first.start()], out[first.start() :]
+    starts = [m.start() for m in _THREAD.finditer(stacks)] + [len(stacks)]
+    blocks = [stacks[a:b].strip() for a, b in zip(starts, starts[1:])]
+    busy = [b for b in blocks if "/pipeline/" in b or "selectors.py" not in b]
+    shown = "\n\n".join(busy)[-budget // 2 :]
+    return f"{log[-(budget - len(shown)):]}\n{len(blocks) - len(busy)} Kafka client threads in select() not shown\n{shown}"
 
 
 def wait_for_group(bootstrap: str, group_id: str, members: int, *, timeout_s: float = 90.0) -> None:

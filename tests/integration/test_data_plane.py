@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
-from pipeline.stream import SampleStream
+from pipeline.stream import SampleStream, describe_wait
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PlainProducer, TransactionalProducer
 from tests.support import make_prompts, read_messages, spawn, wait_exit
 
@@ -324,3 +325,30 @@ def test_a_checkpoint_position_beyond_the_topic_is_an_error_not_a_silent_reset(
             next(stream.items())
     finally:
         stream.close()
+
+
+def test_a_stream_waiting_behind_an_open_transaction_says_so(kafka, run_topics, storage_root, caplog) -> None:
+    """A stalled partition names its cause from the broker's ends of it: nothing written, a
+    transaction left open (here a real one, its producer gone silent), or committed records unread."""
+    run_id = run_topics.run_id
+    store = FeatureStore(storage_root, run_id)
+    with KafkaAdmin(kafka) as admin:
+        nothing = describe_wait(admin, run_topics.samples, 0, 0)
+    assert nothing == ("nothing written after offset 0; is a generator running?", False)
+    silent = TransactionalProducer(kafka, f"{run_id}.silent", transaction_timeout_ms=60_000)
+    silent.begin()
+    silent.send(run_topics.samples, 0, encode(_stored_ref(store, run_id, "held", seq=0)))
+    silent.flush()
+    stream = SampleStream(kafka, store, run_id, [0], idle_timeout_s=3, stall_report_s=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+            with pytest.raises(StreamError, match=r"records 0\.\.0 are in a transaction still open"):
+                next(stream.items())
+        assert any("waiting" in r.message and "transaction still open" in r.message for r in caplog.records)
+    finally:
+        stream.close()
+        silent.commit()
+        silent.close()
+    with KafkaAdmin(kafka) as admin:
+        why, held = describe_wait(admin, run_topics.samples, 0, 0)
+    assert held and why.startswith("the broker holds committed records 0..1 that this reader has not received")
