@@ -34,13 +34,14 @@ from pipeline.core.errors import (
 )
 from pipeline.core.features import check_ref
 from pipeline.core.messages import EndOfStream, SampleRef, decode
+from pipeline.core.partition_wait import PartitionWait, Wait, ask_broker
 from pipeline.core.progress import StreamItem, StreamState
-from pipeline.core.topics import Admin, Producer, Record, RunTopics, Transport
+from pipeline.core.topics import Producer, Record, RunTopics, Transport
 from pipeline.feature_codec import decode_features
 from pipeline.read_into import is_local, read_into, will_read
 from pipeline.storage import FeatureStore
 
-__all__ = ("SampleStream", "describe_wait", "fetch_sample")
+__all__ = ("SampleStream", "fetch_sample")
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +53,6 @@ def fetch_sample(
     back to the capture's dtype; the hidden states read straight into ``dest``'s tensors where they
     fit (:func:`pipeline.read_into.read_into`)."""
     return decode_features(ref, read_into(store, ref, dest))
-
-
-def describe_wait(admin: Admin, topic: str, partition: int, at: int) -> tuple[str, bool]:
-    """Why a ``read_committed`` reader at offset ``at`` gets nothing, and whether records it cannot
-    see are there, from the broker's two ends of the partition: nothing written, records held back
-    by an open transaction, or records the client has not fetched. A stall names its cause."""
-    stable = admin.end_offsets(topic, [partition])[partition]
-    end = admin.end_offsets(topic, [partition], committed_only=False)[partition]
-    if stable > at:
-        return (f"the broker holds committed records {at}..{stable - 1} that this reader has not received "
-                "(a client fetch stall)"), True  # fmt: skip
-    if end > at:
-        why = (f"records {at}..{end - 1} are in a transaction still open (a generator mid-batch, or one that "
-               "died: the broker aborts its transaction after broker.transaction_timeout_ms)")  # fmt: skip
-        return why, True
-    return f"nothing written after offset {at}; is a generator running?", False
 
 
 class SampleStream:
@@ -103,7 +88,8 @@ class SampleStream:
         later epochs list the online pass's samples this way, then fetch them in their own order.
 
         ``stall_report_s``: while one partition keeps the stream waiting, every this many seconds
-        a warning says what the broker holds for it (:func:`describe_wait`).
+        the log says what the broker holds for it (:mod:`.core.partition_wait`), and a client that
+        holds back committed records is replaced.
 
         ``keep_share``: the bytes of each partition's samples a storage budget keeps for later
         epochs (None: all). A sample is kept when it still fits the share in the partition's own
@@ -140,6 +126,7 @@ class SampleStream:
         self._dlq = dlq
         self._idle_timeout_s = idle_timeout_s
         self._stall_report_s = stall_report_s
+        self._undelivered: dict[int, int] = {}  # partition -> the committed end its last report saw
         self._transport = transport
         self._poll_timeout_s = poll_timeout_s
         self._max_buffered = max_buffered
@@ -273,27 +260,52 @@ class SampleStream:
                 break
             now = time.monotonic()
             if deadline is not None and now > deadline:
-                raise StreamError(
-                    f"no record for {self._idle_timeout_s:.0f} s on partition {partition} of "
-                    f"{self.topics.samples} (open: {self._open}): {self._describe_wait(partition)[0]}"
-                )
+                wait = self._ask_broker(partition)
+                why = "the broker did not say why" if wait is None else wait.reason
+                raise StreamError(f"no record for {self._idle_timeout_s:.0f} s on partition {partition} of "
+                                  f"{self.topics.samples} (open: {self._open}): {why}")  # fmt: skip
             if now > report_at:
-                why, held = self._describe_wait(partition)
-                level = logging.WARNING if held else logging.INFO
-                logger.log(level, "waiting %.0f s for partition %d of %s: %s",
-                           now - since, partition, self.topics.samples, why)  # fmt: skip
+                self._report_wait(partition, now - since)
                 report_at = now + self._stall_report_s
         record = buffer.popleft()
         if len(buffer) < self._max_buffered // 2 and partition in self._paused:
             self._resume(partition)
         return record
 
-    def _describe_wait(self, partition: int) -> tuple[str, bool]:
+    def _ask_broker(self, partition: int) -> PartitionWait | None:
         try:
             with self._transport.admin() as admin:
-                return describe_wait(admin, self.topics.samples, partition, self.positions[partition])
+                at = self._reader.position(partition)  # past aborted records, unlike self.positions
+                return ask_broker(admin, self.topics.samples, partition, at)
         except SpecstreamError as exc:
-            return f"the broker did not say what it holds ({exc})", False
+            logger.info("the broker did not say what it holds for partition %d: %s", partition, exc)
+            return None
+
+    def _report_wait(self, partition: int, waited_s: float) -> None:
+        """Say why the stream waits. A client still short of the committed end the broker gave a
+        report ago is replaced, at the positions handed out (what it had buffered is read again:
+        nothing lost or repeated)."""
+        wait = self._ask_broker(partition)
+        if wait is None:
+            return
+        cause = wait.cause
+        level = logging.INFO if cause is Wait.NOTHING_WRITTEN else logging.WARNING
+        logger.log(level, "waiting %.0f s for partition %d of %s: %s",
+                   waited_s, partition, self.topics.samples, wait.reason)  # fmt: skip
+        earlier = self._undelivered.pop(partition, None)
+        if cause is not Wait.UNDELIVERED:
+            return
+        if earlier is None or wait.at >= earlier:
+            self._undelivered[partition] = wait.stable_end  # a fetch may be under way: checked next report
+            return
+        logger.warning("partition %d: the client did not fetch committed records in %.0f s; replacing it",
+                       partition, self._stall_report_s)  # fmt: skip
+        for buffer in self._buffers.values():
+            buffer.clear()
+        self._peeked.clear()
+        self._paused.clear()
+        self._undelivered.clear()
+        self._reader.reopen(self.positions)
 
     def _resume(self, partition: int) -> None:
         self._reader.resume([partition])

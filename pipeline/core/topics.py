@@ -260,6 +260,11 @@ class Reader(Protocol):
 
     def end_offsets(self, partitions: Iterable[int] | None = None) -> dict[int, int]: ...
 
+    def reopen(self, positions: Mapping[int, int]) -> None:
+        """A fresh client of the same partitions at ``positions``, nothing paused: the way out of
+        a client that stopped delivering records the broker holds (fixed partitions only)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -1164,16 +1164,23 @@ class PartitionReader:
                            what=what, timeout_s=self._timeout_ms / 1000 + 10)  # fmt: skip
         except TransportError:
             if not self._positioned and not self._consumer.subscription():
-                self._renew_consumer()
+                self._renew_consumer("its committed-offsets fetch never returned")
             raise
 
-    def _renew_consumer(self) -> None:
+    def reopen(self, positions: Mapping[int, int]) -> None:
+        if self._consumer.subscription():
+            raise ValueError(f"{self.topic}: a group member is not reopened; its group reassigns it")
+        self._renew_consumer("it did not deliver records the broker holds")
+        for p, offset in positions.items():
+            self.seek(p, offset)
+
+    def _renew_consumer(self, why: str) -> None:
         """A fresh client with the same options and assignment; the stuck one is closed in the background."""
         stuck, assigned = self._consumer, list(self._consumer.assignment())
         self._consumer = _connect(lambda: KafkaConsumer(**self._options), self.settings)
         self._consumer.assign(assigned)
         threading.Thread(target=lambda: stuck.close(autocommit=False), name="closing a stuck consumer", daemon=True).start()
-        logger.info("%s: replaced a Kafka consumer whose committed-offsets fetch never returned", self.topic)
+        logger.info("%s: replaced a Kafka consumer: %s", self.topic, why)
 
     def commit(self, offsets: Mapping[int, int], metadata: str = "") -> None:
         """Advisory commit (monitoring, lag); correctness lives in the checkpoint."""

@@ -371,6 +371,10 @@ class _Reader:
     def paused(self) -> list[int]:
         return sorted(self._paused)
 
+    def reopen(self, positions: Mapping[int, int]) -> None:
+        self._paused.clear()
+        self._positions.update(positions)
+
     def committed(self, partitions: Iterable[int] | None = None) -> dict[int, Committed]:
         if self.group_id is None:
             return {}

@@ -15,7 +15,8 @@ from pipeline.core.topics import RunTopics
 from pipeline.generate.synthetic import SyntheticTarget
 from pipeline.source.publisher import PromptPublisher
 from pipeline.storage import FeatureStore
-from pipeline.stream import SampleStream, describe_wait
+from pipeline.core.partition_wait import Wait, ask_broker
+from pipeline.stream import SampleStream
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PlainProducer, TransactionalProducer
 from tests.support import make_prompts, read_messages, spawn, wait_exit
 
@@ -328,13 +329,12 @@ def test_a_checkpoint_position_beyond_the_topic_is_an_error_not_a_silent_reset(
 
 
 def test_a_stream_waiting_behind_an_open_transaction_says_so(kafka, run_topics, storage_root, caplog) -> None:
-    """A stalled partition names its cause from the broker's ends of it: nothing written, a
-    transaction left open (here a real one, its producer gone silent), or committed records unread."""
+    """A stalled partition names its cause from the broker's ends of it: nothing written, or a
+    transaction left open (here a real one, its producer gone silent)."""
     run_id = run_topics.run_id
     store = FeatureStore(storage_root, run_id)
     with KafkaAdmin(kafka) as admin:
-        nothing = describe_wait(admin, run_topics.samples, 0, 0)
-    assert nothing == ("nothing written after offset 0; is a generator running?", False)
+        assert ask_broker(admin, run_topics.samples, 0, 0).cause is Wait.NOTHING_WRITTEN
     silent = TransactionalProducer(kafka, f"{run_id}.silent", transaction_timeout_ms=60_000)
     silent.begin()
     silent.send(run_topics.samples, 0, encode(_stored_ref(store, run_id, "held", seq=0)))
@@ -347,8 +347,27 @@ def test_a_stream_waiting_behind_an_open_transaction_says_so(kafka, run_topics, 
         assert any("waiting" in r.message and "transaction still open" in r.message for r in caplog.records)
     finally:
         stream.close()
-        silent.commit()
+        silent.abort()
         silent.close()
-    with KafkaAdmin(kafka) as admin:
-        why, held = describe_wait(admin, run_topics.samples, 0, 0)
-    assert held and why.startswith("the broker holds committed records 0..1 that this reader has not received")
+
+
+def test_a_client_that_holds_back_committed_records_is_replaced(kafka, run_topics, storage_root, caplog) -> None:
+    """A client that stops fetching a partition whose records the broker has committed (here its
+    partition paused behind the stream's back) is replaced at the stream's positions: every sample
+    arrives once, in order."""
+    run_id = run_topics.run_id
+    store = FeatureStore(storage_root, run_id)
+    stream = SampleStream(kafka, store, run_id, [0, 1], idle_timeout_s=30, stall_report_s=1)
+    stream._reader.pause([0])  # the client will not fetch partition 0; the stream does not know
+    _commit(kafka, run_topics, run_topics.samples, {
+        p: [encode(_stored_ref(store, run_id, f"p{p}-{i}", seq=i)) for i in range(3)] + [_closed(run_id, "generate", p, 3)]
+        for p in (0, 1)
+    })  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+            order = [(item.partition, item.ref.seq) for item in stream]
+    finally:
+        stream.close()
+    assert order == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert any("replacing it" in r.message for r in caplog.records)
+    assert stream.summary().used == 6
