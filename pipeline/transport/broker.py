@@ -304,11 +304,7 @@ class LocalKafka:
         assert self.proc is not None
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BrokerError(
-                    f"the Kafka JVM exited with {self.proc.returncode} during startup; "
-                    f"log tail ({self.log_path}):\n{self.log_tail()}"
-                )
+            self._check_alive()
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1.0):
                     return
@@ -337,10 +333,21 @@ class LocalKafka:
                 with settings.admin():
                     return
             except BrokerError as exc:  # the handshake timed out, or the listener is not open yet
+                self._check_alive()
                 if time.monotonic() > deadline:
                     self.stop()
                     raise BrokerError(f"no SASL login at {self.sasl_bootstrap} within "
                                       f"{_READY_TIMEOUT_S:.0f} s: {exc}") from None  # fmt: skip
+                time.sleep(0.2)  # a refused connection returns at once; bounded by the deadline
+
+    def _check_alive(self) -> None:
+        """A JVM that died while starting fails the wait at once, with its log, not at the deadline."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise BrokerError(
+                f"the Kafka JVM exited with {self.proc.returncode} during startup; "
+                f"log tail ({self.log_path}):\n{self.log_tail()}"
+            )
 
     def log_tail(self, lines: int = 40) -> str:
         try:
