@@ -626,6 +626,22 @@ class KafkaAdmin:
             with _translated(self.settings, "DELETE"):
                 self._admin.delete_topics(names)
 
+    def group_ids(self) -> set[str]:
+        """Every consumer group the cluster knows (with committed offsets or members)."""
+        groups = self.settings.ride_out(lambda: self._admin.list_groups(), "the consumer groups")
+        return {g["group_id"] for g in groups}
+
+    def delete_groups(self, group_ids: Iterable[str]) -> None:
+        """Delete consumer groups and their committed offsets; one that has members is an error."""
+        group_ids = list(group_ids)
+        if not group_ids:
+            return
+        with _translated(self.settings, "DELETE"):
+            results = self._admin.delete_groups(group_ids)
+        failed = {g: why for g, why in results.items() if why not in ("OK", "GroupIdNotFoundError")}
+        if failed:
+            raise BrokerError(f"deleting consumer groups failed: {failed} (a group with members is in use)")
+
     def end_offsets(
         self, topic: str, partitions: Iterable[int], *, committed_only: bool = True
     ) -> dict[int, int]:
