@@ -63,6 +63,9 @@ def topics_delete(
         typer.echo(f"run {cfg.run_id}: nothing on the broker")
     elif not yes:
         typer.echo(f"run {cfg.run_id}: nothing deleted (add --yes)")
+    else:  # the checkpoints name the deleted topics' ids: a run resuming from them is refused
+        typer.echo(f"run {cfg.run_id}: deleted; its features ({cfg.storage.root}) and checkpoints "
+                   f"({cfg.train.output_dir}) stay: move or remove them before a new run under this id")  # fmt: skip
 
 
 def _on_kafka(config: Path, bootstrap: str | None) -> tuple[RunConfig, KafkaSettings]:

@@ -62,6 +62,7 @@ def test_delete_lists_refuses_a_live_run_then_deletes_topics_and_groups(
         code, out = _delete(config, "--yes")  # its final heartbeat says it stopped: nothing alive
         assert code == 0, out
         assert f"deleted topic {topics.samples}" in out and f"deleted group {topics.generator_group}" in out, out
+        assert "checkpoints" in out.splitlines()[-1] and "before a new run under this id" in out, out
         with KafkaAdmin(kafka) as admin:
             assert not set(run_topics) & admin.topics()
             assert topics.generator_group not in admin.group_ids()
