@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.app.config import RunConfig
-from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.checkpoint import CheckpointInfo, CheckpointManager
 from pipeline.train.ckpt_objects import is_url, open_checkpoints
 from pipeline.transport.kafka_jars import home_dir
 
-__all__ = ("checkpoints", "is_url", "local_outputs", "output_options", "output_path")
+__all__ = ("checkpoints", "is_url", "local_outputs", "output_options", "output_path", "resume_checkpoint")
 
 
 def _protocol(location: str) -> str:
@@ -51,3 +51,15 @@ def checkpoints(cfg: RunConfig) -> CheckpointManager:
     return open_checkpoints(
         output_path(cfg, "checkpoints"), keep_last=cfg.train.keep_last, storage_options=output_options(cfg)
     )
+
+
+def resume_checkpoint(cfg: RunConfig) -> tuple[CheckpointManager, CheckpointInfo] | None:
+    """The checkpoint the trainer would resume from under ``train.resume`` (None: a fresh start)."""
+    if cfg.train.resume == "never":
+        return None
+    manager = checkpoints(cfg)
+    if cfg.train.resume in ("auto", "required"):
+        info = manager.latest()
+    else:  # the path (or URL) of one checkpoint
+        info = manager.find(cfg.train.resume)
+    return None if info is None else (manager, info)

@@ -196,6 +196,7 @@ class OnlineRun:
         # The training stack (torch, the loop, export) is imported when a run starts, not with this
         # module: the source and generator processes compose an OnlineRun without training.
         from pipeline.app.outputs import checkpoints, output_options, output_path  # lazy: start-up, reads checkpoints (torch)
+        from pipeline.app.resume_topic import refuse_a_checkpoint_of_another_topic  # lazy: start-up, reads checkpoints (torch)
         from pipeline.app.start_banner import start_banner  # lazy: start-up, reads checkpoints (torch)
         from pipeline.train.export import export_checkpoint  # lazy: start-up, torch loads only when the trainer runs
         from pipeline.train.runner import run_trainer, single_rank  # lazy: start-up, torch loads only when the trainer runs
@@ -211,6 +212,7 @@ class OnlineRun:
                 "run the stages as processes (`specstream train` under torchrun), or set world_size: 1",
             )
         preflight(c, self.transport)
+        refuse_a_checkpoint_of_another_topic(c, self.transport)  # before the source re-creates the topics
         claim_run(self.transport, c)
         with phases.phase("source", "publishing the prompts...") as publishing:
             source = self.source_stage().run(stop)

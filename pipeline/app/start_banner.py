@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.app.config import RunConfig
-from pipeline.app.outputs import checkpoints
+from pipeline.app.outputs import resume_checkpoint
 from pipeline.core.progress import read_source_counters
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.train.banner import BannerFacts, banner_text
@@ -33,15 +33,10 @@ def _target_shape(model: str) -> dict[str, Any]:
 
 def resume_point(cfg: RunConfig) -> str | None:
     """"checkpoint step N (offsets p0:12, p1:9)" of the checkpoint a resume would take; None: a fresh start."""
-    if cfg.train.resume == "never":
+    chosen = resume_checkpoint(cfg)
+    if chosen is None:
         return None
-    manager = checkpoints(cfg)
-    if cfg.train.resume in ("auto", "required"):
-        info = manager.latest()
-    else:  # the path (or URL) of one checkpoint
-        info = manager.find(cfg.train.resume)
-    if info is None:
-        return None
+    manager, info = chosen
     positions: dict[str, int] = {}
     for rank in manager.read_meta(info).get("ranks", []):
         positions.update(rank.get("stream", {}).get("positions", {}))

@@ -1,5 +1,6 @@
 """``specstream topics delete`` on the real broker: it lists, refuses a live run, then deletes the
-run's topics and consumer groups, so the run id starts fresh."""
+run's topics and consumer groups, so the run id starts fresh; a run resuming from checkpoints of
+the deleted topics is refused before it re-creates them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pipeline.app.manifest import claim_run
 from pipeline.core.heartbeat import HeartbeatPublisher, read_heartbeats
 from pipeline.core.topics import RunTopics
 from pipeline.transport.kafka import KafkaAdmin, KafkaSettings, PartitionReader
+from tests.integration.test_runtime import write_config
 from tests.support import one_error, spawn, wait_exit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -72,3 +74,22 @@ def test_delete_lists_refuses_a_live_run_then_deletes_topics_and_groups(
     finally:
         with KafkaAdmin(kafka) as admin:
             admin.delete_topics(run_topics)
+
+
+def test_a_run_whose_topics_were_deleted_is_refused_before_it_re_creates_them(
+    tmp_path: Path, kafka: KafkaSettings, run_id: str, tiny_target_dir: Path
+) -> None:
+    """A finished run, its topics deleted, its checkpoints kept: the same command says why it
+    cannot resume, in one line, before the source re-creates a topic or publishes a prompt."""
+    config = write_config(tmp_path, kafka, run_id, tiny_target_dir, conversations=16, data={"partitions": 2})
+    code, out = wait_exit(spawn(["run", "--config", str(config)]), timeout_s=300)
+    assert code == 0 and "16 of 16 prompts trained" in out, out
+    code, out = _delete(config, "--yes")
+    assert code == 0, out
+    code, out = wait_exit(spawn(["run", "--config", str(config)]), timeout_s=120)
+    assert code == 2, out
+    line = one_error(out)
+    assert f"{RunTopics(run_id).samples} (topic id" in line and "is gone (deleted)" in line, line
+    assert "Move or remove the checkpoints" in line, line
+    with KafkaAdmin(kafka) as admin:
+        assert not {*RunTopics(run_id).all()} & admin.topics()  # nothing re-created, nothing published
