@@ -80,6 +80,7 @@ from pipeline.core.topics import (
     TransportError,
 )
 from pipeline.transport.acls import Binding
+from pipeline.transport.group_join import finish_unfinished_joins
 from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S, OUTAGE, bounded, ride_out
 
 __all__ = (
@@ -1072,6 +1073,7 @@ class PartitionReader:
             if group_id is None:
                 raise ValueError("a reader without partitions needs a group_id to subscribe")
             self._consumer.subscribe([topic], listener=_Listener(on_assigned, on_revoked, on_lost))
+            finish_unfinished_joins(self._consumer)  # kafka-python 3.0.12 can lose a slow rebalance
         else:
             tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]
             self._consumer.assign(tps)
