@@ -45,6 +45,7 @@ class GeneratorConfig:
     heartbeat_interval_s: float | None = None  # publish a heartbeat this often (None: none)
     storage_dtype: FeatureDtype = "as_captured"  # how the hidden states are stored (storage.dtype)
     trainer_groups: tuple[str, ...] = ()  # backpressure follows the slowest of these (none: the one trainer)
+    idle_report_s: float = 30.0  # group mode: owning no prompt partition this long is reported
 
     def validate(self) -> None:
         """Refuse a bad batch size or a watermark that could deadlock, before anything starts."""

@@ -5,13 +5,14 @@ A worker paused by backpressure used to say nothing for as long as the trainer n
 run's backlog against the high watermark), one when they resume (and how long they waited), and
 puts the worker's heartbeat in state ``paused`` with that reason while every partition it owns is
 held; the heartbeat publisher then logs a line every interval until it resumes.
+:class:`IdleReport` does the same for a group-mode worker that owns no prompt partition.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from pipeline.core.heartbeat import HeartbeatPublisher
 from pipeline.core.topics import Transport
@@ -19,7 +20,7 @@ from pipeline.generate.backpressure import Backlog, FlowControl
 from pipeline.generate.config import GeneratorConfig
 from pipeline.generate.stats import GeneratorStats
 
-__all__ = ("generator_heartbeat", "PauseReport")
+__all__ = ("generator_heartbeat", "IdleReport", "PauseReport")
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +106,44 @@ class PauseReport:
     @staticmethod
     def _of(backlog: Mapping[int, Backlog], partitions: Iterable[int]) -> list[int]:
         return [backlog[p].samples if p in backlog else 0 for p in partitions]
+
+
+class IdleReport:
+    """Says when a group-mode worker has owned no prompt partition for a while, and when it owns
+    some again.
+
+    A group gives each prompt partition to one worker, so workers beyond the partition count stay
+    idle, and a worker owns nothing while its group join is under way. Without this the trainer's
+    stall line ("nothing written") was the only sign. After ``after_s`` one line is logged and the
+    heartbeat says ``waiting`` with the reason (the publisher repeats it every interval).
+    """
+
+    def __init__(self, name: str, heartbeat: HeartbeatPublisher | None = None, after_s: float = 30.0) -> None:
+        self.name = name
+        self.heartbeat = heartbeat
+        self.after_s = after_s
+        self._since: float | None = None  # owning nothing since
+        self._reported = False
+
+    def update(self, assigned: Sequence[int], partitions: int) -> None:
+        """The partitions the worker owns now, of the topic's ``partitions`` (once per poll)."""
+        now = time.monotonic()
+        if assigned:
+            if self._reported and self._since is not None:
+                logger.info("%s: owns prompt partitions %s again after %.0f s",
+                            self.name, list(assigned), now - self._since)  # fmt: skip
+                if self.heartbeat is not None:
+                    self.heartbeat.set_state("running")
+            self._since, self._reported = None, False
+            return
+        if self._since is None:
+            self._since = now
+        elif not self._reported and now - self._since >= self.after_s:
+            reason = (
+                f"owns none of the {partitions} prompt partitions: the group gives each to one worker "
+                "(workers beyond the partition count stay idle), or its group join is still under way"
+            )
+            logger.warning("%s: %s", self.name, reason)
+            if self.heartbeat is not None:
+                self.heartbeat.set_state("waiting", reason)
+            self._reported = True

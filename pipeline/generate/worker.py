@@ -45,7 +45,7 @@ from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.config import GeneratorConfig
 from pipeline.generate.eval_capture import capture_eval_set
 from pipeline.generate.intake import Intake, check_batch_share
-from pipeline.generate.liveness import generator_heartbeat
+from pipeline.generate.liveness import IdleReport, generator_heartbeat
 from pipeline.generate.planner import BatchPlanner, Decoded
 from pipeline.generate.regen_capture import serve_regeneration
 from pipeline.generate.stats import GeneratorStats
@@ -93,6 +93,7 @@ class GeneratorWorker:
         self._done_checked_at = 0.0
         self._first_records_at: float | None = None
         self._heartbeat = generator_heartbeat(transport, config, self.stats)
+        self._idle = IdleReport(config.worker_id, self._heartbeat, config.idle_report_s)
 
     @property
     def transactional_id(self) -> str:
@@ -209,6 +210,7 @@ class GeneratorWorker:
                 self._reader, self._throttle, self._local_counters, self._planner.bytes_per_sample,
                 timeout_s=cfg.poll_timeout_s, current=lambda: self._epoch == self._synced_epoch,
             )  # fmt: skip
+            self._idle.update(self._reader.assignment(), self._partition_count)
             if records and self._first_records_at is None:
                 self._first_records_at = time.perf_counter()
             if not decoded:
@@ -297,8 +299,7 @@ class GeneratorWorker:
             s.nbytes, s.write_s, s.commit_s = writer.stats.nbytes, writer.stats.write_s, writer.stats.commit_s
 
     def _collect(self, writer: BatchWriter) -> None:
-        w = writer.stats
-        s = self.stats
+        w, s = writer.stats, self.stats
         s.nbytes, s.write_s, s.commit_s = w.nbytes, w.write_s, w.commit_s
         s.stale_batches += w.stale_batches
         s.aborted_batches = w.aborted_batches
