@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, Unpack
+from typing import Any, ClassVar, NoReturn, TypeVar, Unpack
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import (
@@ -136,21 +136,39 @@ def _user_of(settings: KafkaSettings | None) -> str | None:
     return None if settings is None else settings.client_options.get("sasl_plain_username")
 
 
+def _fenced_in(exc: BaseException) -> BaseException | None:
+    """The fencing error in ``exc``: itself, or the one a later call reports inside a plain
+    ``KafkaError`` (a send after a fenced request: "at least one previous transactional or
+    idempotent request has failed", with the ``ProducerFencedError`` as its argument)."""
+    for candidate in (exc, exc.__cause__, *exc.args):
+        if isinstance(candidate, _FENCED):
+            return candidate
+    return None
+
+
+def _translation(
+    exc: KafkaError, settings: KafkaSettings | None = None, operation: str = "", names: Iterable[str] = ()
+) -> Exception:
+    """kafka-python's exception as the contract's: ``FencedError`` or ``TransportError``; an ACL
+    refusal is a ``BrokerError`` (a setting is wrong: retrying cannot help)."""
+    fenced = _fenced_in(exc)
+    if fenced is not None:
+        same_id = isinstance(fenced, (ProducerFencedError, InvalidProducerEpochError))
+        return FencedError(f"{type(exc).__name__}: {exc}", same_id=same_id)
+    if isinstance(exc, AuthorizationError) or "AuthorizationFailedError" in str(exc):
+        return denied(exc, _user_of(settings), operation, names)
+    return TransportError(f"{type(exc).__name__}: {exc}", retriable=bool(exc.retriable))
+
+
 @contextlib.contextmanager
 def _translated(
     settings: KafkaSettings | None = None, operation: str = "", names: Iterable[str] = ()
 ) -> Iterator[None]:
-    """kafka-python's exceptions as the contract's: ``FencedError`` or ``TransportError``; an ACL
-    refusal is a ``BrokerError`` (a setting is wrong: retrying cannot help)."""
+    """Raise :func:`_translation` of any kafka-python error in the block."""
     try:
         yield
-    except _FENCED as exc:
-        same_id = isinstance(exc, (ProducerFencedError, InvalidProducerEpochError))
-        raise FencedError(f"{type(exc).__name__}: {exc}", same_id=same_id) from exc
     except KafkaError as exc:
-        if isinstance(exc, AuthorizationError) or "AuthorizationFailedError" in str(exc):
-            raise denied(exc, _user_of(settings), operation, names) from exc
-        raise TransportError(f"{type(exc).__name__}: {exc}", retriable=bool(exc.retriable)) from exc
+        raise _translation(exc, settings, operation, names) from exc
 
 
 logger = logging.getLogger(__name__)
@@ -744,14 +762,60 @@ class TransactionalProducer:
             self.transactional_id,
         )
 
+    @contextlib.contextmanager
+    def _step(self, what: str, operation: str = "") -> Iterator[None]:
+        """Translate a transaction step's errors, judging any fencing by the broker's last word.
+
+        kafka-python answers an epoch error on a produce request by asking the broker to bump
+        our epoch (KIP-360), asynchronously: calls made meanwhile fail with a bare state error.
+        The bump's outcome tells the two causes apart: refused, another instance took our id
+        (fatal); granted, the broker had aborted our transaction on its timeout (the producer
+        is re-initialised by :meth:`abort`, the caller rewinds)."""
+        try:
+            yield
+        except KafkaError as exc:
+            self._judge(_translation(exc, self.settings, operation), what, exc)
+
+    def _judge(self, error: Exception, what: str, cause: BaseException) -> NoReturn:
+        """Raise ``error`` as this producer's state reads it: fenced (another instance holds our
+        id, or the broker aborted our transaction on its timeout), or as it is."""
+        if isinstance(error, FencedError):
+            try:
+                self._fencing(error, what)
+            except TransportError as judged:
+                raise judged from cause
+        fenced = self._settled_fencing()
+        if fenced is None:
+            raise error from cause
+        if fenced.same_id:  # the broker refused our epoch bump: the newer instance stays
+            self._fenced = fenced
+        raise fenced from cause
+
+    def _settled_fencing(self) -> FencedError | None:
+        """The fencing error the transaction manager holds once a pending epoch bump is over.
+        Bounded by a request timeout: past it, the producer's state is unknown (broken)."""
+        manager = self._producer._transaction_manager
+        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+        tick = threading.Event()  # never set: a bounded wait for the IO thread's answer
+        while manager.is_bumping_epoch() and time.monotonic() < deadline:
+            tick.wait(0.02)
+        if manager.is_bumping_epoch():
+            self._broken = True
+            return None
+        error = manager.last_error
+        if not (manager.has_fatal_error() and isinstance(error, _FENCED)):
+            return None
+        same_id = isinstance(error, (ProducerFencedError, InvalidProducerEpochError))
+        return FencedError(f"{type(error).__name__}: {error}", same_id=same_id)
+
     def begin(self) -> None:
-        with _translated(self.settings):
+        with self._step("beginning a transaction"):
             self._producer.begin_transaction()
         self.in_transaction = True
         self._begun_at = time.monotonic()
 
     def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> Any:
-        with _translated(self.settings, "WRITE"):
+        with self._step("sending", "WRITE"):
             return self._producer.send(topic, value=value, key=key, partition=partition)
 
     def commit(
@@ -776,21 +840,12 @@ class TransactionalProducer:
         """One transaction step, bounded by the outage budget; a step that may have half-happened
         marks the producer for re-initialisation."""
         try:
-            with _translated(self.settings):
+            with self._step(what):
                 result = start()
                 self._producer._sender.wakeup()
                 done = self._wait_for(result)
-        except FencedError as exc:
-            if not (exc.same_id and self._timed_out()):
-                if exc.same_id:
-                    self._fenced = exc
-                raise
-            self._broken = True
-            raise TransportError(
-                f"{what}: the transaction stayed open past transaction_timeout_ms ({self._transaction_timeout_s:.0f} s) "
-                "while the broker was unreachable, so the broker aborted it",
-                retriable=True,
-            ) from exc
+        except FencedError:
+            raise
         except TransportError:
             self._broken = True
             raise
@@ -826,6 +881,21 @@ class TransactionalProducer:
                 )  # fmt: skip
                 return False
 
+    def _fencing(self, exc: FencedError, what: str) -> NoReturn:
+        """Raise what an epoch error in ``what`` means. Another instance took our id: remembered,
+        so that :meth:`abort` does not re-initialise and fence that instance in turn (it stops us
+        instead). The broker aborted our transaction on its timeout: retriable, by re-initialising."""
+        if exc.same_id and self._timed_out():
+            self._broken = True
+            raise TransportError(
+                f"{what}: the transaction stayed open past transaction_timeout_ms ({self._transaction_timeout_s:.0f} s) "
+                "while the broker was unreachable, so the broker aborted it",
+                retriable=True,
+            ) from exc
+        if exc.same_id:
+            self._fenced = exc
+        raise exc
+
     def _timed_out(self) -> bool:
         """Whether an epoch error means "the broker aborted our transaction on its timeout"
         (it was open that long, and the network failed meanwhile) rather than "another process
@@ -845,9 +915,7 @@ class TransactionalProducer:
             try:
                 self._await("aborting", self._producer._transaction_manager.begin_abort)
                 return
-            except FencedError as exc:
-                if exc.same_id:
-                    self._fenced = exc
+            except FencedError:
                 raise  # another instance holds our id: re-initialising would fence it in turn
             except TransportError as exc:
                 logger.info("%s: abort failed (%s); re-initialising the producer", self.transactional_id, exc)
