@@ -321,6 +321,15 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(30)
 
 
+def _keep_logs(workdir: Path, point: Point) -> Path:
+    """Copy a failed point's process logs out of the scratch directory (removed at exit): a
+    torchrun failure's tail names only the rank, the cause is in the log above it."""
+    kept = Path(tempfile.mkdtemp(prefix=f"bench-scale-failed-{point.label.replace(' ', '_')}-"))
+    for log in workdir.glob("*.log"):
+        shutil.copy2(log, kept / log.name)
+    return kept
+
+
 def _tail(log: Path, lines: int = 12) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -429,7 +438,9 @@ def run_point(point: Point, bootstrap: str, broker_pid: int | None, broker_data:
         result.broker_log_mb = _log_bytes(broker_data, run_id) * mb
     except Exception as exc:  # noqa: BLE001 - one point's failure is its row, not the end of the grid
         result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        (scratch / f"failed-{point.label.replace(' ', '_')}.log").write_text(f"{exc}\n")
+        kept = _keep_logs(workdir, point)
+        result.error += f" (its logs: {kept})"
+        (kept / "failure.txt").write_text(f"{exc}\n")
     finally:
         for proc in procs:
             _kill_group(proc)
