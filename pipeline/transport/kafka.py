@@ -809,10 +809,28 @@ class TransactionalProducer:
         return FencedError(f"{type(error).__name__}: {error}", same_id=same_id)
 
     def begin(self) -> None:
+        self._forget_stale_offset_commits()
         with self._step("beginning a transaction"):
             self._producer.begin_transaction()
         self.in_transaction = True
         self._begun_at = time.monotonic()
+
+    def _forget_stale_offset_commits(self) -> None:
+        """Drop consumed offsets a refused commit left queued in kafka-python's transaction manager.
+
+        kafka-python 3.0.12 keeps the offsets of a TxnOffsetCommit the group refused (a stale
+        generation: ``IllegalGenerationError``) after the transaction is aborted, and sends them
+        again with the next transaction's offsets: a generator whose partitions moved would then
+        commit a revoked partition's position, without the refs that went with it, and those
+        samples are lost. The Java client clears them when a transaction ends; a transaction
+        that begins has none of its own yet."""
+        manager = self._producer._transaction_manager
+        with manager._lock:
+            stale = dict(manager._pending_txn_offset_commits)
+            manager._pending_txn_offset_commits.clear()
+        if stale:
+            logger.info("%s: dropped %d consumed offsets a refused commit left queued: %s",
+                        self.transactional_id, len(stale), sorted(f"{tp.topic}:{tp.partition}" for tp in stale))  # fmt: skip
 
     def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> Any:
         with self._step("sending", "WRITE"):
