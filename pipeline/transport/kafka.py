@@ -136,14 +136,10 @@ def _user_of(settings: KafkaSettings | None) -> str | None:
     return None if settings is None else settings.client_options.get("sasl_plain_username")
 
 
-def _fenced_in(exc: BaseException) -> BaseException | None:
-    """The fencing error in ``exc``: itself, or the one a later call reports inside a plain
-    ``KafkaError`` (a send after a fenced request: "at least one previous transactional or
-    idempotent request has failed", with the ``ProducerFencedError`` as its argument)."""
-    for candidate in (exc, exc.__cause__, *exc.args):
-        if isinstance(candidate, _FENCED):
-            return candidate
-    return None
+def _fenced_error(error: BaseException, text: str) -> FencedError:
+    """``FencedError`` for one of kafka-python's fencing errors; ``same_id``: our producer epoch
+    was bumped (a newer instance, or the broker's timeout abort), not our group generation."""
+    return FencedError(text, same_id=isinstance(error, (ProducerFencedError, InvalidProducerEpochError)))
 
 
 def _translation(
@@ -151,10 +147,8 @@ def _translation(
 ) -> Exception:
     """kafka-python's exception as the contract's: ``FencedError`` or ``TransportError``; an ACL
     refusal is a ``BrokerError`` (a setting is wrong: retrying cannot help)."""
-    fenced = _fenced_in(exc)
-    if fenced is not None:
-        same_id = isinstance(fenced, (ProducerFencedError, InvalidProducerEpochError))
-        return FencedError(f"{type(exc).__name__}: {exc}", same_id=same_id)
+    if isinstance(exc, _FENCED):
+        return _fenced_error(exc, f"{type(exc).__name__}: {exc}")
     if isinstance(exc, AuthorizationError) or "AuthorizationFailedError" in str(exc):
         return denied(exc, _user_of(settings), operation, names)
     return TransportError(f"{type(exc).__name__}: {exc}", retriable=bool(exc.retriable))
@@ -792,8 +786,10 @@ class TransactionalProducer:
         raise fenced from cause
 
     def _settled_fencing(self) -> FencedError | None:
-        """The fencing error the transaction manager holds once a pending epoch bump is over.
-        Bounded by a request timeout: past it, the producer's state is unknown (broken)."""
+        """The fencing error the transaction manager holds once a pending epoch bump is over:
+        later calls report it only inside a plain ``KafkaError`` ("at least one previous
+        transactional or idempotent request has failed"). Bounded by a request timeout: past
+        it, the producer's state is unknown (broken)."""
         manager = self._producer._transaction_manager
         deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
         tick = threading.Event()  # never set: a bounded wait for the IO thread's answer
@@ -803,10 +799,9 @@ class TransactionalProducer:
             self._broken = True
             return None
         error = manager.last_error
-        if not (manager.has_fatal_error() and isinstance(error, _FENCED)):
+        if not (manager.has_error() and isinstance(error, _FENCED)):
             return None
-        same_id = isinstance(error, (ProducerFencedError, InvalidProducerEpochError))
-        return FencedError(f"{type(error).__name__}: {error}", same_id=same_id)
+        return _fenced_error(error, f"{type(error).__name__}: {error}")
 
     def begin(self) -> None:
         self._forget_stale_offset_commits()
