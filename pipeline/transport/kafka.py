@@ -400,8 +400,11 @@ def _connect_once(factory: Callable[[], _Client], settings: KafkaSettings) -> _C
     except KafkaTimeoutError as exc:
         if "bootstrap" not in str(exc):
             raise
-        why = _bootstrap_failure(settings, seen.errors)
-        raise (_Refused if " answered, but " in why else BrokerError)(why) from None
+        why = _bootstrap_failure(settings, seen.errors, lost_at_login=seen.lost_at_login)
+        # An inferred refusal (the answer lost in the close) may also be a broker going down mid-login:
+        # a client that reached the broker before rides that out; only an answer ends it at once.
+        refused = " answered, but " in why and _CLOSED_AT_LOGIN not in why
+        raise (_Refused if refused else BrokerError)(why) from None
     finally:
         network.removeHandler(seen)
 
@@ -413,25 +416,46 @@ class _ConnectionErrors(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[BaseException] = []
+        self.lost_at_login = False  # a connection closed while its SASL credentials awaited an answer
 
     def emit(self, record: logging.LogRecord) -> None:
         if isinstance(record.args, tuple):
             self.errors.extend(arg for arg in record.args if isinstance(arg, BaseException))
+            self.lost_at_login = self.lost_at_login or any(_awaits_login(arg) for arg in record.args)
+
+
+_CLOSED_AT_LOGIN = "it closed the connection on receiving the credentials, as Kafka does when it refuses them"
+_SASL_AUTHENTICATE = 36  # the API key of SaslAuthenticate, the request that carries the credentials
+
+
+def _awaits_login(connection: object) -> bool:
+    """Whether ``connection`` (a kafka-python connection, logged as it is lost) still waited for the
+    answer to its credentials. A Kafka broker refuses credentials by answering, then closing the
+    connection; under load the close can come first (Kafka 4.3 seen here: about 1 run in 4 on a busy
+    2-core machine), and the client sees only a disconnect."""
+    pending = getattr(getattr(connection, "parser", None), "in_flight_requests", ())
+    return any(getattr(header, "request_api_key", None) == _SASL_AUTHENTICATE for header in list(pending))
 
 
 _LOOPBACK = ("127.", "localhost", "::1", "[::1]", "0.0.0.0")
 
 
-def _bootstrap_failure(settings: KafkaSettings, errors: list[BaseException]) -> str:
-    """Why no client could be made: authentication, a protocol mismatch, or no broker at all."""
+def _bootstrap_failure(settings: KafkaSettings, errors: list[BaseException], *, lost_at_login: bool = False) -> str:
+    """Why no client could be made: authentication, a protocol mismatch, or no broker at all.
+
+    ``lost_at_login``: a connection closed while its credentials awaited the answer, which is how a
+    refusal looks when the broker's close overtakes its answer."""
     where = settings.bootstrap_servers
     origin = f" (from {settings.origin})" if settings.origin else ""
     options = settings.client_options
     first = {type(e): e for e in reversed(errors)}
     auth = first.get(SaslAuthenticationFailedError)
-    if auth is not None:
+    if auth is not None or (lost_at_login and _answers(where)):
         user = options.get("sasl_plain_username")
-        said = str(auth.args[0]).removeprefix("SaslAuthenticationFailedError: ") if auth.args else "refused"
+        if auth is None:
+            said = _CLOSED_AT_LOGIN
+        else:
+            said = str(auth.args[0]).removeprefix("SaslAuthenticationFailedError: ") if auth.args else "refused"
         return (
             f"the Kafka broker at {where}{origin} answered, but authentication failed"
             + (f" for user {user!r}" if user else "")

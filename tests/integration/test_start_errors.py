@@ -27,6 +27,7 @@ from pipeline.source.publisher import PromptPublisher
 from pipeline.transport import kafka_jars
 from pipeline.transport.broker import LocalKafka
 from pipeline.transport.kafka import KafkaSettings
+from tests.login_cut import LoginAnswerCut
 from tests.integration.test_generate_failover import TXN_MS, _first, _SourceCut, read_all
 from tests.support import (
     event_scalars, make_prompts, one_error, read_messages, spawn, specstream_command, tree_state, wait_exit,
@@ -58,11 +59,12 @@ def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka
         yield broker
 
 
-def sasl_config(tmp_path: Path, broker: LocalKafka, run_id: str) -> Path:
+def sasl_config(tmp_path: Path, broker: LocalKafka, run_id: str, address: str | None = None) -> Path:
+    """A run config for the SASL listener (or ``address`` in front of it), the password from the environment."""
     (tmp_path / "data.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     raw = {
         "run_id": run_id,
-        "broker": {"bootstrap_servers": broker.sasl_bootstrap, "client_options": SASL},
+        "broker": {"bootstrap_servers": address or broker.sasl_bootstrap, "client_options": SASL},
         "storage": {"root": str(tmp_path / "features")},
         "data": {"path": str(tmp_path / "data.jsonl")},
         "target": {"backend": "synthetic"},
@@ -119,11 +121,31 @@ def test_the_right_password_gets_past_authentication(sasl_broker: LocalKafka, tm
 def test_a_client_that_does_not_match_the_listener_is_told_what_to_set(
     sasl_broker: LocalKafka, listener: str, options: dict[str, Any], said: str
 ) -> None:
-    chosen = {**SASL, "sasl.password": PASSWORD, **options}
+    chosen = {**SASL, "sasl.password": PASSWORD, **options}  # no outage budget: as at start-up, not mid-run
     address = sasl_broker.sasl_bootstrap if listener == "sasl" else sasl_broker.bootstrap
     with pytest.raises(BrokerError) as info:
-        KafkaSettings(address, {k: v for k, v in chosen.items() if v is not None}).admin()
+        KafkaSettings(address, {k: v for k, v in chosen.items() if v is not None}, outage_budget_s=0.0).admin()
     assert said in str(info.value), info.value
+
+
+def test_a_refusal_whose_answer_the_brokers_close_overtook_still_says_authentication_failed(
+    sasl_broker: LocalKafka, tmp_path: Path, run_id: str
+) -> None:
+    """The broker refuses the password and closes; its answer is lost on the way, as happens under load
+    (CI saw it): the client saw only a disconnect mid-login, and says so as a refusal, not as "no Kafka
+    handshake"."""
+    relay = LoginAnswerCut(sasl_broker.sasl_bootstrap)
+    with relay as address:
+        path = sasl_config(tmp_path, sasl_broker, run_id, address)
+        code, out = wait_exit(spawn(["status", "--config", str(path)], env={PASSWORD_VARIABLE: "not-the-password"}), 120)
+    assert code == 2, out
+    assert relay.cut, "no login answer was cut: the relay did not stand between them"
+    assert one_error(out) == (
+        f"error: the Kafka broker at {address} (from broker.bootstrap_servers) answered, but authentication "
+        f"failed for user '{USER}' (SASL PLAIN): it closed the connection on receiving the credentials, as Kafka "
+        "does when it refuses them: check broker.client_options sasl.username and sasl.password (and "
+        "sasl.mechanism) against the broker's users"
+    )
 
 
 # --- fencing -----------------------------------------------------------------------------------
