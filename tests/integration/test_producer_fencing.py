@@ -62,6 +62,11 @@ def test_a_producer_fenced_while_sending_stops_without_fencing_its_successor(
             new.close(timeout_s=5)
 
 
+def _split(first: list[int], second: list[int]) -> bool:
+    """Whether two members hold every partition between them, none twice, each at least one."""
+    return bool(first) and bool(second) and sorted(first + second) == [0, 1, 2, 3]
+
+
 def _poll_until(readers: list[PartitionReader], done, timeout_s: float = 60) -> None:
     """Poll every member in turn until ``done()``: a rebalance completes only while all poll."""
     deadline = time.monotonic() + timeout_s
@@ -83,7 +88,9 @@ def test_offsets_a_stale_generation_could_not_commit_never_ride_along_with_the_n
         _poll_until([first], lambda: len(first.assignment()) == 4)
         stale = first.group_metadata()  # taken before the rebalance, like a batch's snapshot
         second = PartitionReader(kafka, prompts, group_id=group, start="earliest", session_timeout_ms=10_000)
-        _poll_until([first, second], lambda: bool(first.assignment()) and bool(second.assignment()))
+        # Settled: the two hold disjoint halves (until its new assignment arrives, the first member
+        # still reports all four, and a partition of both would be "kept" and "moved" at once).
+        _poll_until([first, second], lambda: _split(first.assignment(), second.assignment()))
         moved, (kept, *_) = second.assignment()[0], first.assignment()
 
         producer.begin()  # a batch planned before the rebalance: refused by the group, aborted
