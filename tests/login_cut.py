@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from types import TracebackType
 
 SASL_AUTHENTICATE = 36  # the Kafka API key of the request that carries the credentials
 
@@ -37,7 +36,7 @@ class LoginAnswerCut:
         threading.Thread(target=self._accept, name="login-cut-accept", daemon=True).start()
         return self.address
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         with self._lock:
             for sock in self._sockets:
                 _close(sock)

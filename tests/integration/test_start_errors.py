@@ -27,8 +27,8 @@ from pipeline.source.publisher import PromptPublisher
 from pipeline.transport import kafka_jars
 from pipeline.transport.broker import LocalKafka
 from pipeline.transport.kafka import KafkaSettings
-from tests.login_cut import LoginAnswerCut
 from tests.integration.test_generate_failover import TXN_MS, _first, _SourceCut, read_all
+from tests.login_cut import LoginAnswerCut
 from tests.support import (
     event_scalars, make_prompts, one_error, read_messages, spawn, specstream_command, tree_state, wait_exit,
     wait_for_output,
