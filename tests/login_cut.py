@@ -1,10 +1,11 @@
-"""A TCP relay in front of a Kafka SASL listener that loses the broker's answer to the credentials.
+"""A TCP relay in front of a Kafka SASL listener that loses the broker's answer to a login request.
 
-A Kafka broker refuses credentials by answering, then closing the connection; under load its close
-can overtake the answer and the client sees only a disconnect (Kafka 4.3 on a busy 2-core machine:
-about 1 run in 4). The relay makes that loss certain: it passes every byte both ways until the
-client has sent a ``SaslAuthenticate`` request, then closes both sides when the broker's answer
-arrives, without passing it on. The broker really judges the credentials; only its answer is cut.
+A Kafka broker refuses credentials (or a mechanism it lacks) by answering, then closing the
+connection; under load its close can overtake the answer and the client sees only a disconnect
+(Kafka 4.3 on a busy 2-core machine: a wrong password about 1 run in 4). The relay makes that loss
+certain: it passes every byte both ways until the client has sent the chosen request
+(``SaslAuthenticate`` by default, or ``SaslHandshake``), then closes both sides when the broker's
+answer arrives, without passing it on. The broker really judges the login; only its answer is cut.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import socket
 import struct
 import threading
 
+SASL_HANDSHAKE = 17  # the Kafka API key of the request that names the SASL mechanism
 SASL_AUTHENTICATE = 36  # the Kafka API key of the request that carries the credentials
 
 
 class LoginAnswerCut:
     """``with LoginAnswerCut("127.0.0.1:PORT") as address:`` a client pointed at ``address``
-    reaches the broker, but never reads what it answers to a login."""
+    reaches the broker, but never reads what it answers to a login (to ``request``, an API key)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, request: int = SASL_AUTHENTICATE) -> None:
         host, _, port = upstream.rpartition(":")
         self._upstream = (host, int(port))
+        self._request = request
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._sockets: list[socket.socket] = [self._listener]
         self._lock = threading.Lock()
@@ -56,12 +59,12 @@ class LoginAnswerCut:
             threading.Thread(target=self._answers, args=(broker, client, login_sent), daemon=True).start()
 
     def _requests(self, client: socket.socket, broker: socket.socket, login_sent: threading.Event) -> None:
-        """Client to broker, one framed request at a time: a login is noted before it is passed on."""
+        """Client to broker, one framed request at a time: the chosen one is noted before it is passed on."""
         try:
             while True:
                 size = _read_exactly(client, 4)
                 body = _read_exactly(client, struct.unpack(">i", size)[0])
-                if struct.unpack(">h", body[:2])[0] == SASL_AUTHENTICATE:
+                if struct.unpack(">h", body[:2])[0] == self._request:
                     login_sent.set()
                 broker.sendall(size + body)
         except OSError:
@@ -69,7 +72,8 @@ class LoginAnswerCut:
             _close(broker)
 
     def _answers(self, broker: socket.socket, client: socket.socket, login_sent: threading.Event) -> None:
-        """Broker to client, until the first bytes after a login: those are dropped, both sides closed."""
+        """Broker to client, until the first bytes after the chosen request: those are dropped, both
+        sides closed."""
         try:
             while chunk := broker.recv(65536):
                 if login_sent.is_set():

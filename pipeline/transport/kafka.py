@@ -23,7 +23,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, TypeVar, Unpack
 
@@ -362,9 +362,10 @@ def _connect(factory: Callable[[], _Client], settings: KafkaSettings) -> _Client
     """Open a kafka-python client; a bootstrap that fails becomes one BrokerError line that says why.
 
     A process that has reached the broker before rides out an outage here too (a client opened
-    mid-run, while the broker restarts); at start, no broker is an error at once.
+    mid-run, while the broker restarts); at start, or with no outage budget, a failure is an error at
+    once, worded by what the client saw.
     """
-    if _reached.is_set():
+    if _reached.is_set() and settings.outage_budget_s > 0:
         refused: list[BrokerError] = []
 
         def attempt() -> _Client | None:
@@ -400,11 +401,7 @@ def _connect_once(factory: Callable[[], _Client], settings: KafkaSettings) -> _C
     except KafkaTimeoutError as exc:
         if "bootstrap" not in str(exc):
             raise
-        why = _bootstrap_failure(settings, seen.errors, lost_at_login=seen.lost_at_login)
-        # An inferred refusal (the answer lost in the close) may also be a broker going down mid-login:
-        # a client that reached the broker before rides that out; only an answer ends it at once.
-        refused = " answered, but " in why and _CLOSED_AT_LOGIN not in why
-        raise (_Refused if refused else BrokerError)(why) from None
+        raise _bootstrap_failure(settings, seen.errors, lost_answers=seen.lost_answers) from None
     finally:
         network.removeHandler(seen)
 
@@ -416,62 +413,97 @@ class _ConnectionErrors(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[BaseException] = []
-        self.lost_at_login = False  # a connection closed while its SASL credentials awaited an answer
+        self.lost_answers: set[int] = set()  # SASL requests whose connection closed before their answer
 
     def emit(self, record: logging.LogRecord) -> None:
         if isinstance(record.args, tuple):
             self.errors.extend(arg for arg in record.args if isinstance(arg, BaseException))
-            self.lost_at_login = self.lost_at_login or any(_awaits_login(arg) for arg in record.args)
+            for arg in record.args:
+                self.lost_answers |= _unanswered_sasl(arg)
 
 
-_CLOSED_AT_LOGIN = "it closed the connection on receiving the credentials, as Kafka does when it refuses them"
+_SASL_HANDSHAKE = 17  # the API key of SaslHandshake, the request that names the mechanism
 _SASL_AUTHENTICATE = 36  # the API key of SaslAuthenticate, the request that carries the credentials
 
 
-def _awaits_login(connection: object) -> bool:
-    """Whether ``connection`` (a kafka-python connection, logged as it is lost) still waited for the
-    answer to its credentials. A Kafka broker refuses credentials by answering, then closing the
-    connection; under load the close can come first (Kafka 4.3 seen here: about 1 run in 4 on a busy
-    2-core machine), and the client sees only a disconnect."""
+def _unanswered_sasl(connection: object) -> set[int]:
+    """The SASL requests (API keys) that ``connection``, a kafka-python connection logged as it is
+    lost, still waited to have answered. A Kafka broker refuses a mechanism or credentials by
+    answering, then closing the connection; under load the close can come first and the client sees
+    only a disconnect (Kafka 4.3 seen here: a wrong password about 1 run in 4 on a busy 2-core
+    machine; a mechanism the listener lacks, once in CI, on every retry)."""
     pending = getattr(getattr(connection, "parser", None), "in_flight_requests", ())
-    return any(getattr(header, "request_api_key", None) == _SASL_AUTHENTICATE for header in list(pending))
+    keys = {getattr(header, "request_api_key", None) for header in list(pending)}
+    return {key for key in keys if key in (_SASL_HANDSHAKE, _SASL_AUTHENTICATE)}
 
 
 _LOOPBACK = ("127.", "localhost", "::1", "[::1]", "0.0.0.0")
 
 
-def _bootstrap_failure(settings: KafkaSettings, errors: list[BaseException], *, lost_at_login: bool = False) -> str:
+def _bootstrap_failure(
+    settings: KafkaSettings, errors: list[BaseException], *, lost_answers: Collection[int] = ()
+) -> BrokerError:
     """Why no client could be made: authentication, a protocol mismatch, or no broker at all.
 
-    ``lost_at_login``: a connection closed while its credentials awaited the answer, which is how a
-    refusal looks when the broker's close overtakes its answer."""
+    A refusal the broker answered is a ``_Refused``: waiting cannot help. ``lost_answers``: SASL
+    requests whose connection closed before their answer, which is how a refusal looks when the
+    broker's close overtakes its answer. That inferred refusal is a plain BrokerError, because a
+    broker going down mid-login looks the same: a process that reached the broker rides it out."""
     where = settings.bootstrap_servers
-    origin = f" (from {settings.origin})" if settings.origin else ""
-    options = settings.client_options
     first = {type(e): e for e in reversed(errors)}
     auth = first.get(SaslAuthenticationFailedError)
-    if auth is not None or (lost_at_login and _answers(where)):
-        user = options.get("sasl_plain_username")
-        if auth is None:
-            said = _CLOSED_AT_LOGIN
-        else:
-            said = str(auth.args[0]).removeprefix("SaslAuthenticationFailedError: ") if auth.args else "refused"
-        return (
-            f"the Kafka broker at {where}{origin} answered, but authentication failed"
-            + (f" for user {user!r}" if user else "")
-            + f" (SASL {options.get('sasl_mechanism')}): {said}: check broker.client_options "
-            "sasl.username and sasl.password (and sasl.mechanism) against the broker's users"
-        )
+    if auth is not None:
+        said = str(auth.args[0]).removeprefix("SaslAuthenticationFailedError: ") if auth.args else "refused"
+        return _Refused(_authentication_failed(settings, said))
     if UnsupportedSaslMechanismError in first:
-        return (
-            f"the Kafka broker at {where}{origin} answered, but its listener does not enable SASL mechanism "
-            f"{options.get('sasl_mechanism')}: set broker.client_options.sasl.mechanism to one it enables"
-        )
+        return _Refused(_mechanism_not_enabled(settings, ""))
     if IllegalSaslStateError in first:
-        return (
-            f"the Kafka broker at {where}{origin} answered, but that listener does not speak SASL: set "
+        return _Refused(
+            f"the Kafka broker at {where}{_origin(settings)} answered, but that listener does not speak SASL: set "
             "broker.client_options.security.protocol to the listener's (PLAINTEXT or SSL), or use its SASL listener"
         )
+    if lost_answers and _answers(where):
+        if _SASL_AUTHENTICATE in lost_answers:
+            return BrokerError(_authentication_failed(settings, _CLOSED_AT_LOGIN))
+        return BrokerError(_mechanism_not_enabled(settings, _CLOSED_AT_HANDSHAKE))
+    return BrokerError(_unreached(settings, errors))
+
+
+_CLOSED_AT_LOGIN = "it closed the connection on receiving the credentials, as Kafka does when it refuses them"
+_CLOSED_AT_HANDSHAKE = (
+    "it closed the connection on receiving the SASL handshake, as Kafka does when the listener lacks the mechanism"
+)
+
+
+def _origin(settings: KafkaSettings) -> str:
+    return f" (from {settings.origin})" if settings.origin else ""
+
+
+def _authentication_failed(settings: KafkaSettings, said: str) -> str:
+    options = settings.client_options
+    user = options.get("sasl_plain_username")
+    return (
+        f"the Kafka broker at {settings.bootstrap_servers}{_origin(settings)} answered, but authentication failed"
+        + (f" for user {user!r}" if user else "")
+        + f" (SASL {options.get('sasl_mechanism')}): {said}: check broker.client_options "
+        "sasl.username and sasl.password (and sasl.mechanism) against the broker's users"
+    )
+
+
+def _mechanism_not_enabled(settings: KafkaSettings, said: str) -> str:
+    return (
+        f"the Kafka broker at {settings.bootstrap_servers}{_origin(settings)} answered, but its listener does not "
+        f"enable SASL mechanism {settings.client_options.get('sasl_mechanism')}: "
+        + (f"{said}: " if said else "")
+        + "set broker.client_options.sasl.mechanism to one it enables"
+    )
+
+
+def _unreached(settings: KafkaSettings, errors: list[BaseException]) -> str:
+    """No answer at all: nothing listens, or something that is not the Kafka listener configured."""
+    where = settings.bootstrap_servers
+    origin = _origin(settings)
+    options = settings.client_options
     hosts = [server.strip().rpartition(":")[0] for server in where.split(",")]
     failures = [e for e in errors if not isinstance(e, KafkaTimeoutError)]  # the timeout is what we explain
     notes = [f"from {settings.origin}"] if settings.origin else []

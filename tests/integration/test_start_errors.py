@@ -28,7 +28,7 @@ from pipeline.transport import kafka_jars
 from pipeline.transport.broker import LocalKafka
 from pipeline.transport.kafka import KafkaSettings
 from tests.integration.test_generate_failover import TXN_MS, _first, _SourceCut, read_all
-from tests.login_cut import LoginAnswerCut
+from tests.login_cut import SASL_HANDSHAKE, LoginAnswerCut
 from tests.support import (
     event_scalars, make_prompts, one_error, read_messages, spawn, specstream_command, tree_state, wait_exit,
     wait_for_output,
@@ -126,6 +126,22 @@ def test_a_client_that_does_not_match_the_listener_is_told_what_to_set(
     with pytest.raises(BrokerError) as info:
         KafkaSettings(address, {k: v for k, v in chosen.items() if v is not None}, outage_budget_s=0.0).admin()
     assert said in str(info.value), info.value
+
+
+def test_a_mechanism_refusal_whose_answer_was_lost_still_says_which_mechanism(sasl_broker: LocalKafka) -> None:
+    """The broker refuses the mechanism and closes; its answer is lost on the way (CI saw it on every
+    retry of a 10 s bootstrap): the error still names the mechanism to change."""
+    relay = LoginAnswerCut(sasl_broker.sasl_bootstrap, SASL_HANDSHAKE)
+    with relay as address:
+        options = {**SASL, "sasl.password": PASSWORD, "sasl.mechanism": "SCRAM-SHA-512"}
+        with pytest.raises(BrokerError) as info:
+            KafkaSettings(address, options, outage_budget_s=0.0).admin()
+    assert relay.cut, "no handshake answer was cut: the relay did not stand between them"
+    assert str(info.value) == (
+        f"the Kafka broker at {address} answered, but its listener does not enable SASL mechanism SCRAM-SHA-512: "
+        "it closed the connection on receiving the SASL handshake, as Kafka does when the listener lacks the "
+        "mechanism: set broker.client_options.sasl.mechanism to one it enables"
+    )
 
 
 def test_a_refusal_whose_answer_the_brokers_close_overtook_still_says_authentication_failed(
