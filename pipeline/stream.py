@@ -34,7 +34,7 @@ from pipeline.core.errors import (
 )
 from pipeline.core.features import check_ref
 from pipeline.core.messages import EndOfStream, SampleRef, decode
-from pipeline.core.partition_wait import PartitionWait, Wait, ask_broker
+from pipeline.core.partition_wait import PartitionWait, Wait, ask_broker, end_hanging
 from pipeline.core.progress import StreamItem, StreamState
 from pipeline.core.topics import Producer, Record, RunTopics, Transport
 from pipeline.feature_codec import decode_features
@@ -272,11 +272,14 @@ class SampleStream:
             self._resume(partition)
         return record
 
-    def _ask_broker(self, partition: int) -> PartitionWait | None:
+    def _ask_broker(self, partition: int, hanging_idle_s: float | None = None) -> PartitionWait | None:
         try:
             with self._transport.admin() as admin:
                 at = self._reader.position(partition)  # past aborted records, unlike self.positions
-                return ask_broker(admin, self.topics.samples, partition, at)
+                wait = ask_broker(admin, self.topics.samples, partition, at)
+                if hanging_idle_s is not None and wait.cause is Wait.OPEN_TRANSACTION:
+                    end_hanging(admin, self.topics.samples, hanging_idle_s)
+                return wait
         except SpecstreamError as exc:
             logger.info("the broker did not say what it holds for partition %d: %s", partition, exc)
             return None
@@ -284,8 +287,8 @@ class SampleStream:
     def _report_wait(self, partition: int, waited_s: float) -> None:
         """Say why the stream waits. A client still short of the committed end the broker gave a
         report ago is replaced, at the positions handed out (what it had buffered is read again:
-        nothing lost or repeated)."""
-        wait = self._ask_broker(partition)
+        nothing lost or repeated). A transaction its coordinator ended but left open is aborted."""
+        wait = self._ask_broker(partition, hanging_idle_s=waited_s)
         if wait is None:
             return
         cause = wait.cause

@@ -9,11 +9,15 @@ tell them apart, so a stall names its cause, and the one a new client cures can 
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
+from pipeline.core.errors import SpecstreamError
 from pipeline.core.topics import Admin
 
-__all__ = ("Wait", "PartitionWait", "ask_broker")
+__all__ = ("Wait", "PartitionWait", "ask_broker", "end_hanging")
+
+logger = logging.getLogger(__name__)
 
 
 class Wait(enum.Enum):
@@ -54,3 +58,16 @@ def ask_broker(admin: Admin, topic: str, partition: int, at: int) -> PartitionWa
     stable = admin.end_offsets(topic, [partition])[partition]
     end = admin.end_offsets(topic, [partition], committed_only=False)[partition]
     return PartitionWait(at, stable, end)
+
+
+def end_hanging(admin: Admin, topic: str, idle_s: float) -> None:
+    """Abort what a coordinator ended but left open on ``topic`` (and on the group offsets): a
+    reader that waits on an open transaction may wait on one that nobody will ever end."""
+    try:
+        aborted = admin.abort_hanging_transactions([topic], idle_s)
+    except SpecstreamError as exc:  # e.g. no right to describe transactions or to write their markers
+        logger.warning("open transactions on %s not checked for one its coordinator ended: %s (an administrator "
+                       "lists those with `kafka-transactions find-hanging` and ends them with its `abort`)", topic, exc)
+        return
+    for line in aborted:
+        logger.warning("aborted a transaction its coordinator had ended but left open: %s", line)

@@ -196,6 +196,8 @@ class Admin(Protocol):
 
     def group_offsets(self, group_id: str, topic: str) -> dict[int, Committed]: ...
 
+    def abort_hanging_transactions(self, topics: Iterable[str], idle_s: float) -> list[str]: ...
+
 
 class TransactionalProducer(Protocol):
     """Records and consumed offsets that commit together or not at all."""

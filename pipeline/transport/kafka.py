@@ -30,6 +30,7 @@ from typing import Any, ClassVar, NoReturn, TypeVar, Unpack
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import (
     ACL,
+    AbortTransactionSpec,
     ACLOperation,
     ACLPermissionType,
     ACLResourcePatternType,
@@ -40,6 +41,7 @@ from kafka.admin import (
     ResourcePattern,
     ResourceType,
     ScramMechanism,
+    TransactionState,
     UserScramCredentialUpsertion,
 )
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -67,7 +69,7 @@ from kafka.net.sasl import SASL_MECHANISMS
 from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, StreamError
+from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, SpecstreamError, StreamError
 from pipeline.core.topic_plan import TopicPolicy, TopicSpec, run_topic_plan
 from pipeline.core.topics import (
     MAX_RECORD_BYTES,
@@ -735,6 +737,74 @@ class KafkaAdmin:
         }
 
 
+    def abort_hanging_transactions(self, topics: Iterable[str], idle_s: float) -> list[str]:
+        """Abort the transactions these topics' partitions (and the group offsets topic) still hold
+        open although their coordinator has ended them; one line for the log per abort.
+
+        Kafka 4.3 was seen ending a timed-out transaction while it restarted, before its own
+        listener was up: it skipped the abort marker of every partition that had no leader yet
+        ("likely deleted already"), and those partitions kept the transaction open for ever,
+        holding back read_committed readers and stable offset fetches. A transaction is aborted
+        here only when its producer has not written to the partition for ``idle_s`` and its
+        coordinator holds no live transaction of that producer on that partition; the abort is
+        the marker Kafka's own ``kafka-transactions.sh abort`` writes.
+        """
+        suspects = self._idle_open_transactions([*topics, "__consumer_offsets"], idle_s)
+        if not suspects:
+            return []
+        pids = sorted({state.producer_id for _, state in suspects})
+        listed = self.settings.ride_out(lambda: self._admin.list_transactions(producer_id_filters=pids),
+                                        "listing transactions")  # fmt: skip
+        by_pid = {row.producer_id: row for rows in listed.values() for row in rows}
+        live = [row.transactional_id for row in by_pid.values() if row.state in _LIVE_TRANSACTION]
+        described = self.settings.ride_out(lambda: self._admin.describe_transactions(live), "describing transactions")
+        aborted = []
+        for tp, state in suspects:
+            row = by_pid.get(state.producer_id)
+            held = described.get(row.transactional_id) if row is not None else None
+            if held is not None and tp in held.topic_partitions:
+                continue  # its coordinator still ends it: not hanging
+            if (tp, state) not in self._idle_open_transactions([tp.topic], idle_s, [tp.partition]):
+                continue  # ended, or written to, since it was read: not hanging
+            spec = AbortTransactionSpec(tp, state.producer_id, state.producer_epoch, state.coordinator_epoch)
+            self.settings.ride_out(lambda spec=spec: self._admin.abort_transaction(spec), f"aborting on {tp.topic}")
+            aborted.append(
+                f"{tp.topic}-{tp.partition}: records from offset {state.current_transaction_start_offset} of producer "
+                f"{state.producer_id} (epoch {state.producer_epoch}, transactional id "
+                f"{row.transactional_id if row else 'unknown'}: {row.state.value if row else 'no transaction'})"
+            )
+        return aborted
+
+    def _idle_open_transactions(
+        self, topics: Iterable[str], idle_s: float, partitions: Iterable[int] | None = None
+    ) -> list[tuple[TopicPartition, Any]]:
+        """(partition, producer state) of every transaction open on these partitions whose producer
+        last wrote there ``idle_s`` or more ago. A topic the broker will not describe is skipped."""
+        found = []
+        now_ms = time.time() * 1000
+        for topic in dict.fromkeys(topics):
+            chosen = list(partitions) if partitions is not None else range(self.partition_count(topic) or 0)
+            tps = [TopicPartition(topic, p) for p in chosen]
+            try:
+                states = self.settings.ride_out(lambda tps=tps: self._admin.describe_producers(tps),
+                                                f"describing producers of {topic}")  # fmt: skip
+            except (TransportError, BrokerError) as exc:  # e.g. not authorised to describe it: no answer
+                logger.info("open transactions on %s not checked: %s", topic, exc)
+                continue
+            for tp, described in states.items():
+                found += [(tp, state) for state in described.active_producers
+                          if state.current_transaction_start_offset >= 0
+                          and now_ms - state.last_timestamp >= idle_s * 1000]  # fmt: skip
+        return found
+
+
+_LIVE_TRANSACTION = (
+    TransactionState.ONGOING,
+    TransactionState.PREPARE_COMMIT,
+    TransactionState.PREPARE_ABORT,
+    TransactionState.PREPARE_EPOCH_FENCE,
+)
+
 def _offset_of(value: Any) -> int:
     """``list_partition_offsets`` answers with a struct or a dict depending on the version."""
     if isinstance(value, int):
@@ -1156,6 +1226,18 @@ def _release_parked_fetches(consumer: KafkaConsumer) -> None:
         fetcher._next_partition_records = None
 
 
+
+def _end_hanging_offsets(settings: KafkaSettings, idle_s: float) -> None:
+    """A stable committed-offsets fetch waits while the group has offsets in an open transaction:
+    one its coordinator ended but left open would hold it for ever (see
+    ``KafkaAdmin.abort_hanging_transactions``), so it is aborted before the fetch is retried."""
+    try:
+        with KafkaAdmin(settings) as admin:
+            for line in admin.abort_hanging_transactions([], idle_s):
+                logger.warning("aborted a transaction its coordinator had ended but left open: %s", line)
+    except SpecstreamError as exc:
+        logger.info("open transactions on the group offsets not checked: %s", exc)
+
 class PartitionReader:
     """A ``read_committed`` consumer of one topic.
 
@@ -1317,9 +1399,10 @@ class PartitionReader:
         try:
             return bounded(lambda: self._consumer.committed(tp, metadata=True, timeout_ms=self._timeout_ms),
                            what=what, timeout_s=self._timeout_ms / 1000 + 10)  # fmt: skip
-        except TransportError:
-            if not self._positioned and not self._consumer.subscription():
+        except (TransportError, KafkaTimeoutError) as exc:  # no answer in time, from us or from the client
+            if isinstance(exc, TransportError) and not self._positioned and not self._consumer.subscription():
                 self._renew_consumer("its committed-offsets fetch never returned")
+            _end_hanging_offsets(self.settings, idle_s=self._timeout_ms / 1000)
             raise
 
     def reopen(self, positions: Mapping[int, int]) -> None:
