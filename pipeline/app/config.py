@@ -113,7 +113,8 @@ class BrokerSection(_Section):
         default=DEFAULT_OUTAGE_BUDGET_S,
         ge=1,
         description="how long every stage waits out an unreachable broker (retrying with backoff) before it "
-        "exits with one error line; the same command then resumes exactly",
+        "exits with one error line, and a call that keeps failing while the broker answers others; the same "
+        "command then resumes exactly",
     )
 
     @field_validator("client_options")

@@ -7,7 +7,8 @@ backoff, and the process says so once (one warning line per outage, one info lin
 broker answers again). The clock is the process's, not the call's: every client of a process
 talks to the same cluster, so an outage that one call has already waited out is not waited
 again by the next. Past ``budget_s`` of continuous outage the call raises ``BrokerError`` with
-one line that says what to do; the same command run again resumes exactly.
+one line that says what to do; the same command run again resumes exactly. A call that keeps
+failing past ``budget_s`` while other calls are answered raises too, with its own line.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def ride_out(
     """``call()``, retried with backoff while it fails with a retriable ``TransportError``
     (or one of ``also_retry``) and the outage is shorter than ``budget_s``."""
     delay = 0.25
+    failing_since: float | None = None  # this call's own clock: other clients may be answered meanwhile
     while True:
         try:
             result = call()
@@ -98,14 +100,32 @@ def ride_out(
             if not exc.retriable:
                 raise
             OUTAGE.failed(exc, where=where, what=what, budget_s=budget_s)
+            failing_since = _still_within(failing_since, exc, where=where, what=what, budget_s=budget_s)
         except also_retry as exc:
             OUTAGE.failed(exc, where=where, what=what, budget_s=budget_s)
+            failing_since = _still_within(failing_since, exc, where=where, what=what, budget_s=budget_s)
         else:
             OUTAGE.answered(where)
             return result
         time.sleep(delay)  # backoff between attempts at an unreachable broker
         delay = min(delay * 2, 5.0)
 
+
+
+def _still_within(since: float | None, error: BaseException, *, where: str, what: str, budget_s: float) -> float:
+    """When this call began failing; past ``budget_s`` a ``BrokerError``. The process's clock
+    restarts whenever another client is answered, so a call that fails for a reason of its own
+    (a fetch held by a transaction nobody will end was seen) would otherwise retry for ever."""
+    now = time.monotonic()
+    if since is None:
+        return now
+    if now - since > budget_s:
+        raise BrokerError(
+            f"{what} has failed for {now - since:.0f} s while the Kafka broker at {where} answers other calls "
+            f"(broker.outage_budget_s is {budget_s:.0f}; last error: {error}): run the same command again, it "
+            "resumes exactly; if this recurs, the broker's log says why that call fails"
+        ) from error
+    return since
 
 def bounded(call: Callable[[], _T], *, what: str, timeout_s: float) -> _T:
     """``call()`` with a deadline of our own, for a client call that can block forever.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -9,7 +10,8 @@ import pytest
 
 from pipeline.core.topics import Committed, TransportError
 from pipeline.transport.kafka import KafkaSettings
-from pipeline.transport.outage import bounded
+from pipeline.core.errors import BrokerError
+from pipeline.transport.outage import OUTAGE, bounded, ride_out
 
 
 def test_a_call_that_never_returns_is_a_retriable_error_after_the_deadline() -> None:
@@ -30,6 +32,39 @@ def test_a_value_and_an_error_come_back_to_the_caller() -> None:
 
     with pytest.raises(KeyError, match="the client's own error"):
         bounded(fails, what="x", timeout_s=5)
+
+
+def test_a_call_failing_on_its_own_while_others_are_answered_still_ends_at_the_budget() -> None:
+    """Another client of the process is answered all along (it restarts the process's outage
+    clock); the call that keeps failing still stops past the budget, with a line of its own."""
+    done = threading.Event()
+
+    def answered_meanwhile() -> None:
+        while not done.wait(0.05):  # another client's calls succeeding, every 50 ms
+            OUTAGE.answered("127.0.0.1:9")
+
+    def held() -> None:
+        raise TransportError("KafkaTimeoutError: held by an open transaction", retriable=True)
+
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            ride_out(held, what="committed offsets of t.prompts", where="127.0.0.1:9", budget_s=1.0)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    other = threading.Thread(target=answered_meanwhile, daemon=True)
+    caller = threading.Thread(target=call, daemon=True)
+    other.start()
+    caller.start()
+    caller.join(15)  # without its own clock the call retries for ever: bounded here
+    done.set()
+    other.join(5)
+    assert not caller.is_alive(), "the call still retried after 15 s"
+    assert len(outcome) == 1 and isinstance(outcome[0], BrokerError), outcome
+    assert re.match(r"committed offsets of t\.prompts has failed for \d+ s while the Kafka broker at 127\.0\.0\.1:9 "
+                    r"answers other calls \(broker\.outage_budget_s is 1; last error: KafkaTimeoutError", str(outcome[0]))
 
 
 @pytest.mark.integration
