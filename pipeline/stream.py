@@ -278,7 +278,7 @@ class SampleStream:
                 at = self._reader.position(partition)  # past aborted records, unlike self.positions
                 wait = ask_broker(admin, self.topics.samples, partition, at)
                 if hanging_idle_s is not None and wait.cause is Wait.OPEN_TRANSACTION:
-                    end_hanging(admin, self.topics.samples, hanging_idle_s)
+                    end_hanging(admin, [self.topics.samples], hanging_idle_s)
                 return wait
         except SpecstreamError as exc:
             logger.info("the broker did not say what it holds for partition %d: %s", partition, exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pipeline.core.errors import SpecstreamError
@@ -60,14 +61,17 @@ def ask_broker(admin: Admin, topic: str, partition: int, at: int) -> PartitionWa
     return PartitionWait(at, stable, end)
 
 
-def end_hanging(admin: Admin, topic: str, idle_s: float) -> None:
-    """Abort what a coordinator ended but left open on ``topic`` (and on the group offsets): a
-    reader that waits on an open transaction may wait on one that nobody will ever end."""
+def end_hanging(admin: Admin, topics: Iterable[str], idle_s: float) -> None:
+    """Abort what a coordinator ended but left open on ``topics`` and on the group offsets: a
+    reader, or a stable offsets fetch, that waits on an open transaction may wait on one that
+    nobody will ever end."""
+    topics = list(topics)
     try:
-        aborted = admin.abort_hanging_transactions([topic], idle_s)
+        aborted = admin.abort_hanging_transactions(topics, idle_s)
     except SpecstreamError as exc:  # e.g. no right to describe transactions or to write their markers
+        where = ", ".join([*topics, "the group offsets"])
         logger.warning("open transactions on %s not checked for one its coordinator ended: %s (an administrator "
-                       "lists those with `kafka-transactions find-hanging` and ends them with its `abort`)", topic, exc)
+                       "lists those with `kafka-transactions find-hanging` and ends them with its `abort`)", where, exc)
         return
     for line in aborted:
         logger.warning("aborted a transaction its coordinator had ended but left open: %s", line)

@@ -70,6 +70,7 @@ from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.core.errors import BrokerError, ConfigError, RunMismatchError, SpecstreamError, StreamError
+from pipeline.core.partition_wait import end_hanging
 from pipeline.core.topic_plan import TopicPolicy, TopicSpec, run_topic_plan
 from pipeline.core.topics import (
     MAX_RECORD_BYTES,
@@ -1233,10 +1234,10 @@ def _end_hanging_offsets(settings: KafkaSettings, idle_s: float) -> None:
     ``KafkaAdmin.abort_hanging_transactions``), so it is aborted before the fetch is retried."""
     try:
         with KafkaAdmin(settings) as admin:
-            for line in admin.abort_hanging_transactions([], idle_s):
-                logger.warning("aborted a transaction its coordinator had ended but left open: %s", line)
-    except SpecstreamError as exc:
+            end_hanging(admin, [], idle_s)
+    except SpecstreamError as exc:  # no admin client now: the fetch is retried as it was
         logger.info("open transactions on the group offsets not checked: %s", exc)
+
 
 class PartitionReader:
     """A ``read_committed`` consumer of one topic.
