@@ -1282,6 +1282,10 @@ class PartitionReader:
             "heartbeat_interval_ms": max(1000, session_timeout_ms // 10),
             "allow_auto_create_topics": False,
             "max_partition_fetch_bytes": max_partition_fetch_bytes,
+            # A fresh client's first poll has no fetch to send until the topic's metadata arrives,
+            # and kafka-python sleeps this long then: the 100 ms default was most of the wait at the
+            # start of every later epoch (its listing opens a reader); 20 ms, as for the producer.
+            "retry_backoff_ms": 20,
             **settings.common(KafkaConsumer),
         }
         if client_id:
