@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +35,7 @@ __all__ = (
     "Capture",
     "TargetBackend",
     "BaseTarget",
+    "SharedTarget",
     "resolve_aux_layer_ids",
     "normalize_prompts",
     "assemble_features",
@@ -64,6 +66,27 @@ class TargetBackend(Protocol):
     def capture(self, prompts: Sequence[PromptTokens]) -> list[Capture]: ...
 
     def close(self) -> None: ...
+
+
+class SharedTarget:
+    """A worker's target shared with the sub-runs it serves (the eval set's capture runs beside
+    its own, a regeneration after it): one capture at a time, whatever the backend (SGLang's
+    engine, a user's own), and ``close`` leaves it loaded: its owner closes the backend."""
+
+    def __init__(self, backend: TargetBackend) -> None:
+        self._backend = backend
+        self._lock = threading.Lock()
+
+    @property
+    def info(self) -> TargetInfo:
+        return self._backend.info
+
+    def capture(self, prompts: Sequence[PromptTokens]) -> list[Capture]:
+        with self._lock:
+            return self._backend.capture(prompts)
+
+    def close(self) -> None:
+        """The owner closes the target, not a sharer."""
 
 
 class BaseTarget:

@@ -1,4 +1,4 @@
-"""Capture the held-out eval set once, before the training prompts.
+"""Capture the held-out eval set once, beside the training prompts.
 
 The eval prompts are a sub-run of their own (``RunTopics.eval``: ``<run>.eval``, one
 partition), so a generator captures them with an ordinary :class:`GeneratorWorker` over that
@@ -12,6 +12,13 @@ only its own run's files) never looks. Which worker captures it:
 - fixed partitions: the worker that owns training partition 0 (under a claim on the eval
   partition, like its own); the others skip it.
 
+It runs on a thread of its own beside the worker's training capture (:class:`EvalCapture`),
+sharing the target one capture at a time (:class:`~pipeline.generate.backend.SharedTarget`):
+its start-up (a claim, a transactional producer, the wait for its partition's end) would
+otherwise delay the first training sample, and a worker that does not own the eval partition
+would wait for whoever does. The trainer reads the set only at its first evaluation, with a
+bounded wait. A failure of the capture stops the worker at its next poll, with the capture's error.
+
 No backpressure: the eval set is small and read by the trainer once.
 """
 
@@ -19,11 +26,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from pipeline.generate.backend import Capture, PromptTokens, TargetBackend, TargetInfo
 from pipeline.generate.config import GeneratorConfig
 from pipeline.generate.stats import GeneratorStats
 from pipeline.storage import FeatureStore
@@ -31,23 +36,66 @@ from pipeline.storage import FeatureStore
 if TYPE_CHECKING:
     from pipeline.generate.worker import GeneratorWorker
 
-__all__ = ("BorrowedBackend", "eval_config", "eval_store", "capture_eval_set")
+__all__ = ("EvalCapture", "eval_config", "eval_store")
 
 logger = logging.getLogger(__name__)
 
 
-def capture_eval_set(worker: GeneratorWorker, stop: threading.Event) -> GeneratorStats | None:
-    """Run ``worker``'s share of the eval capture (a worker of its class over the eval sub-run,
-    lending it the target); None when it has none to do."""
-    config = eval_config(worker.config)
-    if config is None or stop.is_set():
-        return None
-    store, backend = eval_store(worker.store, config), BorrowedBackend(worker.backend)
-    stats = type(worker)(worker.transport, store, backend, config).run(stop)
-    logger.info(
-        "%s: eval set captured (%d refs by this worker) in %.1f s", worker.config.worker_id, stats.refs, stats.wall_s
-    )
-    return stats
+class EvalCapture:
+    """``worker``'s share of the eval capture, on a thread beside its own capture (a no-op when
+    it has none); :meth:`start` takes the worker's stop, which :meth:`wait` passes on."""
+
+    def __init__(self, worker: GeneratorWorker) -> None:
+        self.stats: GeneratorStats | None = None
+        self._worker = worker
+        self._outer = threading.Event()
+        self._stop = threading.Event()  # the capture's own: the worker's stop, or the worker failed
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._close_s = worker.config.drain_timeout_s + 30.0  # its writer's drain, then its clients
+
+    def start(self, stop: threading.Event) -> None:
+        """Start the capture, when this worker has a share of it."""
+        worker, config = self._worker, eval_config(self._worker.config)
+        self._outer = stop
+        if config is None or stop.is_set():
+            return
+        sub = type(worker)(worker.transport, eval_store(worker.store, config), worker.target, config)
+        self._thread = threading.Thread(
+            target=self._run, args=(sub,), name=f"{config.worker_id}-eval", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, sub: GeneratorWorker) -> None:
+        try:
+            self.stats = sub.run(self._stop)
+            logger.info("%s: eval set captured (%d refs by this worker) in %.1f s",
+                        sub.config.worker_id, self.stats.refs, self.stats.wall_s)  # fmt: skip
+        except BaseException as exc:  # re-raised on the worker's thread
+            self._error = exc
+
+    def raise_if_failed(self) -> None:
+        """Re-raise the capture's error on the worker's thread (its loop calls this every poll)."""
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> GeneratorStats | None:
+        """Wait for the capture to end (the worker's stop stops it too), then re-raise its error."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=0.2)
+            if self._outer.is_set():
+                self._stop.set()
+        self.raise_if_failed()
+        return self.stats
+
+    def cancel(self) -> None:
+        """Stop the capture and wait for it to close its clients (the worker is failing or
+        stopping; the capture's own close is bounded by its drain timeout)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._close_s)
+            if self._thread.is_alive():  # a capture stuck in the target: the process exit ends it
+                logger.warning("the eval capture did not stop within %.0f s", self._close_s)
 
 
 def eval_config(config: GeneratorConfig) -> GeneratorConfig | None:
@@ -71,20 +119,3 @@ def eval_config(config: GeneratorConfig) -> GeneratorConfig | None:
 def eval_store(store: FeatureStore, config: GeneratorConfig) -> FeatureStore:
     """The eval sub-run's feature store: the same root, the sub-run's own directory."""
     return FeatureStore(store.root_url, config.run_id, durable=store.durable, storage_options=store.storage_options)
-
-
-class BorrowedBackend:
-    """The worker's target lent to the eval capture: the capture's close leaves it loaded."""
-
-    def __init__(self, backend: TargetBackend) -> None:
-        self._backend = backend
-
-    @property
-    def info(self) -> TargetInfo:
-        return self._backend.info
-
-    def capture(self, prompts: Sequence[PromptTokens]) -> list[Capture]:
-        return self._backend.capture(prompts)
-
-    def close(self) -> None:
-        """The owner closes the target, not the borrower."""

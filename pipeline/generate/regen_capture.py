@@ -20,7 +20,6 @@ import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from pipeline.generate.eval_capture import BorrowedBackend
 from pipeline.generate.stats import GeneratorStats
 
 if TYPE_CHECKING:
@@ -47,6 +46,6 @@ def serve_regeneration(worker: GeneratorWorker, stop: threading.Event) -> Genera
         heartbeat_interval_s=None,  # the worker's own heartbeat covers it
     )
     logger.info("%s: serving %s (samples captured again for later epochs)", worker.config.worker_id, sub)
-    stats = type(worker)(worker.transport, worker.store, BorrowedBackend(worker.backend), config).run(stop)
+    stats = type(worker)(worker.transport, worker.store, worker.target, config).run(stop)
     logger.info("%s: %d samples captured again for later epochs", worker.config.worker_id, stats.refs)
     return stats

@@ -38,12 +38,13 @@ from pipeline.core.errors import StreamError
 from pipeline.core.faults import crash_point
 from pipeline.core.progress import PartitionCounters
 from pipeline.core.topics import Admin, FencedError, Reader, RunTopics, Transport, wait_for_topic
-from pipeline.generate.backend import TargetBackend
+from pipeline.generate.backend import SharedTarget, TargetBackend
 from pipeline.generate.backlog import BacklogMonitor, Throttle, generator_commits
 from pipeline.generate.backpressure import FlowControl
 from pipeline.generate.claims import NoClaims, PartitionClaims, claim_partitions
 from pipeline.generate.config import GeneratorConfig
-from pipeline.generate.eval_capture import capture_eval_set
+from pipeline.generate.eval_capture import EvalCapture
+from pipeline.generate.fenced import explain_fenced
 from pipeline.generate.intake import Intake, check_batch_share
 from pipeline.generate.liveness import IdleReport, generator_heartbeat
 from pipeline.generate.planner import BatchPlanner, Decoded
@@ -67,10 +68,12 @@ class GeneratorWorker:
         self.transport = transport
         self.store = store
         self.backend = backend
+        self.target = SharedTarget(backend)  # its captures and its sub-runs' (eval, regen), one at a time
         self.config = config
         self.topics = RunTopics(config.run_id)
         self.stats = GeneratorStats()
         self.eval_stats: GeneratorStats | None = None  # the eval set's capture (not in ``stats``)
+        self._eval = EvalCapture(self)  # started by ``run``, beside the training capture
         self.regen_stats: GeneratorStats | None = None  # later epochs' captures under a budget (nor these)
         self._lock = threading.Lock()
         self._epoch = 0  # bumped on every assignment change and rewind
@@ -84,7 +87,7 @@ class GeneratorWorker:
         # could not make progress; only Kafka's (on its IO thread) can wait for it.
         self._drain_on_revoke = transport.rebalance_callbacks_may_wait
         self._planner = BatchPlanner(
-            backend, run_id=config.run_id, epoch=config.epoch, dead_letters=config.dead_letters,
+            self.target, run_id=config.run_id, epoch=config.epoch, dead_letters=config.dead_letters,
             max_prompt_tokens=config.max_prompt_tokens,
         )  # fmt: skip
         self._throttle: Throttle | None = None  # only with backpressure
@@ -107,32 +110,21 @@ class GeneratorWorker:
         stop = stop or threading.Event()
         started = time.perf_counter()
         with self._heartbeat.lifetime(stop):  # the final heartbeat says how it ended
+            self._eval.start(stop)  # the held-out set, once, on a thread beside the training capture
             try:
-                self.eval_stats = capture_eval_set(self, stop)  # the held-out set first, once
                 if self._open(stop):  # False: stopped while waiting for the run's prompts topic
                     self._loop(stop)
                     self._finish()
-                    self.close(backend=False)  # leave the run's group, keep the target for the sub-run
+                    self.close(backend=False)  # leave the run's group, keep the target for the sub-runs
+                    self.eval_stats = self._eval.wait()
                     self.regen_stats = serve_regeneration(self, stop)
             except FencedError as exc:
-                raise self._fenced(exc) from exc
+                raise explain_fenced(exc, self.config.worker_id, self.transactional_id) from exc
             finally:
+                self._eval.cancel()  # a no-op once it has ended
                 self.close()
                 self.stats.wall_s = time.perf_counter() - started
         return self.stats
-
-    def _fenced(self, exc: FencedError) -> FencedError:
-        """What a fenced worker tells its operator: who took over, and that nothing is lost."""
-        me = f"generator {self.config.worker_id} was fenced"
-        if exc.same_id:  # the broker bumped our producer epoch: a new instance, or its own timeout abort
-            why = (f"another process with the same worker id started (transactional id {self.transactional_id}), "
-                   "or this one stalled longer than broker.transaction_timeout_ms")  # fmt: skip
-            fix = "give each generator its own worker id; after a stall (paused, swapping), restart it"
-        else:
-            why = "the generators' group moved its partitions to the other workers"
-            fix = "restart it to rejoin the group"
-        return FencedError(f"{me}: {why}; the broker aborted its open transaction, nothing is lost ({fix})",
-                           same_id=exc.same_id)  # fmt: skip
 
     def _open(self, stop: threading.Event) -> bool:
         cfg = self.config
@@ -194,6 +186,7 @@ class GeneratorWorker:
         assert self._reader is not None and self._writer is not None
         while not stop.is_set():
             self._writer.raise_if_failed()
+            self._eval.raise_if_failed()
             self._claims.check()  # fixed partitions another instance took over: stop
             if self._writer.take_reset() or self._epoch != self._synced_epoch:
                 self._resync()
