@@ -1,9 +1,11 @@
 """Evaluation on the held-out set: the training loss and metrics, without gradients, on rank 0.
 
 The eval set is the run's eval sub-run (``data.eval_path``, captured once by the generators).
-:class:`Evaluator` loads it lazily at its first evaluation (a bounded wait through ``load``,
-which the runner wires to the eval samples topic; None: not there in time, evaluation is
-skipped with a warning, training goes on), collates it once on the CPU, and every
+:class:`Evaluator` loads it once (a bounded wait through ``load``, which the runner wires to the
+eval samples topic; None: not there in time, evaluation is skipped with a warning, training goes
+on): ahead of need on a thread from the start of training (``load_ahead``, so the first
+evaluation does not stall every rank while it reads the set), else at its first evaluation.
+It collates the set once on the CPU, and every
 ``eval_interval`` steps and at the end runs the draft in eval mode under ``torch.no_grad`` over
 it with the training's own TTT loss (:func:`evaluate`): weighted loss, ``ploss_k``, ``acc_k``,
 acceptance rate and simulated acceptance length. Each evaluation is one row of ``eval.jsonl``
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -101,6 +104,8 @@ class Evaluator:
         max_length: int | None = None,
         path: str | None = None,
         on_eval: OnEval | None = None,
+        load_ahead: LoadEvalSet | None = None,
+        ahead_wait_s: float = 0.0,
     ) -> None:
         if interval < 1:
             raise ValueError(f"eval interval must be at least 1, got {interval}")
@@ -114,16 +119,46 @@ class Evaluator:
         self.on_eval = on_eval
         self._batches: list[Batch] | None = None
         self._unavailable = False
+        self._load_ahead, self._ahead_wait_s = load_ahead, ahead_wait_s
+        self._ahead: threading.Thread | None = None
+        self._ahead_samples: Sequence[Mapping[str, torch.Tensor]] | None = None
         self.samples = 0
         self.last: tuple[int, EvalFigures] | None = None  # the latest evaluation: (step, figures)
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0
 
+    def start(self) -> None:
+        """Start loading the eval set ahead of its first use, on a thread (with ``load_ahead``)."""
+        if self._load_ahead is None or self._ahead is not None:
+            return
+        load = self._load_ahead
+
+        def ahead() -> None:
+            try:
+                self._ahead_samples = load()
+            except Exception:  # noqa: BLE001 - the first evaluation loads it again and says why
+                logger.debug("loading the eval set ahead failed", exc_info=True)
+
+        self._ahead = threading.Thread(target=ahead, name="eval-set-ahead", daemon=True)
+        self._ahead.start()
+
+    def _samples(self) -> Sequence[Mapping[str, torch.Tensor]] | None:
+        """What the load ahead found (waiting for it at most ``ahead_wait_s``: as long as a load
+        here would); loaded now when it found nothing (the generators may have started later)."""
+        if self._ahead is None:
+            return self._load()
+        self._ahead.join(timeout=self._ahead_wait_s)
+        if self._ahead.is_alive():
+            logger.warning("eval set: not loaded after %.0f s", self._ahead_wait_s)
+            return None
+        return self._ahead_samples or self._load()
+
     def _ready(self) -> list[Batch] | None:
-        """The eval batches (collated once, CPU), loading them on first use; None: no eval set."""
+        """The eval batches (collated once, CPU), loaded on first use; None: no eval set."""
         if self._batches is None and not self._unavailable:
-            samples = self._load()
+            samples = self._samples()
+            self._ahead_samples = None  # collated below: one copy kept
             if not samples:
                 self._unavailable = True
                 logger.warning("no eval set to evaluate on: evaluation is skipped for this run")

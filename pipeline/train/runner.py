@@ -91,16 +91,19 @@ def load_eval_set(
     store: FeatureStore,
     *,
     timeout_s: float,
+    quiet: bool = False,
 ) -> list[dict[str, torch.Tensor]] | None:
     """Every sample of the eval sub-run ``store.run_id`` (one partition, to its end marker),
-    waiting at most ``timeout_s`` in all; None, with a warning saying why, when it is not
-    complete by then (training goes on without evaluation)."""
+    waiting at most ``timeout_s`` in all; None, with a warning saying why (``quiet``: a debug
+    line, for a try ahead of need), when it is not complete by then (training goes on without
+    evaluation)."""
+    warn = logger.debug if quiet else logger.warning
     topic = RunTopics(store.run_id).samples
     deadline = time.monotonic() + timeout_s
     with transport.admin() as admin:
         exists = wait_for(lambda: admin.partition_count(topic) or None, timeout_s=timeout_s, interval_s=0.5)
     if exists is None:
-        logger.warning("eval set: topic %s does not exist after %.0f s: no evaluation", topic, timeout_s)
+        warn("eval set: topic %s does not exist after %.0f s: no evaluation", topic, timeout_s)
         return None
     stream = SampleStream(transport, store, store.run_id, [0], idle_timeout_s=None)
     timer = threading.Timer(max(0.0, deadline - time.monotonic()), stream.interrupt)
@@ -109,13 +112,13 @@ def load_eval_set(
         samples = [item.tensors for item in stream.items()]
         ended = stream.tracker.all_ended()
     except StreamError as exc:
-        logger.warning("eval set %s unreadable (%s): no evaluation", topic, exc)
+        warn("eval set %s unreadable (%s): no evaluation", topic, exc)
         return None
     finally:
         timer.cancel()
         stream.close()
     if not ended:
-        logger.warning(
+        warn(
             "eval set: %s has %d samples and no end marker after %.0f s (are the generators running?): "
             "no evaluation", topic, len(samples), timeout_s,
         )  # fmt: skip
@@ -139,6 +142,8 @@ def _evaluator(
     wait_s = min(settings.idle_timeout_s, settings.collective_timeout_s / 2)
     return Evaluator(
         lambda: load_eval_set(transport, store, timeout_s=wait_s),
+        load_ahead=lambda: load_eval_set(transport, store, timeout_s=wait_s, quiet=True),
+        ahead_wait_s=wait_s,
         interval=settings.eval_interval,
         batch_size=settings.batch_size,
         ttt_steps=settings.ttt_steps,

@@ -171,6 +171,7 @@ class Trainer:
         reporter = StepReporter(cfg, is_main=self.dist.is_main, ledger=self.ledger, initial_step=self.step)
         if self.evaluator is not None:  # its figures go to rank 0's trackers as eval/... scalars
             self.evaluator.on_eval = reporter.eval_callback(self.evaluator.on_eval)
+            self.evaluator.start()  # the eval set loads meanwhile: the first evaluation need not wait
         self.records = reporter.records
         try:
             reason = self._loop(feeder, stop, reporter)

@@ -90,3 +90,63 @@ def test_evaluator_without_an_eval_set_skips_and_does_not_ask_again(
     assert evaluator.run(1, draft, lm_head, device=torch.device("cpu")) is None
     assert evaluator.run(2, draft, lm_head, device=torch.device("cpu")) is None
     assert len(loads) == 1 and evaluator.last is None
+
+
+def test_the_eval_set_loaded_ahead_is_the_one_evaluated_and_nothing_loads_again(
+    make_draft: Callable[..., Eagle3Draft], make_sample: Callable[..., Sample], vocab: VocabMapping
+) -> None:
+    samples = [make_sample(16 + s, seed=s) for s in range(3)]
+    asked: list[str] = []
+
+    def ahead() -> list[Sample]:
+        asked.append("ahead")
+        return samples
+
+    def load() -> list[Sample]:
+        asked.append("now")
+        return samples
+
+    evaluator = Evaluator(load, interval=1, batch_size=2, ttt_steps=K, decay=0.8, load_ahead=ahead, ahead_wait_s=30)
+    evaluator.start()
+    draft, lm_head = make_draft(), _lm_head(vocab)
+    assert evaluator.run(1, draft, lm_head, device=torch.device("cpu")) is not None
+    assert evaluator.run(2, draft, lm_head, device=torch.device("cpu")) is not None
+    assert asked == ["ahead"] and evaluator.samples == 3
+
+
+def test_a_load_ahead_that_found_nothing_is_tried_again_at_the_first_evaluation(
+    make_draft: Callable[..., Eagle3Draft], make_sample: Callable[..., Sample], vocab: VocabMapping
+) -> None:
+    """The trainer started long before the generators: the early try gave up, the set came later."""
+    samples = [make_sample(16, seed=1)]
+    evaluator = Evaluator(lambda: samples, interval=1, batch_size=2, ttt_steps=K, decay=0.8,
+                          load_ahead=lambda: None, ahead_wait_s=30)  # fmt: skip
+    evaluator.start()
+    assert evaluator.run(1, make_draft(), _lm_head(vocab), device=torch.device("cpu")) is not None
+    assert evaluator.samples == 1
+
+
+def test_a_load_ahead_still_waiting_bounds_the_first_evaluation_and_evaluation_is_skipped(
+    make_draft: Callable[..., Eagle3Draft], vocab: VocabMapping
+) -> None:
+    import threading
+
+    release = threading.Event()
+    asked: list[str] = []
+
+    def ahead() -> None:
+        release.wait(30)  # a load still inside its own bounded wait
+        return None
+
+    def load() -> None:
+        asked.append("now")
+        return None
+
+    evaluator = Evaluator(load, interval=1, batch_size=2, ttt_steps=K, decay=0.8, load_ahead=ahead, ahead_wait_s=0.2)
+    evaluator.start()
+    try:
+        assert evaluator.run(1, make_draft(), _lm_head(vocab), device=torch.device("cpu")) is None
+        assert evaluator.run(2, make_draft(), _lm_head(vocab), device=torch.device("cpu")) is None
+        assert asked == [] and evaluator.last is None  # the wait was spent: not a second one
+    finally:
+        release.set()
