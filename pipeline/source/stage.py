@@ -35,7 +35,7 @@ from pipeline.core.model_dir import read_text_config
 from pipeline.core.topic_plan import TopicPolicy
 from pipeline.core.topics import Transport
 from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES, MalformedLine, read_conversations
-from pipeline.source.eval_prompts import publish_eval_prompts
+from pipeline.source.eval_prompts import EvalSetPublish
 from pipeline.source.publisher import PromptPublisher, SourceStats
 from pipeline.source.template import load_tokenizer
 from pipeline.storage import FeatureStore
@@ -141,17 +141,23 @@ class SourceStage:
             transaction_timeout_ms=cfg.transaction_timeout_ms,
         )
         started = time.perf_counter()
-        if cfg.eval_data:  # first: the generators capture the eval set before the training prompts
-            evals = publish_eval_prompts(self.transport, cfg, tokenizer, dead_letter=_dead_letter, stop=stop)
-            result.eval_prompts = evals.published + evals.skipped
-            if evals.stopped:
-                result.stats.stopped = True
-                return result
-        result.stats = publisher.publish(
-            self._items(tokenizer, counter, result),
-            before_close=lambda: self._store_vocab(counter, target_vocab, result),
-            stop=stop,
-        )
+        evals = None
+        if cfg.eval_data:  # published beside the training prompts
+            evals = EvalSetPublish(self.transport, cfg, tokenizer, dead_letter=_dead_letter, stop=stop)
+        try:
+            result.stats = publisher.publish(
+                self._items(tokenizer, counter, result),
+                before_close=lambda: self._store_vocab(counter, target_vocab, result),
+                stop=stop,
+            )
+        except BaseException:
+            if evals is not None:
+                evals.close()  # its producer closed before the training's error goes up
+            raise
+        if evals is not None:
+            eval_stats = evals.wait()
+            result.eval_prompts = eval_stats.published + eval_stats.skipped
+            result.stats.stopped = result.stats.stopped or eval_stats.stopped
         logger.info(
             "source %s: %d prompts (%d published now, %d already committed), %d malformed, "
             "%d truncated, %d supervised tokens, vocab %s, in %.1f s",
