@@ -11,7 +11,8 @@ the data plane. Each point reports:
 - completion: the trainer's ``N of N prompts trained, 0 missing`` line, its end of stream
   (``(end_of_stream)``) and ``specstream audit --json`` ok;
 - time to the first optimizer step (from starting the generators and trainer), end-to-end and
-  steady (the middle 80 % of steps) samples/s;
+  steady (the middle 80 % of steps) samples/s, and samples/s in each tenth of the steps (a
+  line under the row: whether a long run slows as it goes);
 - broker CPU seconds and peak RSS over the run (``/proc`` of the JVM this benchmark owns), the
   run's bytes in the broker's log directory; peak RSS of each generator and trainer process;
 - optionally (``--event join|kill``) the consumer-group rebalance when a generator joins or is
@@ -288,6 +289,7 @@ class Result:
     wall_s: float = 0.0
     e2e_per_s: float = 0.0
     steady_per_s: float | None = None
+    tenths_per_s: list[float] = field(default_factory=list)  # samples/s in each tenth of the steps
     per_sample_ms: float = 0.0
     broker_cpu_s: float = 0.0
     broker_rss_mb: float = 0.0
@@ -342,6 +344,21 @@ def _steps(out: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tenths_per_s(steps: list[dict[str, Any]]) -> list[float]:
+    """Samples/s over each tenth of the steps (between the last step of a tenth and the one
+    before it), so a rate that drifts over a long run shows where (empty under 20 steps)."""
+    if len(steps) < 20:
+        return []
+    bounds = [len(steps) * k // 10 for k in range(11)]
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        lo = max(a - 1, 0)
+        span = steps[b - 1]["time"] - steps[lo]["time"]
+        samples = sum(s["samples"] for s in steps[lo + 1 : b])
+        out.append(samples / span if span > 0 else 0.0)
+    return out
 
 
 def _assignments(workdir: Path) -> int:
@@ -425,6 +442,7 @@ def run_point(point: Point, bootstrap: str, broker_pid: int | None, broker_data:
             if hi > lo and steps[hi]["time"] > steps[lo]["time"]:
                 samples = sum(s["samples"] for s in steps[lo + 1 : hi + 1])
                 result.steady_per_s = samples / (steps[hi]["time"] - steps[lo]["time"])
+            result.tenths_per_s = tenths_per_s(steps)
         mb = 1 / 2**20
         result.broker_rss_mb = sampler.peak["broker"] * mb
         result.generator_rss_mb = sampler.peak["generator_rss"] * mb
@@ -616,6 +634,9 @@ def run_grid(points: list[Point], args: argparse.Namespace) -> list[Result]:
             result = run_point(point, bootstrap, pid, data, scratch, target, args.timeout)
             results.append(result)
             print_row(row(result))
+            if result.tenths_per_s:
+                print(f"  {point.label}: samples/s per tenth of the steps: "
+                      + " ".join(f"{v:.0f}" for v in result.tenths_per_s), flush=True)  # fmt: skip
             if result.error:
                 print(f"  {point.label}: {result.error}", flush=True)
         rss = _rss(pid) / 2**20 if pid else 0.0
