@@ -11,8 +11,9 @@ the data plane. Each point reports:
 - completion: the trainer's ``N of N prompts trained, 0 missing`` line, its end of stream
   (``(end_of_stream)``) and ``specstream audit --json`` ok;
 - time to the first optimizer step (from starting the generators and trainer), end-to-end and
-  steady (the middle 80 % of steps) samples/s, and samples/s in each tenth of the steps (a
-  line under the row: whether a long run slows as it goes);
+  steady (the middle 80 % of steps) samples/s, and samples/s and the trainer's data wait in
+  each tenth of the steps (a line under the row: whether a long run slows as it goes, and on
+  which side);
 - broker CPU seconds and peak RSS over the run (``/proc`` of the JVM this benchmark owns), the
   run's bytes in the broker's log directory; peak RSS of each generator and trainer process;
 - optionally (``--event join|kill``) the consumer-group rebalance when a generator joins or is
@@ -290,6 +291,7 @@ class Result:
     e2e_per_s: float = 0.0
     steady_per_s: float | None = None
     tenths_per_s: list[float] = field(default_factory=list)  # samples/s in each tenth of the steps
+    tenths_wait_pct: list[float] = field(default_factory=list)  # the trainer's data wait in each tenth
     per_sample_ms: float = 0.0
     broker_cpu_s: float = 0.0
     broker_rss_mb: float = 0.0
@@ -346,19 +348,22 @@ def _steps(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def tenths_per_s(steps: list[dict[str, Any]]) -> list[float]:
-    """Samples/s over each tenth of the steps (between the last step of a tenth and the one
-    before it), so a rate that drifts over a long run shows where (empty under 20 steps)."""
+def tenths(steps: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Samples/s and the data wait (% of step time) over each tenth of the steps, so a rate that
+    drifts over a long run shows where, and on which side: a trainer waiting for data means the
+    generators or the broker slowed (both empty under 20 steps)."""
     if len(steps) < 20:
-        return []
+        return [], []
     bounds = [len(steps) * k // 10 for k in range(11)]
-    out = []
+    rates, waits = [], []
     for a, b in zip(bounds, bounds[1:]):
         lo = max(a - 1, 0)
         span = steps[b - 1]["time"] - steps[lo]["time"]
-        samples = sum(s["samples"] for s in steps[lo + 1 : b])
-        out.append(samples / span if span > 0 else 0.0)
-    return out
+        rates.append(sum(s["samples"] for s in steps[lo + 1 : b]) / span if span > 0 else 0.0)
+        busy = sum(s.get("step_s", 0.0) for s in steps[a:b])
+        waited = sum(s.get("step_s", 0.0) * s.get("data_wait_frac", 0.0) for s in steps[a:b])
+        waits.append(100 * waited / busy if busy > 0 else 0.0)
+    return rates, waits
 
 
 def _assignments(workdir: Path) -> int:
@@ -442,7 +447,7 @@ def run_point(point: Point, bootstrap: str, broker_pid: int | None, broker_data:
             if hi > lo and steps[hi]["time"] > steps[lo]["time"]:
                 samples = sum(s["samples"] for s in steps[lo + 1 : hi + 1])
                 result.steady_per_s = samples / (steps[hi]["time"] - steps[lo]["time"])
-            result.tenths_per_s = tenths_per_s(steps)
+            result.tenths_per_s, result.tenths_wait_pct = tenths(steps)
         mb = 1 / 2**20
         result.broker_rss_mb = sampler.peak["broker"] * mb
         result.generator_rss_mb = sampler.peak["generator_rss"] * mb
@@ -635,8 +640,9 @@ def run_grid(points: list[Point], args: argparse.Namespace) -> list[Result]:
             results.append(result)
             print_row(row(result))
             if result.tenths_per_s:
-                print(f"  {point.label}: samples/s per tenth of the steps: "
-                      + " ".join(f"{v:.0f}" for v in result.tenths_per_s), flush=True)  # fmt: skip
+                print(f"  {point.label}: per tenth of the steps, samples/s "
+                      + " ".join(f"{v:.0f}" for v in result.tenths_per_s) + "; data wait % "
+                      + " ".join(f"{v:.0f}" for v in result.tenths_wait_pct), flush=True)  # fmt: skip
             if result.error:
                 print(f"  {point.label}: {result.error}", flush=True)
         rss = _rss(pid) / 2**20 if pid else 0.0
