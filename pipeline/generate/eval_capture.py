@@ -16,8 +16,9 @@ It runs on a thread of its own beside the worker's training capture (:class:`Eva
 sharing the target one capture at a time (:class:`~pipeline.generate.backend.SharedTarget`):
 its start-up (a claim, a transactional producer, the wait for its partition's end) would
 otherwise delay the first training sample, and a worker that does not own the eval partition
-would wait for whoever does. The trainer reads the set only at its first evaluation, with a
-bounded wait. A failure of the capture stops the worker at its next poll, with the capture's error.
+would wait for whoever does. Rank 0 of the trainer loads the set from the start of training,
+ahead of its first evaluation, with a bounded wait. A failure of the capture stops the worker at
+its next poll, with the capture's error.
 
 No backpressure: the eval set is small and read by the trainer once.
 """
