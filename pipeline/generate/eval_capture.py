@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from pipeline.core.background import in_background
 from pipeline.generate.config import GeneratorConfig
 from pipeline.generate.stats import GeneratorStats
 from pipeline.storage import FeatureStore
@@ -47,12 +50,10 @@ class EvalCapture:
     it has none); :meth:`start` takes the worker's stop, which :meth:`wait` passes on."""
 
     def __init__(self, worker: GeneratorWorker) -> None:
-        self.stats: GeneratorStats | None = None
         self._worker = worker
         self._outer = threading.Event()
         self._stop = threading.Event()  # the capture's own: the worker's stop, or the worker failed
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._future: Future[GeneratorStats] | None = None
         self._close_s = worker.config.drain_timeout_s + 30.0  # its writer's drain, then its clients
 
     def start(self, stop: threading.Event) -> None:
@@ -62,41 +63,40 @@ class EvalCapture:
         if config is None or stop.is_set():
             return
         sub = type(worker)(worker.transport, eval_store(worker.store, config), worker.target, config)
-        self._thread = threading.Thread(
-            target=self._run, args=(sub,), name=f"{config.worker_id}-eval", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, sub: GeneratorWorker) -> None:
-        try:
-            self.stats = sub.run(self._stop)
-            logger.info("%s: eval set captured (%d refs by this worker) in %.1f s",
-                        sub.config.worker_id, self.stats.refs, self.stats.wall_s)  # fmt: skip
-        except BaseException as exc:  # re-raised on the worker's thread
-            self._error = exc
+        self._future = in_background(f"{config.worker_id}-eval", _capture, sub, self._stop)
 
     def raise_if_failed(self) -> None:
         """Re-raise the capture's error on the worker's thread (its loop calls this every poll)."""
-        if self._error is not None:
-            raise self._error
+        if self._future is not None and self._future.done() and self._future.exception() is not None:
+            self._future.result()
 
     def wait(self) -> GeneratorStats | None:
         """Wait for the capture to end (the worker's stop stops it too), then re-raise its error."""
-        while self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout=0.2)
-            if self._outer.is_set():
-                self._stop.set()
-        self.raise_if_failed()
-        return self.stats
+        while self._future is not None:
+            try:
+                return self._future.result(timeout=0.2)
+            except TimeoutError:
+                if self._future.done():  # the capture's own TimeoutError, not the wait's
+                    raise
+                if self._outer.is_set():
+                    self._stop.set()
+        return None
 
     def cancel(self) -> None:
         """Stop the capture and wait for it to close its clients (the worker is failing or
         stopping; the capture's own close is bounded by its drain timeout)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self._close_s)
-            if self._thread.is_alive():  # a capture stuck in the target: the process exit ends it
+        if self._future is not None:
+            done, _ = futures_wait([self._future], timeout=self._close_s)
+            if not done:  # a capture stuck in the target: the process exit ends it
                 logger.warning("the eval capture did not stop within %.0f s", self._close_s)
+
+
+def _capture(sub: GeneratorWorker, stop: threading.Event) -> GeneratorStats:
+    stats = sub.run(stop)
+    logger.info("%s: eval set captured (%d refs by this worker) in %.1f s",
+                sub.config.worker_id, stats.refs, stats.wall_s)  # fmt: skip
+    return stats
 
 
 def eval_config(config: GeneratorConfig) -> GeneratorConfig | None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.background import in_background
 from pipeline.core.messages import DeadLetter, Prompt
 from pipeline.core.topics import RunTopics, Transport
 from pipeline.source.conversations import MalformedLine, read_conversations
@@ -25,7 +27,7 @@ from pipeline.source.publisher import PromptPublisher, SourceStats
 if TYPE_CHECKING:
     from pipeline.source.stage import SourceConfig
 
-__all__ = ("EvalSetPublish",)
+__all__ = ("publish_eval_set",)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,14 @@ logger = logging.getLogger(__name__)
 Items = list[Prompt | DeadLetter]
 
 
-class EvalSetPublish:
+def publish_eval_set(
+    transport: Transport,
+    config: SourceConfig,
+    tokenizer: Any,
+    *,
+    dead_letter: Callable[[str, MalformedLine], DeadLetter],
+    stop: threading.Event | None = None,
+) -> Future[SourceStats]:
     """Publish ``config.eval_data`` to the eval sub-run's prompts topic and close it, on a
     thread beside the training prompts' publishing: its topics, its producer's start and its
     transactions are broker round trips the training source need not wait for.
@@ -42,44 +51,9 @@ class EvalSetPublish:
     not safe to share between threads; an eval set is small). ``dead_letter`` turns a malformed
     line into the eval sub-run's dead letter (the stage's own rule). Safe to rerun: an eval set
     already published is skipped, a half-published one continues."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        config: SourceConfig,
-        tokenizer: Any,
-        *,
-        dead_letter: Callable[[str, MalformedLine], DeadLetter],
-        stop: threading.Event | None = None,
-    ) -> None:
-        assert config.eval_data is not None
-        self.stats: SourceStats | None = None
-        self._error: BaseException | None = None
-        items = list(_items(config, tokenizer, RunTopics(config.run_id).eval.run_id, dead_letter))
-        self._thread = threading.Thread(
-            target=self._run, args=(transport, config, items, stop), name="source-eval", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, transport: Transport, config: SourceConfig, items: Items, stop: threading.Event | None) -> None:
-        try:
-            self.stats = _publish(transport, config, items, stop)
-        except BaseException as exc:  # re-raised by ``wait`` on the stage's thread
-            self._error = exc
-
-    def wait(self) -> SourceStats:
-        """The publishing's stats once it has ended (its broker calls are bounded); its error re-raised."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self.stats is not None
-        return self.stats
-
-    def close(self) -> None:
-        """Wait for the publishing to end, keeping quiet about its error (the caller has its own)."""
-        self._thread.join()
-        if self._error is not None:
-            logger.warning("publishing the eval set failed as well: %s", self._error)
+    assert config.eval_data is not None
+    items = list(_items(config, tokenizer, RunTopics(config.run_id).eval.run_id, dead_letter))
+    return in_background("source-eval", _publish, transport, config, items, stop)
 
 
 def _publish(transport: Transport, config: SourceConfig, items: Items, stop: threading.Event | None) -> SourceStats:

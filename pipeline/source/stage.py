@@ -35,7 +35,7 @@ from pipeline.core.model_dir import read_text_config
 from pipeline.core.topic_plan import TopicPolicy
 from pipeline.core.topics import Transport
 from pipeline.source.conversations import DEFAULT_MAX_LINE_BYTES, MalformedLine, read_conversations
-from pipeline.source.eval_prompts import EvalSetPublish
+from pipeline.source.eval_prompts import publish_eval_set
 from pipeline.source.publisher import PromptPublisher, SourceStats
 from pipeline.source.template import load_tokenizer
 from pipeline.storage import FeatureStore
@@ -143,7 +143,7 @@ class SourceStage:
         started = time.perf_counter()
         evals = None
         if cfg.eval_data:  # published beside the training prompts
-            evals = EvalSetPublish(self.transport, cfg, tokenizer, dead_letter=_dead_letter, stop=stop)
+            evals = publish_eval_set(self.transport, cfg, tokenizer, dead_letter=_dead_letter, stop=stop)
         try:
             result.stats = publisher.publish(
                 self._items(tokenizer, counter, result),
@@ -151,11 +151,11 @@ class SourceStage:
                 stop=stop,
             )
         except BaseException:
-            if evals is not None:
-                evals.close()  # its producer closed before the training's error goes up
+            if evals is not None and evals.exception() is not None:  # waits: its producer closed first
+                logger.warning("publishing the eval set failed as well: %s", evals.exception())
             raise
         if evals is not None:
-            eval_stats = evals.wait()
+            eval_stats = evals.result()  # its broker calls are bounded; its error re-raised here
             result.eval_prompts = eval_stats.published + eval_stats.skipped
             result.stats.stopped = result.stats.stopped or eval_stats.stopped
         logger.info(

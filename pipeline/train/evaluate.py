@@ -22,14 +22,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.core.background import in_background
 from pipeline.train.collate import Batch, collate
 from pipeline.train.draft import Eagle3Draft
 from pipeline.train.ttt import TTTStats, compute_teacher, ttt_loss
@@ -120,8 +121,7 @@ class Evaluator:
         self._batches: list[Batch] | None = None
         self._unavailable = False
         self._load_ahead, self._ahead_wait_s = load_ahead, ahead_wait_s
-        self._ahead: threading.Thread | None = None
-        self._ahead_samples: Sequence[Mapping[str, torch.Tensor]] | None = None
+        self._ahead: Future[Sequence[Mapping[str, torch.Tensor]] | None] | None = None
         self.samples = 0
         self.last: tuple[int, EvalFigures] | None = None  # the latest evaluation: (step, figures)
 
@@ -130,35 +130,29 @@ class Evaluator:
 
     def start(self) -> None:
         """Start loading the eval set ahead of its first use, on a thread (with ``load_ahead``)."""
-        if self._load_ahead is None or self._ahead is not None:
-            return
-        load = self._load_ahead
-
-        def ahead() -> None:
-            try:
-                self._ahead_samples = load()
-            except Exception:  # noqa: BLE001 - the first evaluation loads it again and says why
-                logger.debug("loading the eval set ahead failed", exc_info=True)
-
-        self._ahead = threading.Thread(target=ahead, name="eval-set-ahead", daemon=True)
-        self._ahead.start()
+        if self._load_ahead is not None and self._ahead is None:
+            self._ahead = in_background("eval-set-ahead", self._load_ahead)
 
     def _samples(self) -> Sequence[Mapping[str, torch.Tensor]] | None:
         """What the load ahead found (waiting for it at most ``ahead_wait_s``: as long as a load
         here would); loaded now when it found nothing (the generators may have started later)."""
         if self._ahead is None:
             return self._load()
-        self._ahead.join(timeout=self._ahead_wait_s)
-        if self._ahead.is_alive():
-            logger.warning("eval set: not loaded after %.0f s", self._ahead_wait_s)
-            return None
-        return self._ahead_samples or self._load()
+        try:
+            found = self._ahead.result(timeout=self._ahead_wait_s)
+        except Exception:  # noqa: BLE001 - loaded again below, which says why if it fails again
+            if not self._ahead.done():  # still inside its bounded wait: as long as a load here would be
+                logger.warning("eval set: not loaded after %.0f s", self._ahead_wait_s)
+                return None
+            logger.debug("loading the eval set ahead failed", exc_info=True)
+            found = None
+        return found or self._load()
 
     def _ready(self) -> list[Batch] | None:
         """The eval batches (collated once, CPU), loaded on first use; None: no eval set."""
         if self._batches is None and not self._unavailable:
             samples = self._samples()
-            self._ahead_samples = None  # collated below: one copy kept
+            self._ahead = None  # collated below: one copy kept
             if not samples:
                 self._unavailable = True
                 logger.warning("no eval set to evaluate on: evaluation is skipped for this run")
