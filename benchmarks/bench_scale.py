@@ -48,9 +48,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import yaml
+from _procs import CPU_PARTS, CpuSeries, Sampler, cpu_seconds, rss  # benchmarks/, beside this file
 
-_TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -89,106 +88,6 @@ GRIDS: dict[str, list[str]] = {
     ],
     "growth": ["4,2,1,1000", "4,2,1,10000", "4,2,1,100000"],
 }  # fmt: skip
-
-
-# --- /proc sampling --------------------------------------------------------------------------
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _mem(pid: int) -> tuple[int, int, int]:
-    """(RSS, PSS, USS) in bytes: RSS counts torch's shared libraries in every process (about
-    0.5 GB each); PSS splits shared pages among their processes (sums to the machine's use);
-    USS is what the process alone holds."""
-    values: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
-                    values[name] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return 0, 0, 0
-    return (
-        values.get("Rss", 0),
-        values.get("Pss", 0),
-        values.get("Private_Clean", 0) + values.get("Private_Dirty", 0),
-    )
-
-
-def _fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (torchrun's ranks)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
-
-
-class Sampler:
-    """Peak memory per role (broker; generator processes; trainer ranks) and the broker's open
-    files, every ``interval_s``, on a thread."""
-
-    def __init__(self, broker_pid: int | None, interval_s: float = 0.5) -> None:
-        self.broker_pid, self.interval_s = broker_pid, interval_s
-        self.roles: dict[str, list[int]] = {"generator": [], "trainer": []}  # launcher pids
-        self.peak: dict[str, int] = {"broker": 0, "broker_fds": 0}
-        for role in self.roles:
-            self.peak.update({f"{role}_rss": 0, f"{role}_uss": 0, f"{role}_pss_all": 0})
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            if self.broker_pid:
-                self.peak["broker"] = max(self.peak["broker"], _rss(self.broker_pid))
-                self.peak["broker_fds"] = max(self.peak["broker_fds"], _fds(self.broker_pid))
-            for role, launchers in self.roles.items():
-                # torchrun's ranks are its children; a generator process is its own launcher
-                pids = [
-                    c for p in list(launchers) for c in (_children(p) if role == "trainer" else []) or [p]
-                ]
-                sizes = [_mem(p) for p in pids]
-                if sizes:
-                    self.peak[f"{role}_rss"] = max(self.peak[f"{role}_rss"], *(m[0] for m in sizes))
-                    self.peak[f"{role}_uss"] = max(self.peak[f"{role}_uss"], *(m[2] for m in sizes))
-                    self.peak[f"{role}_pss_all"] = max(self.peak[f"{role}_pss_all"], sum(m[1] for m in sizes))
 
 
 # --- the run's stages --------------------------------------------------------------------------
@@ -292,6 +191,8 @@ class Result:
     steady_per_s: float | None = None
     tenths_per_s: list[float] = field(default_factory=list)  # samples/s in each tenth of the steps
     tenths_wait_pct: list[float] = field(default_factory=list)  # the trainer's data wait in each tenth
+    tenths_cores: dict[str, list[float]] = field(default_factory=dict)  # cores used per part, per tenth
+    tenths_cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # CPU ms per sample, per tenth
     per_sample_ms: float = 0.0
     broker_cpu_s: float = 0.0
     broker_rss_mb: float = 0.0
@@ -348,6 +249,19 @@ def _steps(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def tenth_spans(steps: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    """(start, end, samples) of each tenth of the steps: from the step before the tenth's first
+    to its last, so the spans tile the run (empty under 20 steps)."""
+    if len(steps) < 20:
+        return []
+    bounds = [len(steps) * k // 10 for k in range(11)]
+    spans = []
+    for a, b in zip(bounds, bounds[1:]):
+        lo = max(a - 1, 0)
+        spans.append((steps[lo]["time"], steps[b - 1]["time"], sum(s["samples"] for s in steps[lo + 1 : b])))
+    return spans
+
+
 def tenths(steps: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     """Samples/s and the data wait (% of step time) over each tenth of the steps, so a rate that
     drifts over a long run shows where, and on which side: a trainer waiting for data means the
@@ -355,15 +269,29 @@ def tenths(steps: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     if len(steps) < 20:
         return [], []
     bounds = [len(steps) * k // 10 for k in range(11)]
-    rates, waits = [], []
+    rates = [n / (end - start) if end > start else 0.0 for start, end, n in tenth_spans(steps)]
+    waits = []
     for a, b in zip(bounds, bounds[1:]):
-        lo = max(a - 1, 0)
-        span = steps[b - 1]["time"] - steps[lo]["time"]
-        rates.append(sum(s["samples"] for s in steps[lo + 1 : b]) / span if span > 0 else 0.0)
         busy = sum(s.get("step_s", 0.0) for s in steps[a:b])
         waited = sum(s.get("step_s", 0.0) * s.get("data_wait_frac", 0.0) for s in steps[a:b])
         waits.append(100 * waited / busy if busy > 0 else 0.0)
     return rates, waits
+
+
+def tenths_cpu(steps: list[dict[str, Any]], series: CpuSeries) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Cores each part of the machine used in each tenth of the steps (``CPU_PARTS``: the trainer
+    ranks, the generator processes, the broker, everything else busy, iowait, steal) and the CPU
+    milliseconds per trained sample of the first three: a process whose ms per sample grows does
+    more work per sample; one whose cores shrink at the same ms per sample got less machine."""
+    cores: dict[str, list[float]] = {k: [] for k in CPU_PARTS}
+    per_sample: dict[str, list[float]] = {k: [] for k in ("trainer", "generator", "broker")}
+    for start, end, samples in tenth_spans(steps):
+        used = series.cores(start, end)
+        for k in CPU_PARTS:
+            cores[k].append(used[k])
+        for k in per_sample:
+            per_sample[k].append(1000 * used[k] * (end - start) / samples if samples else 0.0)
+    return cores, per_sample
 
 
 def _assignments(workdir: Path) -> int:
@@ -448,6 +376,7 @@ def run_point(point: Point, bootstrap: str, broker_pid: int | None, broker_data:
                 samples = sum(s["samples"] for s in steps[lo + 1 : hi + 1])
                 result.steady_per_s = samples / (steps[hi]["time"] - steps[lo]["time"])
             result.tenths_per_s, result.tenths_wait_pct = tenths(steps)
+            result.tenths_cores, result.tenths_cpu_ms = tenths_cpu(steps, sampler.cpu)
         mb = 1 / 2**20
         result.broker_rss_mb = sampler.peak["broker"] * mb
         result.generator_rss_mb = sampler.peak["generator_rss"] * mb
@@ -643,10 +572,14 @@ def run_grid(points: list[Point], args: argparse.Namespace) -> list[Result]:
                 print(f"  {point.label}: per tenth of the steps, samples/s "
                       + " ".join(f"{v:.0f}" for v in result.tenths_per_s) + "; data wait % "
                       + " ".join(f"{v:.0f}" for v in result.tenths_wait_pct), flush=True)  # fmt: skip
+                for part, values in result.tenths_cores.items():
+                    ms = result.tenths_cpu_ms.get(part)
+                    print(f"    {part}: cores " + " ".join(f"{v:.2f}" for v in values)
+                          + ("; CPU ms/sample " + " ".join(f"{v:.2f}" for v in ms) if ms else ""), flush=True)  # fmt: skip
             if result.error:
                 print(f"  {point.label}: {result.error}", flush=True)
-        rss = _rss(pid) / 2**20 if pid else 0.0
-        print(f"broker at the end: RSS {rss:.0f} MB, log dir {_dir_mb(data):.1f} MB", flush=True)
+        held = rss(pid) / 2**20 if pid else 0.0
+        print(f"broker at the end: RSS {held:.0f} MB, log dir {_dir_mb(data):.1f} MB", flush=True)
     finally:
         if local is not None:
             local.stop()

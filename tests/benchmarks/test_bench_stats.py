@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -12,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.transport.broker import env_or_local_broker
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
+from tests.benchmarks.modules import BENCHMARKS, benchmark_module
 
 def _stats():
-    spec = importlib.util.spec_from_file_location("_stats", BENCHMARKS / "_stats.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("_stats", module)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("_stats")
 
 
 def test_sides_alternate_in_rotated_order_after_warmup() -> None:
