@@ -36,6 +36,7 @@ from pipeline.core.features import check_ref
 from pipeline.core.messages import EndOfStream, SampleRef, decode
 from pipeline.core.partition_wait import PartitionWait, Wait, ask_broker, end_hanging
 from pipeline.core.progress import StreamItem, StreamState
+from pipeline.core.recent_window import RecentWindow
 from pipeline.core.topics import Producer, Record, RunTopics, Transport
 from pipeline.feature_codec import decode_features
 from pipeline.read_into import is_local, read_into, will_read
@@ -110,9 +111,8 @@ class SampleStream:
         self.cursor = self.partitions[0]
         self.dead_letters = 0
         self.dropped_upstream = 0
-        # Dedup by sample_id over a bounded window of recent (id, checksum) pairs, carried across
-        # resumes in the state: duplicates (at-least-once republishing) sit close together.
-        self._recent: deque[tuple[str, str]] = deque(maxlen=dedup_window)
+        # Dedup by sample_id over recent (id, checksum) pairs, resumed from the state: duplicates sit close
+        self._recent = RecentWindow(dedup_window)  # each micro-batch snapshots it: shared chunks, no copy
         self._seen: dict[str, str] = {}
         self._interrupted = threading.Event()
         self._hints = fetch and is_local(store)  # see _hint_upcoming
@@ -161,7 +161,7 @@ class SampleStream:
             cursor=self.cursor,
             dead_letters=self.dead_letters,
             dropped_upstream=self.dropped_upstream,
-            recent=list(self._recent),
+            recent=self._recent.snapshot(),
         )
 
     def read_into_slots(self, dest: Callable[[SampleRef], Mapping[str, Any] | None]) -> bool:
@@ -185,9 +185,9 @@ class SampleStream:
         self._interrupted.set()
 
     def _remember(self, sample_id: str, checksum: str) -> None:
-        if len(self._recent) == self._recent.maxlen:
-            self._seen.pop(self._recent[0][0], None)
-        self._recent.append((sample_id, checksum))
+        evicted = self._recent.append((sample_id, checksum))
+        if evicted is not None:
+            self._seen.pop(evicted[0], None)
         self._seen[sample_id] = checksum
 
     def __iter__(self) -> Iterator[StreamItem]:

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +162,7 @@ class StreamState:
     cursor: int
     dead_letters: int = 0
     dropped_upstream: int = 0
-    recent: list[tuple[str, str]] = field(default_factory=list)
+    recent: Sequence[tuple[str, str]] = field(default_factory=list)  # a RecentPairs snapshot, or a list
     epoch: int = 0
     epoch_position: int = 0
     replayed: int = 0
