@@ -20,6 +20,9 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 ROLES = ("trainer", "generator")  # processes a run starts; their pids are registered as they start
 CPU_PARTS = ("trainer", "generator", "broker", "other", "iowait", "steal")
+#: The kernel's share (stime) of the processes' parts: file and socket work, page faults.
+KERNEL_PARTS = ("trainer_kernel", "generator_kernel", "broker_kernel")
+_ALL_PARTS = CPU_PARTS + KERNEL_PARTS
 
 
 def rss(pid: int) -> int:
@@ -61,12 +64,17 @@ def open_files(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (0 once it is gone)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process: its own code, and the kernel's on its behalf (0 once gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        return int(fields[11]) / _TICK, int(fields[12]) / _TICK
     except (OSError, ValueError, IndexError):
-        return 0.0
+        return 0.0, 0.0
 
 
 def machine_cpu() -> tuple[float, float, float]:
@@ -97,7 +105,7 @@ def children(pid: int) -> list[int]:
 
 @dataclass
 class CpuSeries:
-    """Cumulative CPU seconds per part (``CPU_PARTS``) at each sample's wall time."""
+    """Cumulative CPU seconds per part (``CPU_PARTS`` and ``KERNEL_PARTS``) at each sample's wall time."""
 
     times: list[float] = field(default_factory=list)
     totals: list[dict[str, float]] = field(default_factory=list)
@@ -105,21 +113,21 @@ class CpuSeries:
     def at(self, when: float) -> dict[str, float]:
         """Every part's cumulative CPU seconds at ``when``, linear between samples."""
         if not self.times:
-            return dict.fromkeys(CPU_PARTS, 0.0)
+            return dict.fromkeys(_ALL_PARTS, 0.0)
         i = bisect.bisect_left(self.times, when)
         if i <= 0 or i >= len(self.times):
             return dict(self.totals[min(max(i, 0), len(self.times) - 1)])
         t0, t1 = self.times[i - 1], self.times[i]
         w = (when - t0) / (t1 - t0) if t1 > t0 else 1.0
         a, b = self.totals[i - 1], self.totals[i]
-        return {k: a[k] + w * (b[k] - a[k]) for k in CPU_PARTS}
+        return {k: a[k] + w * (b[k] - a[k]) for k in _ALL_PARTS}
 
     def cores(self, start: float, end: float) -> dict[str, float]:
         """Cores each part used on average between two wall times."""
         if end <= start:
-            return dict.fromkeys(CPU_PARTS, 0.0)
+            return dict.fromkeys(_ALL_PARTS, 0.0)
         a, b = self.at(start), self.at(end)
-        return {k: (b[k] - a[k]) / (end - start) for k in CPU_PARTS}
+        return {k: (b[k] - a[k]) / (end - start) for k in _ALL_PARTS}
 
 
 class Sampler:
@@ -133,7 +141,7 @@ class Sampler:
         for role in self.roles:
             self.peak.update({f"{role}_rss": 0, f"{role}_uss": 0, f"{role}_pss_all": 0})
         self.cpu = CpuSeries()
-        self._last_cpu: dict[int, tuple[str, float]] = {}  # pid -> role, CPU seconds when last seen
+        self._last_cpu: dict[int, tuple[str, float, float]] = {}  # pid -> role, utime, stime when last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -159,11 +167,12 @@ class Sampler:
     def _sample(self) -> None:
         when = time.time()
         busy, iowait, steal = machine_cpu()
-        totals = dict.fromkeys(CPU_PARTS, 0.0) | {"iowait": iowait, "steal": steal}
+        totals = dict.fromkeys(_ALL_PARTS, 0.0) | {"iowait": iowait, "steal": steal}
         if self.broker_pid:
             self.peak["broker"] = max(self.peak["broker"], rss(self.broker_pid))
             self.peak["broker_fds"] = max(self.peak["broker_fds"], open_files(self.broker_pid))
-            totals["broker"] = cpu_seconds(self.broker_pid)
+            user, kernel = cpu_split(self.broker_pid)
+            totals["broker"], totals["broker_kernel"] = user + kernel, kernel
         for role in self.roles:
             pids = self._pids(role)
             sizes = [memory(p) for p in pids]
@@ -172,11 +181,12 @@ class Sampler:
                 self.peak[f"{role}_uss"] = max(self.peak[f"{role}_uss"], *(m[2] for m in sizes))
                 self.peak[f"{role}_pss_all"] = max(self.peak[f"{role}_pss_all"], sum(m[1] for m in sizes))
             for p in {*pids, *self.roles[role]}:  # torchrun itself too; an exited process keeps its CPU
-                used = cpu_seconds(p)
-                if used > 0:
-                    self._last_cpu[p] = (role, used)
-        for role, used in self._last_cpu.values():
-            totals[role] += used
+                user, kernel = cpu_split(p)
+                if user + kernel > 0:
+                    self._last_cpu[p] = (role, user, kernel)
+        for role, user, kernel in self._last_cpu.values():
+            totals[role] += user + kernel
+            totals[f"{role}_kernel"] += kernel
         totals["other"] = busy - totals["trainer"] - totals["generator"] - totals["broker"]
         self.cpu.times.append(when)
         self.cpu.totals.append(totals)

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import yaml
-from _procs import CPU_PARTS, CpuSeries, Sampler, cpu_seconds, rss  # benchmarks/, beside this file
+from _procs import CPU_PARTS, KERNEL_PARTS, CpuSeries, Sampler, cpu_seconds, rss  # benchmarks/, beside this file
 
 
 
@@ -281,10 +281,11 @@ def tenths(steps: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
 def tenths_cpu(steps: list[dict[str, Any]], series: CpuSeries) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Cores each part of the machine used in each tenth of the steps (``CPU_PARTS``: the trainer
     ranks, the generator processes, the broker, everything else busy, iowait, steal) and the CPU
-    milliseconds per trained sample of the first three: a process whose ms per sample grows does
-    more work per sample; one whose cores shrink at the same ms per sample got less machine."""
+    milliseconds per trained sample of the first three, and of that the kernel's (``KERNEL_PARTS``):
+    a process whose ms per sample grows does more work per sample; one whose cores shrink at the
+    same ms per sample got less machine."""
     cores: dict[str, list[float]] = {k: [] for k in CPU_PARTS}
-    per_sample: dict[str, list[float]] = {k: [] for k in ("trainer", "generator", "broker")}
+    per_sample: dict[str, list[float]] = {k: [] for k in ("trainer", "generator", "broker", *KERNEL_PARTS)}
     for start, end, samples in tenth_spans(steps):
         used = series.cores(start, end)
         for k in CPU_PARTS:
@@ -573,9 +574,11 @@ def run_grid(points: list[Point], args: argparse.Namespace) -> list[Result]:
                       + " ".join(f"{v:.0f}" for v in result.tenths_per_s) + "; data wait % "
                       + " ".join(f"{v:.0f}" for v in result.tenths_wait_pct), flush=True)  # fmt: skip
                 for part, values in result.tenths_cores.items():
-                    ms = result.tenths_cpu_ms.get(part)
+                    ms, kernel = result.tenths_cpu_ms.get(part), result.tenths_cpu_ms.get(f"{part}_kernel")
                     print(f"    {part}: cores " + " ".join(f"{v:.2f}" for v in values)
-                          + ("; CPU ms/sample " + " ".join(f"{v:.2f}" for v in ms) if ms else ""), flush=True)  # fmt: skip
+                          + ("; CPU ms/sample " + " ".join(f"{v:.2f}" for v in ms) if ms else "")
+                          + ("; of it the kernel's " + " ".join(f"{v:.2f}" for v in kernel) if kernel else ""),
+                          flush=True)  # fmt: skip
             if result.error:
                 print(f"  {point.label}: {result.error}", flush=True)
         held = rss(pid) / 2**20 if pid else 0.0

@@ -16,7 +16,7 @@ def _procs():
 def test_cores_between_two_times_are_linear_between_samples() -> None:
     procs = _procs()
     series = procs.CpuSeries()
-    zero = dict.fromkeys(procs.CPU_PARTS, 0.0)
+    zero = dict.fromkeys(procs.CPU_PARTS + procs.KERNEL_PARTS, 0.0)
     for when, trainer in ((10.0, 0.0), (12.0, 2.0), (14.0, 2.0)):
         series.times.append(when)
         series.totals.append(zero | {"trainer": trainer})
@@ -40,4 +40,5 @@ def test_a_busy_process_shows_in_its_role_and_keeps_its_cpu_after_it_exits() -> 
     used = cores["generator"] * (end - start)
     assert 0.45 <= used <= 1.2, cores  # the 0.6 s it spun, less what ran before its first sample
     assert cores["trainer"] == 0.0 and cores["broker"] == 0.0
+    assert 0.0 <= cores["generator_kernel"] < cores["generator"]  # a spin loop is user time
     assert sampler.cpu.at(end + 100)["generator"] >= used  # gone, its CPU still counted
