@@ -13,7 +13,8 @@ the data plane. Each point reports:
 - time to the first optimizer step (from starting the generators and trainer), end-to-end and
   steady (the middle 80 % of steps) samples/s, and samples/s and the trainer's data wait in
   each tenth of the steps (a line under the row: whether a long run slows as it goes, and on
-  which side);
+  which side), and the cores and CPU ms per sample of the trainer ranks, the generators and the
+  broker in each tenth, with the kernel's share, and the rest of the machine (lines under that);
 - broker CPU seconds and peak RSS over the run (``/proc`` of the JVM this benchmark owns), the
   run's bytes in the broker's log directory; peak RSS of each generator and trainer process;
 - optionally (``--event join|kill``) the consumer-group rebalance when a generator joins or is
