@@ -46,7 +46,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import yaml
 from _procs import CPU_PARTS, KERNEL_PARTS, CpuSeries, Sampler, cpu_seconds, rss  # benchmarks/, beside this file
