@@ -98,7 +98,7 @@ def _make_hanging(local: LocalKafka, tmp_path: Path) -> Hanging | list[object]:
     samples_0 = TopicPartition(topics.samples, 0)
     held = _held_after_coordinator_ends(local.bootstrap, f"{topics.run_id}.dying", samples_0)
     if [p.current_transaction_start_offset for p in held] != [0]:
-        return list(held)
+        return held
     return Hanging(local, topics, store, group)
 
 
