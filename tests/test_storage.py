@@ -59,6 +59,20 @@ def test_put_then_get_is_bit_identical(store: FeatureStore) -> None:
     assert stored.uri.startswith("features/3/s1.") and stored.uri.endswith(".safetensors")
 
 
+def test_a_put_written_in_pieces_is_the_same_file_with_the_same_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.storage
+
+    store = FeatureStore(str(tmp_path), "run1")
+    whole = store.put(0, "s1", sample(40))
+    monkeypatch.setattr(pipeline.storage, "WRITE_PIECE_BYTES", 7)  # pieces split tensors, the last one short
+    pieces = store.put(0, "s1", sample(40))
+    data = (tmp_path / "run1" / pieces.uri).read_bytes()
+    assert data == (tmp_path / "run1" / whole.uri).read_bytes()
+    assert pieces.checksum == whole.checksum == checksum_of(data) and pieces.nbytes == len(data)
+
+
 def test_every_attempt_writes_its_own_object_and_orphans_are_swept(store: FeatureStore) -> None:
     """A late writer can never replace the bytes a committed ref describes (issue 9.4)."""
     committed = store.put(0, "s1", sample(6))
