@@ -295,6 +295,7 @@ def main() -> None:
             print(
                 f"repeat {i}: "
                 + ", ".join(f"{n} {figures[n].cpu_s_per_gb[-1]:.3f} CPU s/GB" for n in sides)
+                + "; samples/s " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in names)
                 + f"; load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
