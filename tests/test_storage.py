@@ -62,11 +62,9 @@ def test_put_then_get_is_bit_identical(store: FeatureStore) -> None:
 def test_a_put_written_in_pieces_is_the_same_file_with_the_same_checksum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.storage
-
     store = FeatureStore(str(tmp_path), "run1")
     whole = store.put(0, "s1", sample(40))
-    monkeypatch.setattr(pipeline.storage, "WRITE_PIECE_BYTES", 7)  # pieces split tensors, the last one short
+    monkeypatch.setattr("pipeline.storage.WRITE_PIECE_BYTES", 7)  # pieces split tensors, the last one short
     pieces = store.put(0, "s1", sample(40))
     data = (tmp_path / "run1" / pieces.uri).read_bytes()
     assert data == (tmp_path / "run1" / whole.uri).read_bytes()
