@@ -96,7 +96,7 @@ def _make_hanging(local: LocalKafka, tmp_path: Path) -> Hanging | list[object]:
     time.sleep(DOWN_S)  # the outage itself (the fault), not a synchronisation
     local.start()
     samples_0 = TopicPartition(topics.samples, 0)
-    held = _held_after_coordinator_ends(local.bootstrap, f"{topics.run_id}.dying", samples_0, group)
+    held = _held_after_coordinator_ends(local.bootstrap, f"{topics.run_id}.dying", samples_0)
     ref, offsets = held[samples_0], [p for tp, ps in held.items() if tp != samples_0 for p in ps]
     if [p.current_transaction_start_offset for p in ref] != [0] or not any(
         p.producer_id == ref[0].producer_id and p.current_transaction_start_offset is not None for p in offsets
@@ -105,21 +105,11 @@ def _make_hanging(local: LocalKafka, tmp_path: Path) -> Hanging | list[object]:
     return Hanging(local, topics, store, group)
 
 
-def _offsets_partition(admin: KafkaAdminClient, group: str) -> TopicPartition:
-    """The ``__consumer_offsets`` partition holding ``group``'s offsets (Kafka: the group id's Java
-    hashCode, its sign bit cleared, modulo the topic's partition count)."""
-    count = len(admin.describe_topics(["__consumer_offsets"])[0]["partitions"])
-    code = 0
-    for char in group:  # ASCII ids: one UTF-16 unit per character, as Java counts them
-        code = (31 * code + ord(char)) & 0xFFFFFFFF
-    return TopicPartition("__consumer_offsets", (code & 0x7FFFFFFF) % count)
-
-
 def _held_after_coordinator_ends(
-    bootstrap: str, transactional_id: str, tp: TopicPartition, group: str
+    bootstrap: str, transactional_id: str, tp: TopicPartition
 ) -> dict[TopicPartition, list]:
-    """Once the coordinator has ended the transaction, the producers still active on ``tp`` and
-    on the partition of ``group``'s offsets."""
+    """Once the coordinator has ended the transaction, the producers still active on ``tp`` and on
+    every ``__consumer_offsets`` partition (as the stream's own check scans them)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         deadline = time.monotonic() + 60
@@ -130,7 +120,8 @@ def _held_after_coordinator_ends(
                 break
             assert time.monotonic() < deadline, f"the coordinator did not end the transaction in 60 s: {states}"
             time.sleep(0.5)  # polling the coordinator, bounded by the deadline
-        partitions = [tp, _offsets_partition(admin, group)]
+        count = len(admin.describe_topics(["__consumer_offsets"])[0]["partitions"])
+        partitions = [tp, *(TopicPartition("__consumer_offsets", p) for p in range(count))]
         return {p: list(states.active_producers) for p, states in admin.describe_producers(partitions).items()}
     finally:
         admin.close()
