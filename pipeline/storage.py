@@ -35,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.core.errors import ConfinementError, IntegrityError
 from pipeline.core.messages import SampleRef, TensorSpec
 from pipeline.core.topics import REGEN_SUFFIX
+from pipeline.durable_write import write_atomically
 
 __all__ = ("FeatureStore", "StoredFeature", "SafetensorsLayout", "checksum_of", "parse_header", "tensors_from_buffer")
 
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 Listed = tuple[int, float | None]  # a stored file's size and modification time (None: not reported)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _MAX_HEADER = 16 * 1024 * 1024
-WRITE_PIECE_BYTES = 1 << 20  # a put writes (and checksums) this much a call: faster than whole tensors
 
 
 def checksum_of(data: bytes | memoryview) -> str:
@@ -148,7 +148,7 @@ class FeatureStore:
         path = self.resolve(uri)
         layout = SafetensorsLayout.of(tensors, metadata={"specstream": f"{self.run_id}/{sample_id}"})
         if self._local:
-            checksum = self._write_local(path, layout.chunks())
+            checksum = f"crc32c:{write_atomically(path, layout.chunks(), durable=self.durable):08x}"
         else:
             data = b"".join(layout.chunks())
             checksum = checksum_of(data)
@@ -160,44 +160,10 @@ class FeatureStore:
         specs = parse_header(data)
         path = self.resolve(uri)
         if self._local:
-            self._write_local(path, [data])
+            write_atomically(path, [data], durable=self.durable)
         else:
             self.fs.pipe_file(path, data)
         return StoredFeature(uri, len(data), checksum_of(data), specs)
-
-    def _write_local(self, path: str, chunks: Iterable[bytes | memoryview]) -> str:
-        """temp + fsync + atomic rename (+ directory fsync); returns the checksum."""
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        crc = 0
-        try:
-            with open(tmp, "wb", buffering=0) as f:
-                for chunk in chunks:
-                    data = memoryview(chunk).cast("B")
-                    for start in range(0, len(data), WRITE_PIECE_BYTES):
-                        view = data[start : start + WRITE_PIECE_BYTES]
-                        crc = crc32c.crc32c(view, crc)  # the piece stays in cache for the write
-                        while view:
-                            view = view[f.write(view) :]
-                if self.durable:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as exc:
-            if isinstance(exc, OSError) and not exc.filename:
-                exc.add_note(f"writing {path}")  # a full disk's write error names no file: say which
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        if self.durable:
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the rename itself must survive a crash
-            finally:
-                os.close(fd)
-        return f"crc32c:{crc:08x}"
 
     # --- read ----------------------------------------------------------------------------
 

@@ -64,7 +64,7 @@ def test_a_put_written_in_pieces_is_the_same_file_with_the_same_checksum(
 ) -> None:
     store = FeatureStore(str(tmp_path), "run1")
     whole = store.put(0, "s1", sample(40))
-    monkeypatch.setattr("pipeline.storage.WRITE_PIECE_BYTES", 7)  # pieces split tensors, the last one short
+    monkeypatch.setattr("pipeline.durable_write.WRITE_PIECE_BYTES", 7)  # pieces split tensors, the last one short
     pieces = store.put(0, "s1", sample(40))
     data = (tmp_path / "run1" / pieces.uri).read_bytes()
     assert data == (tmp_path / "run1" / whole.uri).read_bytes()
