@@ -30,6 +30,7 @@ PACKAGE = ROOT / "pipeline"
 #: Each area of the package and its level: an area imports only itself and lower levels.
 LEVELS = {
     "core": 0,
+    "durable_write": 0.5,  # a file written whole and durable: under storage, imports nothing of ours
     "transport": 1,
     "storage": 1,
     "feature_codec": 1,
