@@ -11,8 +11,9 @@ While it writes, it asks the kernel after every piece to start writing that piec
 cache and the disk take turns, the whole file waiting in the final ``fsync``. On this project's
 2-core machine 16 puts of the 8B shape (537 MB) took 0.30 s instead of 0.48 (median of 12
 alternating repeats); a plain writer gained as much (0.29 s against 0.45), so
-``benchmarks/bench_dataplane.py`` gives its baseline the same hint. Only a hint: durability still comes from ``fsync``, and where
-the call does not exist (not Linux) or the file refuses it, nothing happens.
+``benchmarks/bench_dataplane.py`` gives its baseline the same hint. Only a hint: durability still
+comes from ``fsync``, and where the call does not exist (not Linux) or the file refuses it,
+nothing happens.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ def spy_on_writeback(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_a_durable_write_hints_every_piece_once_in_file_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_durable_write_hints_every_piece_once_in_file_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(durable_write, "WRITE_PIECE_BYTES", 5)
     ranges = spy_on_writeback(monkeypatch)
     chunks = [b"header-bytes", memoryview(bytes(range(23))), b"", b"tail"]
