@@ -23,8 +23,10 @@ evicted from the page cache (fsync + ``posix_fadvise(DONTNEED)``) before every p
 reads from the device: the plain reader's rate is then what the storage delivers, and the
 deliverable runs read each file once (``--stream`` is the number of files). A virtual disk's
 cold rate drifts between passes, so each deliverable run is compared with a plain pass of the
-same repeat, over the whole run and steady (from the first micro-batch: the prefetcher's start,
-a one-time cost per run, left out; the plain reader's first batch of files likewise).
+same repeat. Each deliverable run starts with a few micro-batches of cached files, so the
+measured files are read into batch buffers already allocated and faulted in, as in a long run
+and as the plain reader's one reused buffer is; both rates count from their first micro-batch
+(of files) to the last. The fresh prefetcher's time to its first micro-batch is printed apart.
 
     python benchmarks/bench_read_path.py --samples 16 --batch 4 --repeats 5
     python benchmarks/bench_read_path.py --samples 48 --batch 4 --repeats 8 --cold
@@ -56,6 +58,8 @@ from pipeline.transport.memory import MemoryBroker
 from _stats import spread as min_median_max  # benchmarks/, beside this file
 
 RUN = "bench-read"
+#: Micro-batches of cached files each deliverable run starts with: the ring grows to its size in them.
+WARMUP_BATCHES = 8
 
 
 def target(hidden: int) -> TargetInfo:
@@ -65,11 +69,13 @@ def target(hidden: int) -> TargetInfo:
     )  # fmt: skip
 
 
-def write_samples(root: Path, samples: int, tokens: int, hidden: int) -> tuple[FeatureStore, list[SampleRef]]:
+def write_samples(
+    root: Path, samples: int, tokens: int, hidden: int, first: int = 0
+) -> tuple[FeatureStore, list[SampleRef]]:
     store = FeatureStore(str(root), RUN, durable=False)
     refs = []
-    g = torch.Generator().manual_seed(0)
-    for i in range(samples):
+    g = torch.Generator().manual_seed(first)
+    for i in range(first, first + samples):
         stored = store.put(0, f"s{i}", {
             "input_ids": torch.randint(0, 128256, (tokens,), generator=g),
             "loss_mask": torch.ones(tokens, dtype=torch.uint8),
@@ -173,17 +179,29 @@ class _NoSlots:
 
 
 def deliverable(
-    store: FeatureStore, refs: list[SampleRef], count: int, batch: int, pin: bool, use_slots: bool
+    store: FeatureStore,
+    refs: list[SampleRef],
+    warmup: list[SampleRef],
+    batch: int,
+    pin: bool,
+    use_slots: bool,
 ) -> tuple[float, float]:
-    """Samples/s the prefetcher hands a training loop that drops each micro-batch at once: over the
-    whole run from the prefetcher's start, and steady (from the first micro-batch to the last)."""
+    """Samples/s the prefetcher hands a training loop that drops each micro-batch at once, and the
+    seconds from its start to the first micro-batch.
+
+    ``warmup`` (cached files, whole micro-batches) goes first, so ``refs`` are read with the ring of
+    batch buffers already grown and faulted in, as in a long run and as the plain reader's buffer
+    is; the rate counts ``refs`` from their first micro-batch to the last, like :func:`plain_rates`.
+    """
     broker = MemoryBroker()
     topics = RunTopics(RUN)
     broker.admin().ensure_run_topics(topics, 1)
     producer = broker.plain_producer()
-    for i in range(count):  # the stored files over and over: long enough for the buffers to be reused
-        ref = refs[i % len(refs)].model_copy(update={"sample_id": f"s{i}", "seq": i})
+    stream_refs = [*warmup, *refs]
+    for i, ref in enumerate(stream_refs):  # a file may appear twice: each time as another sample
+        ref = ref.model_copy(update={"sample_id": f"d{i}", "seq": i})
         producer.send(topics.samples, encode(ref), partition=0)
+    count = len(stream_refs)
     producer.send(
         topics.samples,
         encode(EndOfStream(run_id=RUN, stage="generate", partition=0, count=count, seq=count)),
@@ -208,23 +226,23 @@ def deliverable(
         prefetcher.close()
     if use_slots and prefetcher._slots is None:
         raise RuntimeError("the stream did not read into slots")
-    steady = (delivered - batch) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
-    return delivered / (time.perf_counter() - started), steady
+    if delivered != count or len(warmup) % batch or len(refs) <= batch:
+        raise RuntimeError(f"{delivered} of {count} samples delivered, in micro-batches of {batch}")
+    first = len(warmup) // batch  # the first micro-batch of ``refs``
+    return (len(refs) - batch) / (arrivals[-1] - arrivals[first]), arrivals[0] - started
 
 
-def plain_rates(
+def plain_rate(
     store: FeatureStore, refs: list[SampleRef], buffer: bytearray, batch: int, hinted: bool
-) -> tuple[float, float]:
-    """A plain reader's samples/s as :func:`deliverable` counts them: whole, and after the first
-    ``batch`` files (its first micro-batch's worth)."""
-    started = time.perf_counter()
+) -> float:
+    """A plain reader's samples/s as :func:`deliverable` counts them: after its first ``batch`` files
+    (its first micro-batch's worth), to the last."""
     plain(store, refs[:batch], buffer, hinted)
     if hinted and len(refs) > batch:
         will_read(store, refs[batch])
     first = time.perf_counter()
     plain(store, refs[batch:], buffer, hinted)
-    end = time.perf_counter()
-    return len(refs) / (end - started), (len(refs) - batch) / (end - first)
+    return (len(refs) - batch) / (time.perf_counter() - first)
 
 
 def copied_bytes(ref: SampleRef, pin: bool) -> dict[str, int]:
@@ -255,7 +273,9 @@ def main() -> None:
         "--stream", type=int, default=64, help="samples per deliverable-rate run (files reused)"
     )
     parser.add_argument("--pin", choices=("auto", "yes", "no"), default="auto", help="pinned batches (CUDA)")
-    parser.add_argument("--cold", action="store_true", help="evict the files before each pass (read the disk)")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the files before each pass (read the disk)"
+    )
     args = parser.parse_args()
     pin = torch.cuda.is_available() if args.pin == "auto" else args.pin == "yes"
     root = Path(tempfile.mkdtemp(prefix="bench-read-path-"))
@@ -272,12 +292,17 @@ def main() -> None:
         if args.cold:  # the disk's rate with the next file always requested: a reader can beat "plain"
             sides["hinted"] = lambda: plain(store, refs, buffer, hinted=True)
         figures = {name: Figures([], []) for name in sides}
-        rates: dict[str, list[float]] = {n: [] for n in sides}  # samples/s: deliverable, or plain passes
-        steady: dict[str, list[float]] = {n: [] for n in sides}  # the same from the first micro-batch
-        stream = len(refs) if args.cold else args.stream  # cold: each file once, or it is cached again
+        if args.cold:  # each file once (a second read would be cached); the warm-up from other, cached files
+            stream = refs
+            warm_files = write_samples(root, 2 * args.batch, args.tokens, args.hidden, first=args.samples)[1]
+        else:
+            stream = warm_files = [refs[i % len(refs)] for i in range(args.stream)]
+        warmup = [warm_files[i % len(warm_files)] for i in range(WARMUP_BATCHES * args.batch)]
         prepare = (lambda: evict(store, refs)) if args.cold else (lambda: None)
         for side in sides.values():
             side()  # warm: page cache, allocator, slots
+        rates: dict[str, list[float]] = {n: [] for n in sides}  # deliverable, or plain passes: samples/s
+        first_batch: dict[str, list[float]] = {"get": [], "slots": []}  # seconds from a fresh prefetcher
         for i in range(args.repeats):
             k = i % len(sides)
             names = list(sides)[k:] + list(sides)[:k]  # rotated: no side always first
@@ -286,12 +311,12 @@ def main() -> None:
                 timed(sides[name], gb, figures[name])
             for name in names:  # each deliverable run beside a plain pass: a virtual disk's rate drifts
                 prepare()
-                if name in ("get", "slots"):
-                    whole, after = deliverable(store, refs, stream, args.batch, pin, name == "slots")
-                else:  # a plain reader's pass, in samples/s
-                    whole, after = plain_rates(store, refs, buffer, args.batch, hinted=name == "hinted")
-                rates[name].append(whole)
-                steady[name].append(after)
+                if name in first_batch:
+                    rate, latency = deliverable(store, stream, warmup, args.batch, pin, name == "slots")
+                    first_batch[name].append(latency)
+                else:
+                    rate = plain_rate(store, stream, buffer, args.batch, hinted=name == "hinted")
+                rates[name].append(rate)
             print(
                 f"repeat {i}: "
                 + ", ".join(f"{n} {figures[n].cpu_s_per_gb[-1]:.3f} CPU s/GB" for n in sides)
@@ -317,17 +342,22 @@ def main() -> None:
         print(f"  CPU per GB, get / slots: {spread(ratio)}")
         wall = [s / p for s, p in zip(figures["slots"].gb_s, figures["plain"].gb_s)]
         print(f"  GB/s, slots / plain, per repeat: {spread(wall)}")
-        print(f"one rank's deliverable samples/s ({stream} samples, prefetcher over the stream, depth 4), "
-              "whole run / steady (from the first micro-batch; plain: after its first batch of files):")
-        labels = {"get": "get", "slots": "slots", "plain": "plain reader (no checks, no batches), beside them",
+        print(
+            f"one rank's deliverable samples/s ({len(stream)} samples, prefetcher over the stream, depth 4, "
+            f"after {WARMUP_BATCHES} micro-batches of cached files: its batch buffers warm), from the first "
+            "micro-batch to the last; plain: after its first batch of files, to the last:"
+        )
+        labels = {"get": "get", "slots": "slots",
+                  "plain": "plain reader (no checks, no batches), beside them",
                   "hinted": "plain reader hinting the next file"}  # fmt: skip
         for name in sides:
-            print(f"  {labels[name]}: {spread(rates[name], '8.1f')}  /  steady {spread(steady[name], '8.1f')}")
+            print(f"  {labels[name]}: {spread(rates[name], '8.1f')}")
         for base in ("plain", "hinted") if "hinted" in sides else ("plain",):
-            whole = [s / p for s, p in zip(rates["slots"], rates[base])]
-            after = [s / p for s, p in zip(steady["slots"], steady[base])]
-            print(f"  slots / {base}, per repeat: {spread(whole)}  /  steady {spread(after)}"
+            ratio = [s / p for s, p in zip(rates["slots"], rates[base])]
+            print(f"  slots / {base}, per repeat: {spread(ratio)}"
                   + ("  (goal >= 1 where storage limits)" if base == "plain" else ""))  # fmt: skip
+        print("seconds from a fresh prefetcher (new stream, new batch buffers) to its first micro-batch: "
+              + ", ".join(f"{n} {spread(v, '6.3f')}" for n, v in first_batch.items()))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
