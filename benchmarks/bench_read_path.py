@@ -191,7 +191,7 @@ def deliverable(
 
     ``warmup`` (cached files, whole micro-batches) goes first, so ``refs`` are read with the ring of
     batch buffers already grown and faulted in, as in a long run and as the plain reader's buffer
-    is; the rate counts ``refs`` from their first micro-batch to the last, like :func:`plain_rates`.
+    is; the rate counts ``refs`` from their first micro-batch to the last, like :func:`plain_rate`.
     """
     broker = MemoryBroker()
     topics = RunTopics(RUN)
