@@ -62,16 +62,16 @@ def ask_broker(admin: Admin, topic: str, partition: int, at: int) -> PartitionWa
 
 
 def end_hanging(admin: Admin, topics: Iterable[str], idle_s: float) -> None:
-    """Abort what a coordinator ended but left open on ``topics`` and on the group offsets: a
-    reader, or a stable offsets fetch, that waits on an open transaction may wait on one that
-    nobody will ever end."""
+    """End, as its coordinator ended it, what a coordinator left open on ``topics`` and on the
+    group offsets: a reader, or a stable offsets fetch, that waits on an open transaction may wait
+    on one that nobody will ever end."""
     topics = list(topics)
     try:
-        aborted = admin.abort_hanging_transactions(topics, idle_s)
+        ended = admin.end_hanging_transactions(topics, idle_s)
     except SpecstreamError as exc:  # e.g. no right to describe transactions or to write their markers
         where = ", ".join([*topics, "the group offsets"])
         logger.warning("open transactions on %s not checked for one its coordinator ended: %s (an administrator "
                        "lists those with `kafka-transactions find-hanging` and ends them with its `abort`)", where, exc)
         return
-    for line in aborted:
-        logger.warning("aborted a transaction its coordinator had ended but left open: %s", line)
+    for line in ended:
+        logger.warning("%s", line)

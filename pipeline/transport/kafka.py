@@ -85,6 +85,14 @@ from pipeline.core.topics import (
 from pipeline.transport.acls import Binding
 from pipeline.transport.group_join import finish_unfinished_joins
 from pipeline.transport.outage import DEFAULT_OUTAGE_BUDGET_S, OUTAGE, bounded, ride_out
+from pipeline.transport.transaction_log import TOPIC as TRANSACTION_LOG
+from pipeline.transport.transaction_log import (
+    TransactionStep,
+    coordinator_partition,
+    decided,
+    decode_key,
+    decode_value,
+)
 
 __all__ = (
     "KafkaSettings",
@@ -738,17 +746,21 @@ class KafkaAdmin:
         }
 
 
-    def abort_hanging_transactions(self, topics: Iterable[str], idle_s: float) -> list[str]:
-        """Abort the transactions these topics' partitions (and the group offsets topic) still hold
-        open although their coordinator has ended them; one line for the log per abort.
+    def end_hanging_transactions(self, topics: Iterable[str], idle_s: float) -> list[str]:
+        """End, as their coordinator ended them, the transactions these topics' partitions (and the
+        group offsets topic) still hold open although their coordinator is done with them; one line
+        for the log per transaction.
 
-        Kafka 4.3 was seen ending a timed-out transaction while it restarted, before its own
-        listener was up: it skipped the abort marker of every partition that had no leader yet
-        ("likely deleted already"), and those partitions kept the transaction open for ever,
-        holding back read_committed readers and stable offset fetches. A transaction is aborted
-        here only when its producer has not written to the partition for ``idle_s`` and its
-        coordinator holds no live transaction of that producer on that partition; the abort is
-        the marker Kafka's own ``kafka-transactions.sh abort`` writes.
+        Kafka 4.3, restarted after a SIGKILL, was seen ending transactions without writing the
+        markers of partitions that had no leader yet ("likely deleted already"): a transaction
+        that timed out while it was down (aborted), and one committed just before the kill (its
+        commit completed from the log). Those partitions hold the transaction open for ever,
+        holding back read_committed readers and stable offset fetches. One is ended here only
+        when its producer has not written to the partition for ``idle_s``, its coordinator holds
+        no live transaction of that producer on it, and the coordinator's log says how it ended
+        (``transaction_log.decided``); the marker is the one the coordinator failed to write.
+        One whose end the log does not show is left open and said so: a wrong guess loses or
+        repeats what it carried.
         """
         suspects = self._idle_open_transactions([*topics, "__consumer_offsets"], idle_s)
         if not suspects:
@@ -759,7 +771,8 @@ class KafkaAdmin:
         by_pid = {row.producer_id: row for rows in listed.values() for row in rows}
         live = [row.transactional_id for row in by_pid.values() if row.state in _LIVE_TRANSACTION]
         described = self.settings.ride_out(lambda: self._admin.describe_transactions(live), "describing transactions")
-        aborted = []
+        steps: dict[str, list[TransactionStep] | str] = {}
+        ended = []
         for tp, state in suspects:
             row = by_pid.get(state.producer_id)
             held = described.get(row.transactional_id) if row is not None else None
@@ -767,14 +780,77 @@ class KafkaAdmin:
                 continue  # its coordinator still ends it: not hanging
             if (tp, state) not in self._idle_open_transactions([tp.topic], idle_s, [tp.partition]):
                 continue  # ended, or written to, since it was read: not hanging
+            start = state.current_transaction_start_offset
+            where = (f"{tp.topic}-{tp.partition}: records from offset {start} of producer {state.producer_id} "
+                     f"(epoch {state.producer_epoch}, transactional id {row.transactional_id if row else 'unknown'}: "
+                     f"{row.state.value if row else 'no transaction'})")  # fmt: skip
+            if row is not None and row.transactional_id not in steps:
+                steps[row.transactional_id] = self._logged_steps(row.transactional_id)
+            logged = steps.get(row.transactional_id, "no transactional id has this producer") if row else None
+            committed = None if not isinstance(logged, list) else decided(
+                logged, tp.topic, tp.partition, state.producer_id, state.producer_epoch)  # fmt: skip
+            if committed is None:
+                why = logged if isinstance(logged, str) else "its coordinator's log does not say how it ended"
+                ended.append(f"a transaction its coordinator ended is left open ({why}): {where}; an "
+                             "administrator who knows it was not committed ends it with `kafka-transactions "
+                             f"abort --topic {tp.topic} --partition {tp.partition} --start-offset {start}`")  # fmt: skip
+                continue
             spec = AbortTransactionSpec(tp, state.producer_id, state.producer_epoch, state.coordinator_epoch)
-            self.settings.ride_out(lambda spec=spec: self._admin.abort_transaction(spec), f"aborting on {tp.topic}")
-            aborted.append(
-                f"{tp.topic}-{tp.partition}: records from offset {state.current_transaction_start_offset} of producer "
-                f"{state.producer_id} (epoch {state.producer_epoch}, transactional id "
-                f"{row.transactional_id if row else 'unknown'}: {row.state.value if row else 'no transaction'})"
-            )
-        return aborted
+            self.settings.ride_out(lambda spec=spec: self._write_marker(spec, committed),
+                                   f"ending a transaction on {tp.topic}")  # fmt: skip
+            outcome = "committed" if committed else "aborted"
+            ended.append(f"{outcome} a transaction its coordinator had {outcome} but left open: {where}")
+        return ended
+
+    def _logged_steps(self, transactional_id: str) -> list[TransactionStep] | str:
+        """Every step the transaction coordinator logged for ``transactional_id``, oldest first;
+        why not, where the log cannot be read (e.g. not authorised)."""
+        count = self.partition_count(TRANSACTION_LOG)
+        if not count:
+            return f"{TRANSACTION_LOG} is not described"
+        tp = TopicPartition(TRANSACTION_LOG, coordinator_partition(transactional_id, count))
+        options = {"enable_auto_commit": False, **self.settings.common(KafkaConsumer)}
+        try:
+            consumer = _connect(lambda: KafkaConsumer(**options), self.settings)
+        except SpecstreamError as exc:
+            return f"its log not read: {exc}"
+        try:
+            consumer.assign([tp])
+            consumer.seek_to_beginning(tp)
+            end = consumer.end_offsets([tp])[tp]
+            found, patience = [], self.settings.request_timeout_ms / 1000
+            last_progress = time.monotonic()
+            while consumer.position(tp) < end:
+                batch = consumer.poll(timeout_ms=500).get(tp, [])
+                if batch:
+                    last_progress = time.monotonic()
+                elif time.monotonic() - last_progress > patience:
+                    return f"its log not read: no record of {tp.topic}-{tp.partition} for {patience:.0f} s"
+                for record in batch:
+                    step = decode_value(record.value) if decode_key(record.key) == transactional_id else None
+                    if step is not None:
+                        found.append(step)
+            return found
+        except KafkaError as exc:  # e.g. not authorised to read the internal topic
+            return f"its log not read: {exc}"
+        finally:
+            consumer.close()
+
+    def _write_marker(self, spec: AbortTransactionSpec, committed: bool) -> None:
+        """Write a commit or abort marker for one producer's open transaction on one partition.
+        kafka-python's admin writes abort markers only (``abort_transaction``); a commit marker is
+        the same WriteTxnMarkers request with the other result, sent the same way (its internals,
+        pinned by the ``<3.1`` requirement, exercised by ``tests/faults/test_hanging_transaction.py``)."""
+        admin = self._admin
+
+        async def write() -> None:
+            leaders = await admin._async_get_leader_for_partitions([spec.topic_partition])
+            request = admin._abort_transaction_request(spec)
+            request.markers[0].transaction_result = committed
+            response = await admin._manager.send(request, node_id=next(iter(leaders)))
+            admin._abort_transaction_process_response(response, spec)
+
+        admin._manager.run(write)
 
     def _idle_open_transactions(
         self, topics: Iterable[str], idle_s: float, partitions: Iterable[int] | None = None
@@ -1231,7 +1307,7 @@ def _release_parked_fetches(consumer: KafkaConsumer) -> None:
 def _end_hanging_offsets(settings: KafkaSettings, idle_s: float) -> None:
     """A stable committed-offsets fetch waits while the group has offsets in an open transaction:
     one its coordinator ended but left open would hold it for ever (see
-    ``KafkaAdmin.abort_hanging_transactions``), so it is aborted before the fetch is retried."""
+    ``KafkaAdmin.end_hanging_transactions``), so it is ended before the fetch is retried."""
     try:
         with KafkaAdmin(settings) as admin:
             end_hanging(admin, [], idle_s)

@@ -157,7 +157,7 @@ class _Admin:
             for name in names:
                 self._b._topics.pop(name, None)
 
-    def abort_hanging_transactions(self, topics: Iterable[str], idle_s: float) -> list[str]:
+    def end_hanging_transactions(self, topics: Iterable[str], idle_s: float) -> list[str]:
         """In-process transactions end with their producer's commit or abort: none can hang."""
         return []
 

@@ -1,12 +1,15 @@
 """A transaction the broker ended on restart but left open on its partitions.
 
-Kafka 4.3, restarted after a SIGKILL with a transaction open, ends that transaction on its
-timeout before its own listener is up: the abort markers for partitions with no leader yet are
-skipped ("likely deleted already"), and those partitions hold the transaction open for ever.
-Every ``read_committed`` reader stops at it, and every stable committed-offsets fetch of the
-group whose offsets it carried times out (CI met this as a resumed run that never finished).
-Here the failure happens for real: a producer's transaction is open when its broker is killed,
-the broker stays down past the transaction's timeout, then comes back over its data.
+Kafka 4.3, restarted after a SIGKILL, ends transactions before its own listener is up and skips
+the markers for partitions with no leader yet ("likely deleted already"): those partitions hold
+the transaction open for ever. Every ``read_committed`` reader stops at it, and every stable
+committed-offsets fetch of the group whose offsets it carried times out (CI met this as a resumed
+run that never finished). Two real ways in, each ending differently at the coordinator:
+- aborted: a producer's transaction is open when its broker is killed, and the broker stays down
+  past the transaction's timeout;
+- committed: a producer commits and its broker is killed at once; restarted, it completes the
+  commit from its log (CI met this as a rolled-back offset commit: prompts produced twice, when
+  the open transaction was aborted instead of committed).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,18 +54,34 @@ class Hanging:
 @pytest.fixture
 def hanging(tmp_path: Path) -> Iterator[Hanging]:
     """A broker whose run holds a hanging transaction: a ref on samples-0 and the prompt offset
-    it consumed, both in a transaction its coordinator ended while the broker restarted.
+    it consumed, both in a transaction that timed out (aborted) while the broker was down.
 
     Whether the broker skips the markers is a race inside the broker (its leader elections
     against the transaction's timeout); where it wins and writes them, the fault is made again
     on a fresh run, up to ``ATTEMPTS`` times, and the test fails only if it never happens.
     """
+    yield from _broker_left_open(tmp_path, _killed_mid_transaction)
+
+
+@pytest.fixture
+def committed_hanging(tmp_path: Path) -> Iterator[Hanging]:
+    """A broker killed right after a transaction's commit (a ref on samples-0 and the prompt offset
+    it consumed): restarted, it completes the commit and leaves both partitions open. The kill
+    landed before the markers were written in every try seen (12 of 12); where a broker writes
+    them first, the fault is made again as for ``hanging``."""
+    yield from _broker_left_open(tmp_path, _killed_after_commit)
+
+
+Fault = Callable[[LocalKafka, KafkaProducer], None]  # what happens to a broker with a transaction in flight
+
+
+def _broker_left_open(tmp_path: Path, fault: Fault) -> Iterator[Hanging]:
     local = LocalKafka(tmp_path / "kafka", heap_mb=384)
     local.start()
     try:
         seen: list[object] = []
         for _ in range(ATTEMPTS):
-            made = _make_hanging(local, tmp_path)
+            made = _left_open(local, tmp_path, fault)
             if isinstance(made, Hanging):
                 yield made
                 return
@@ -73,30 +92,46 @@ def hanging(tmp_path: Path) -> Iterator[Hanging]:
         local.stop()
 
 
-def _make_hanging(local: LocalKafka, tmp_path: Path) -> Hanging | list[object]:
-    """One attempt at the fault on a fresh run; the producers still active on samples-0 where
-    the broker wrote its markers after all."""
+def _killed_mid_transaction(local: LocalKafka, producer: KafkaProducer) -> None:
+    """SIGKILL with the transaction open, down past its timeout, restarted."""
+    assert local.proc is not None
+    local.proc.send_signal(signal.SIGKILL)
+    local.proc.wait(60)
+    producer.close(timeout=0)
+    time.sleep(DOWN_S)  # the outage itself (the fault), not a synchronisation
+    local.start()
+
+
+def _killed_after_commit(local: LocalKafka, producer: KafkaProducer) -> None:
+    """The commit returns, SIGKILL at once, restarted."""
+    producer.commit_transaction()
+    assert local.proc is not None
+    local.proc.send_signal(signal.SIGKILL)
+    local.proc.wait(60)
+    producer.close(timeout=0)
+    local.start()
+
+
+def _left_open(local: LocalKafka, tmp_path: Path, fault: Fault) -> Hanging | list[object]:
+    """One attempt at the fault on a fresh run: a transaction carrying a ref to samples-0 and the
+    prompt offset it consumed, then ``fault``. The producers still active on samples-0 and the
+    group offsets where the broker wrote its markers after all."""
     kafka = KafkaSettings(local.bootstrap)
     topics = RunTopics(f"hang{uuid.uuid4().hex[:8]}")
     group = f"{topics.run_id}.generators"
     with KafkaAdmin(kafka) as admin:
         admin.ensure_run_topics(topics, 1)
     store = FeatureStore(str(tmp_path / "features"), topics.run_id)
-    dying = KafkaProducer(bootstrap_servers=local.bootstrap, transactional_id=f"{topics.run_id}.dying",
-                          transaction_timeout_ms=TIMEOUT_MS)  # fmt: skip
-    dying.init_transactions()
-    dying.begin_transaction()
-    dying.send(topics.samples, encode(_stored_ref(store, topics.run_id, "lost", seq=0)), partition=0).get(30)
+    producer = KafkaProducer(bootstrap_servers=local.bootstrap, transactional_id=f"{topics.run_id}.gen",
+                             transaction_timeout_ms=TIMEOUT_MS)  # fmt: skip
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topics.samples, encode(_stored_ref(store, topics.run_id, "held", seq=0)), partition=0).get(30)
     consumed = {TopicPartition(topics.prompts, 0): OffsetAndMetadata(1, "", -1)}
-    dying.send_offsets_to_transaction(consumed, group)
-    assert local.proc is not None
-    local.proc.send_signal(signal.SIGKILL)
-    local.proc.wait(60)
-    dying.close(timeout=0)
-    time.sleep(DOWN_S)  # the outage itself (the fault), not a synchronisation
-    local.start()
+    producer.send_offsets_to_transaction(consumed, group)
+    fault(local, producer)
     samples_0 = TopicPartition(topics.samples, 0)
-    held = _held_after_coordinator_ends(local.bootstrap, f"{topics.run_id}.dying", samples_0)
+    held = _held_after_coordinator_ends(local.bootstrap, f"{topics.run_id}.gen", samples_0)
     ref, offsets = held[samples_0], [p for tp, ps in held.items() if tp != samples_0 for p in ps]
     if [p.current_transaction_start_offset for p in ref] != [0] or not any(
         p.producer_id == ref[0].producer_id and p.current_transaction_start_offset is not None for p in offsets
@@ -127,44 +162,62 @@ def _held_after_coordinator_ends(
         admin.close()
 
 
-def test_a_stream_waiting_on_a_hanging_transaction_aborts_it_and_goes_on(hanging, caplog) -> None:
-    """The trainer's stream waits on samples-0, finds the transaction its coordinator ended, aborts
-    it, and reads the refs committed after it; the group's offsets are freed with it."""
-    local, topics, store = hanging.local, hanging.topics, hanging.store
+#: (fixture, how its coordinator ended the transaction, the refs a stream reads, the group's prompt offset)
+ENDINGS = [
+    pytest.param("hanging", "aborted", ["kept"], None, id="aborted"),
+    # an abort here would lose the ref and roll the offset back (its prompt produced twice)
+    pytest.param("committed_hanging", "committed", ["held", "kept"], 1, id="committed"),
+]
+
+
+@pytest.mark.parametrize(("fault", "ended", "refs", "offset"), ENDINGS)
+def test_a_stream_waiting_on_a_transaction_left_open_ends_it_as_its_coordinator_did(
+    request, caplog, fault: str, ended: str, refs: list[str], offset: int | None
+) -> None:
+    """The trainer's stream waits on samples-0, finds the transaction its coordinator ended, writes
+    the markers the broker skipped (the coordinator's decision), and reads on: the committed ref
+    before the later ones, the aborted one never; the group's offsets end with it."""
+    left: Hanging = request.getfixturevalue(fault)
+    local, topics, store = left.local, left.topics, left.store
     kafka = KafkaSettings(local.bootstrap)
-    _commit(kafka, topics, topics.samples, {0: [encode(_stored_ref(store, topics.run_id, "kept", seq=0)),
-                                                _closed(topics.run_id, "generate", 0, 1)]})  # fmt: skip
+    kept = encode(_stored_ref(store, topics.run_id, "kept", seq=len(refs) - 1))
+    _commit(kafka, topics, topics.samples, {0: [kept, _closed(topics.run_id, "generate", 0, len(refs))]})
     stream = SampleStream(kafka, store, topics.run_id, [0], idle_timeout_s=60, stall_report_s=1)
     try:
         with caplog.at_level(logging.WARNING):
             got = [item.ref.sample_id for item in stream]
     finally:
         stream.close()
-    assert got == ["kept"]
-    aborted = [r.message for r in caplog.records if "had ended but left open" in r.message]
-    assert any(f"{topics.samples}-0: records from offset 0 of producer" in m for m in aborted), aborted
-    assert any("__consumer_offsets-" in m for m in aborted), aborted
-    consumer = KafkaConsumer(
-        bootstrap_servers=local.bootstrap, group_id=hanging.group, enable_auto_commit=False
-    )
+    assert got == refs
+    said = [r.message for r in caplog.records if f"its coordinator had {ended} but left open" in r.message]
+    assert any(f"{topics.samples}-0: records from offset 0 of producer" in m for m in said), said
+    assert any("__consumer_offsets-" in m for m in said), said
+    assert len(said) == len([r for r in caplog.records if "left open" in r.message])  # no other ending
+    consumer = KafkaConsumer(bootstrap_servers=local.bootstrap, group_id=left.group, enable_auto_commit=False)
     try:  # a stable fetch: it timed out while the offsets were held in the open transaction
-        assert consumer.committed(TopicPartition(topics.prompts, 0), timeout_ms=10_000) is None
+        assert consumer.committed(TopicPartition(topics.prompts, 0), timeout_ms=10_000) == offset
     finally:
         consumer.close()
 
 
-def test_a_committed_offsets_fetch_held_by_a_hanging_transaction_aborts_it(hanging, caplog) -> None:
+@pytest.mark.parametrize(("fault", "ended", "refs", "offset"), ENDINGS)
+def test_a_committed_offsets_fetch_held_by_a_transaction_left_open_ends_it(
+    request, caplog, fault: str, ended: str, refs: list[str], offset: int | None
+) -> None:
     """A generator resuming its partitions asks for the group's committed offsets: the fetch held
-    by the hanging transaction times out, the transaction is aborted, and the retry answers (the
-    aborted offset was never committed: those prompts are read again)."""
-    local, topics = hanging.local, hanging.topics
-    kafka = KafkaSettings(local.bootstrap, request_timeout_ms=5_000)
+    by the transaction times out, the transaction is ended as its coordinator ended it, and the
+    retry answers: after the prompt it consumed where it was committed, from the start where it
+    was aborted (that offset was never committed: the prompt is read again)."""
+    left: Hanging = request.getfixturevalue(fault)
+    kafka = KafkaSettings(left.local.bootstrap, request_timeout_ms=5_000)
     with caplog.at_level(logging.WARNING):
         # it positions at the committed offsets
-        reader = PartitionReader(kafka, topics.prompts, group_id=hanging.group, partitions=[0])
+        reader = PartitionReader(kafka, left.topics.prompts, group_id=left.group, partitions=[0])
     try:
-        assert reader.committed([0]) == {}
-        assert reader.position(0) == 0
+        committed = {p: c.offset for p, c in reader.committed([0]).items()}
+        assert committed == ({} if offset is None else {0: offset})
+        assert reader.position(0) == (offset or 0)
     finally:
         reader.close()
-    assert any("__consumer_offsets-" in r.message and "had ended but left open" in r.message for r in caplog.records)
+    said = f"its coordinator had {ended} but left open"
+    assert any("__consumer_offsets-" in r.message and said in r.message for r in caplog.records)
