@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, TypeVar, Unpack
 
@@ -307,8 +307,16 @@ class Transport(Protocol):
     def admin(self) -> Admin: ...
 
     def transactional_producer(
-        self, transactional_id: str, *, linger_ms: int = 5, transaction_timeout_ms: int = 60_000
-    ) -> TransactionalProducer: ...
+        self,
+        transactional_id: str,
+        *,
+        linger_ms: int = 5,
+        transaction_timeout_ms: int = 60_000,
+        writes: Collection[str] = (),
+    ) -> TransactionalProducer:
+        """``writes``: the topics it publishes to, where a restarted broker may have left a
+        transaction open that is ended before the producer writes."""
+        ...
 
     def plain_producer(self, *, linger_ms: int = 5) -> Producer: ...
 

@@ -146,8 +146,9 @@ class GeneratorWorker:
             )
             self._throttle = Throttle(flow, monitor, self.stats, name=cfg.worker_id, heartbeat=self._heartbeat)
         producer = self.transport.transactional_producer(
-            self.transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms
-        )
+            self.transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms,
+            writes=[self.topics.samples, self.topics.dlq],
+        )  # fmt: skip
         self._writer = BatchWriter(
             producer,
             self.store,

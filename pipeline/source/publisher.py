@@ -77,8 +77,9 @@ class PromptPublisher:
         ``stop`` is set the open chunk is aborted and nothing more is sent (``stats.stopped``).
         """
         producer = self.transport.transactional_producer(
-            f"{self.run_id}.source", transaction_timeout_ms=self.transaction_timeout_ms
-        )
+            f"{self.run_id}.source", transaction_timeout_ms=self.transaction_timeout_ms,
+            writes=[self.topics.prompts, self.topics.dlq],
+        )  # fmt: skip
         try:
             start = read_source_counters(self.transport, self.topics, self.partitions)
             stats = SourceStats(per_partition={p: c.prompts for p, c in start.items()})

@@ -115,7 +115,7 @@ class Regenerator:
     def start(self, taken: int) -> None:
         """Resume at need ``taken`` (the needs before it are trained): publish what the window allows."""
         self._producer = self.transport.transactional_producer(
-            self._transactional_id, transaction_timeout_ms=self._timeout_ms
+            self._transactional_id, transaction_timeout_ms=self._timeout_ms, writes=[self.topics.prompts]
         )
         counts = read_source_counters(self.transport, self.topics, self.num_partitions)
         self._counters = {p: counts[p] for p in self.partitions}

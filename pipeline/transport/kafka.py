@@ -325,11 +325,16 @@ class KafkaSettings:
         return KafkaAdmin(self)
 
     def transactional_producer(
-        self, transactional_id: str, *, linger_ms: int = 5, transaction_timeout_ms: int = 60_000
+        self,
+        transactional_id: str,
+        *,
+        linger_ms: int = 5,
+        transaction_timeout_ms: int = 60_000,
+        writes: Collection[str] = (),
     ) -> TransactionalProducer:
         """An exactly-once producer; fences any earlier instance with the same id."""
         return TransactionalProducer(
-            self, transactional_id, linger_ms=linger_ms, transaction_timeout_ms=transaction_timeout_ms
+            self, transactional_id, linger_ms=linger_ms, transaction_timeout_ms=transaction_timeout_ms, writes=writes
         )
 
     def plain_producer(self, *, linger_ms: int = 5) -> PlainProducer:
@@ -751,11 +756,13 @@ class KafkaAdmin:
         group offsets topic) still hold open although their coordinator is done with them; one line
         for the log per transaction.
 
-        Kafka 4.3, restarted after a SIGKILL, was seen ending transactions without writing the
-        markers of partitions that had no leader yet ("likely deleted already"): a transaction
-        that timed out while it was down (aborted), and one committed just before the kill (its
-        commit completed from the log). Those partitions hold the transaction open for ever,
-        holding back read_committed readers and stable offset fetches. One is ended here only
+        Kafka 4.3 on one node, restarted after a SIGKILL, runs its coordinators on its old
+        registration until the controller expires that session (``broker.session.timeout.ms``):
+        the markers they send meanwhile cannot reach the node's own listener, and once the old
+        registration is fenced its partitions have no leader and the markers are skipped ("likely
+        deleted already"). Both a transaction that timed out while it was down (aborted) and one
+        committed just before the kill (completed from the log) are left open on their partitions
+        for ever, holding back read_committed readers and stable offset fetches. One is ended here only
         when its producer has not written to the partition for ``idle_s``, its coordinator holds
         no live transaction of that producer on it, and the coordinator's log says how it ended
         (``transaction_log.decided``); the marker is the one the coordinator failed to write.
@@ -901,6 +908,12 @@ class TransactionalProducer:
     :meth:`abort` then re-initialises it under the same transactional id, which completes or
     aborts whatever the old one had open, and the caller rewinds to its committed offsets (they
     say which of the two happened).
+
+    A restarted broker can end a transaction and leave it open on partitions (see
+    ``KafkaAdmin.end_hanging_transactions``); records written there next join it, and an abort
+    of the next transaction would abort the ended one's records with them. So after every
+    initialisation, before it writes, what is left open on the topics it ``writes`` (and on the
+    group offsets) is ended as its coordinator ended it.
     """
 
     def __init__(
@@ -910,9 +923,11 @@ class TransactionalProducer:
         *,
         linger_ms: int = 5,
         transaction_timeout_ms: int = 60_000,
+        writes: Collection[str] = (),
     ) -> None:
         self.settings = settings
         self.transactional_id = transactional_id
+        self._writes = list(writes)
         self._transaction_timeout_s = transaction_timeout_ms / 1000
         self._options = {
             "transactional_id": transactional_id,
@@ -938,6 +953,18 @@ class TransactionalProducer:
         self.settings.ride_out(
             self._producer.init_transactions, f"initialising transactions of {self.transactional_id}"
         )
+        self._end_left_open()
+
+    def _end_left_open(self) -> None:
+        """End what the coordinator ended but a partition this producer writes holds open; no
+        idle wait: right after initialisation nothing of this id is in flight."""
+        if not self._writes:
+            return
+        try:
+            with KafkaAdmin(self.settings) as admin:
+                end_hanging(admin, self._writes, 0.0)
+        except SpecstreamError as exc:  # no admin client now: the readers held up end it later
+            logger.info("%s: transactions left open not checked: %s", self.transactional_id, exc)
 
     def _reopen(self) -> None:
         """A fresh producer under the same id (through an outage, up to the budget)."""
@@ -958,6 +985,7 @@ class TransactionalProducer:
             "%s: producer re-initialised; the open transaction was completed or aborted",
             self.transactional_id,
         )
+        self._end_left_open()
 
     @contextlib.contextmanager
     def _step(self, what: str, operation: str = "") -> Iterator[None]:

@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Unpack
 
@@ -67,7 +67,12 @@ class MemoryBroker:
         return _Admin(self)
 
     def transactional_producer(
-        self, transactional_id: str, *, linger_ms: int = 5, transaction_timeout_ms: int = 60_000
+        self,
+        transactional_id: str,
+        *,
+        linger_ms: int = 5,
+        transaction_timeout_ms: int = 60_000,
+        writes: Collection[str] = (),
     ) -> _TxProducer:
         """A producer whose records and offsets commit together; fences an older one of this id."""
         return _TxProducer(self, transactional_id)

@@ -1,8 +1,9 @@
 """How a transaction ended, read from its coordinator's own log (``__transaction_state``).
 
 A transaction can end at its coordinator while a partition it wrote still holds it open: Kafka
-4.3, killed right after a commit and restarted, completes the commit from its log without
-writing the markers of partitions that have no leader yet. The coordinator's present state
+4.3 on one node, killed right after a commit and restarted, completes the commit from its log
+without the markers of partitions that had no leader while its old registration was fenced
+(``KafkaAdmin.end_hanging_transactions``). The coordinator's present state
 cannot say how that older transaction ended once its producer has gone on to others, and
 guessing is not allowed: an abort of a committed transaction loses what it wrote (or rolls back
 the offsets it committed, so its input is produced again). The coordinator's log keeps every

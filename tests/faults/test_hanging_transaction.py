@@ -221,3 +221,29 @@ def test_a_committed_offsets_fetch_held_by_a_transaction_left_open_ends_it(
         reader.close()
     said = f"its coordinator had {ended} but left open"
     assert any("__consumer_offsets-" in r.message and said in r.message for r in caplog.records)
+
+
+def test_a_producer_ends_what_its_id_left_open_before_it_writes(committed_hanging, caplog) -> None:
+    """The generator, restarted under the same transactional id, initialises: before it writes,
+    the transaction its coordinator committed is committed where it was left open. Its next
+    transaction, aborted, then takes only its own record (written into the open transaction, the
+    abort marker would have aborted the committed ref with it: a sample lost)."""
+    left = committed_hanging
+    run_id, samples = left.topics.run_id, left.topics.samples
+    kafka = KafkaSettings(left.local.bootstrap)
+    with caplog.at_level(logging.WARNING):
+        producer = kafka.transactional_producer(f"{run_id}.gen", writes=[samples])
+    try:
+        producer.begin()
+        producer.send(samples, 0, encode(_stored_ref(left.store, run_id, "aborted", seq=1)))
+        producer.abort()
+    finally:
+        producer.close()
+    _commit(kafka, left.topics, samples, {0: [_closed(run_id, "generate", 0, 1)]})
+    stream = SampleStream(kafka, left.store, run_id, [0], idle_timeout_s=60, stall_report_s=60)
+    try:
+        assert [item.ref.sample_id for item in stream] == ["held"]
+    finally:
+        stream.close()
+    said = [r.message for r in caplog.records if "its coordinator had committed but left open" in r.message]
+    assert any(f"{samples}-0: records from offset 0 of producer" in m for m in said), said
