@@ -334,8 +334,9 @@ class KafkaSettings:
     ) -> TransactionalProducer:
         """An exactly-once producer; fences any earlier instance with the same id."""
         return TransactionalProducer(
-            self, transactional_id, linger_ms=linger_ms, transaction_timeout_ms=transaction_timeout_ms, writes=writes
-        )
+            self, transactional_id, linger_ms=linger_ms, transaction_timeout_ms=transaction_timeout_ms,
+            writes=writes,
+        )  # fmt: skip
 
     def plain_producer(self, *, linger_ms: int = 5) -> PlainProducer:
         """An idempotent producer for records that need no transaction."""
@@ -762,8 +763,8 @@ class KafkaAdmin:
         registration is fenced its partitions have no leader and the markers are skipped ("likely
         deleted already"). Both a transaction that timed out while it was down (aborted) and one
         committed just before the kill (completed from the log) are left open on their partitions
-        for ever, holding back read_committed readers and stable offset fetches. One is ended here only
-        when its producer has not written to the partition for ``idle_s``, its coordinator holds
+        for ever, holding back read_committed readers and stable offset fetches. One is ended here
+        only when its producer has not written to the partition for ``idle_s``, its coordinator holds
         no live transaction of that producer on it, and the coordinator's log says how it ended
         (``transaction_log.decided``); the marker is the one the coordinator failed to write.
         One whose end the log does not show is left open and said so: a wrong guess loses or
@@ -788,9 +789,9 @@ class KafkaAdmin:
             if (tp, state) not in self._idle_open_transactions([tp.topic], idle_s, [tp.partition]):
                 continue  # ended, or written to, since it was read: not hanging
             start = state.current_transaction_start_offset
+            named = f"{row.transactional_id}: {row.state.value}" if row else "unknown: no transaction"
             where = (f"{tp.topic}-{tp.partition}: records from offset {start} of producer {state.producer_id} "
-                     f"(epoch {state.producer_epoch}, transactional id {row.transactional_id if row else 'unknown'}: "
-                     f"{row.state.value if row else 'no transaction'})")  # fmt: skip
+                     f"(epoch {state.producer_epoch}, transactional id {named})")  # fmt: skip
             if row is not None and row.transactional_id not in steps:
                 steps[row.transactional_id] = self._logged_steps(row.transactional_id)
             logged = steps.get(row.transactional_id, "no transactional id has this producer") if row else None
