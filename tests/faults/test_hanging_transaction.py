@@ -134,7 +134,7 @@ def _left_open(local: LocalKafka, tmp_path: Path, fault: Fault) -> Hanging | lis
     held = _held_after_coordinator_ends(local.bootstrap, f"{topics.run_id}.gen", samples_0)
     ref, offsets = held[samples_0], [p for tp, ps in held.items() if tp != samples_0 for p in ps]
     if [p.current_transaction_start_offset for p in ref] != [0] or not any(
-        p.producer_id == ref[0].producer_id and p.current_transaction_start_offset is not None for p in offsets
+        p.producer_id == ref[0].producer_id and p.current_transaction_start_offset >= 0 for p in offsets
     ):  # both sides must hang: the markers are skipped (or not) per partition
         return [f"{tp}: {ps}" for tp, ps in held.items()]
     return Hanging(local, topics, store, group)
